@@ -1,0 +1,351 @@
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::{LoadBalancing, MeshConfig, MtlsMode, Policy, PolicyScope, Service, Workload};
+use crate::identity::Identity;
+
+/// A workload with its derived identity. `active` counts connections this proxy
+/// has sent to it, for least-connections balancing.
+#[derive(Debug)]
+pub struct WorkloadInfo {
+    pub workload: Workload,
+    pub identity: Identity,
+    pub active: AtomicUsize,
+}
+
+impl WorkloadInfo {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.workload.namespace, self.workload.name)
+    }
+
+    /// The workload's address in the same family as `like`, else its first one.
+    pub fn address_like(&self, like: IpAddr) -> IpAddr {
+        let addrs = &self.workload.addresses;
+        addrs
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+            .unwrap_or(addrs[0])
+    }
+}
+
+#[derive(Debug)]
+pub struct ServiceInfo {
+    pub service: Service,
+    pub hostname: String,
+    pub endpoints: Vec<Arc<WorkloadInfo>>,
+    next: AtomicUsize,
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// Straight to a workload address (or via a service VIP, then `service` is set).
+    Workload {
+        workload: Arc<WorkloadInfo>,
+        service: Option<Arc<ServiceInfo>>,
+        /// Workload address and target port.
+        addr: SocketAddr,
+    },
+    /// Not part of the mesh: connect directly.
+    Passthrough(SocketAddr),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(String),
+    #[error("service {0} does not expose port {1}")]
+    NoSuchPort(String, u16),
+}
+
+/// An indexed, validated mesh config: what the data path looks things up in.
+#[derive(Debug)]
+pub struct MeshState {
+    config: MeshConfig,
+    workloads: HashMap<IpAddr, Arc<WorkloadInfo>>,
+    services_by_ip: HashMap<IpAddr, Arc<ServiceInfo>>,
+    services_by_host: HashMap<String, Arc<ServiceInfo>>,
+    policies: HashMap<String, Policy>,
+}
+
+impl MeshState {
+    /// Indexes a config that passed [`super::parse_mesh_config`] validation.
+    pub fn new(config: MeshConfig) -> Self {
+        let mut by_key: HashMap<String, Arc<WorkloadInfo>> = HashMap::new();
+        let mut workloads = HashMap::new();
+        for w in &config.workloads {
+            // Validation guarantees a well-formed identity; skip defensively otherwise.
+            let Ok(identity) =
+                Identity::new(&config.trust_domain, &w.namespace, &w.service_account)
+            else {
+                continue;
+            };
+            let info = Arc::new(WorkloadInfo {
+                workload: w.clone(),
+                identity,
+                active: AtomicUsize::new(0),
+            });
+            for ip in &w.addresses {
+                workloads.insert(*ip, info.clone());
+            }
+            by_key.insert(info.key(), info);
+        }
+        let mut services_by_ip = HashMap::new();
+        let mut services_by_host = HashMap::new();
+        for s in &config.services {
+            let key = format!("{}/{}", s.namespace, s.name);
+            let mut endpoints: Vec<_> = by_key
+                .values()
+                .filter(|w| w.workload.services.contains(&key))
+                .cloned()
+                .collect();
+            endpoints.sort_by_key(|w| w.key());
+            let hostname = s.hostname.clone().unwrap_or_else(|| {
+                format!("{}.{}.svc.{}", s.name, s.namespace, config.trust_domain)
+            });
+            let info = Arc::new(ServiceInfo {
+                service: s.clone(),
+                hostname: hostname.clone(),
+                endpoints,
+                next: AtomicUsize::new(0),
+            });
+            for ip in &s.addresses {
+                services_by_ip.insert(*ip, info.clone());
+            }
+            services_by_host.insert(hostname, info);
+        }
+        let policies = config
+            .policies
+            .iter()
+            .map(|p| (p.key(), p.clone()))
+            .collect();
+        MeshState {
+            config,
+            workloads,
+            services_by_ip,
+            services_by_host,
+            policies,
+        }
+    }
+
+    pub fn config(&self) -> &MeshConfig {
+        &self.config
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.workloads.get(&ip)
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn local_workloads<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<WorkloadInfo>> + 'a {
+        let mut seen = std::collections::HashSet::new();
+        self.workloads
+            .values()
+            .filter(move |w| w.workload.node == node && seen.insert(Arc::as_ptr(w)))
+    }
+
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<ServiceInfo>> {
+        self.services_by_host.get(host)
+    }
+
+    /// Resolves an original destination to a workload (directly or through a VIP).
+    pub fn resolve(&self, dst: SocketAddr) -> Result<Destination, ResolveError> {
+        if let Some(svc) = self.services_by_ip.get(&dst.ip()) {
+            return self.pick_endpoint(svc, dst);
+        }
+        match self.workloads.get(&dst.ip()) {
+            Some(w) => Ok(Destination::Workload {
+                workload: w.clone(),
+                service: None,
+                addr: dst,
+            }),
+            None => Ok(Destination::Passthrough(dst)),
+        }
+    }
+
+    /// Resolves `host:port` where `host` is a service hostname.
+    pub fn resolve_host(&self, host: &str, port: u16) -> Option<Result<Destination, ResolveError>> {
+        let svc = self.services_by_host.get(host)?;
+        let vip = *svc.service.addresses.first()?;
+        Some(self.pick_endpoint(svc, SocketAddr::new(vip, port)))
+    }
+
+    fn pick_endpoint(
+        &self,
+        svc: &Arc<ServiceInfo>,
+        vip: SocketAddr,
+    ) -> Result<Destination, ResolveError> {
+        let key = format!("{}/{}", svc.service.namespace, svc.service.name);
+        let port = svc
+            .service
+            .ports
+            .iter()
+            .find(|p| p.port == vip.port())
+            .ok_or_else(|| ResolveError::NoSuchPort(key.clone(), vip.port()))?;
+        if svc.endpoints.is_empty() {
+            return Err(ResolveError::NoEndpoints(key));
+        }
+        let workload = match svc.service.load_balancing {
+            LoadBalancing::RoundRobin => {
+                let i = svc.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
+                &svc.endpoints[i]
+            }
+            LoadBalancing::LeastConnections => {
+                // Start the scan at a rotating offset so ties spread out.
+                let start = svc.next.fetch_add(1, Ordering::Relaxed);
+                let n = svc.endpoints.len();
+                (0..n)
+                    .map(|k| &svc.endpoints[(start + k) % n])
+                    .min_by_key(|w| w.active.load(Ordering::Relaxed))
+                    .unwrap_or(&svc.endpoints[0])
+            }
+        };
+        Ok(Destination::Workload {
+            workload: workload.clone(),
+            service: Some(svc.clone()),
+            addr: SocketAddr::new(workload.address_like(vip.ip()), port.target()),
+        })
+    }
+
+    /// The policies that apply to connections to `w`.
+    pub fn policies_for<'a>(
+        &'a self,
+        w: &'a WorkloadInfo,
+    ) -> impl Iterator<Item = &'a Policy> + 'a {
+        let global = self.config.policies.iter().filter(move |p| match p.scope {
+            PolicyScope::Global => true,
+            PolicyScope::Namespace => {
+                p.namespace == w.workload.namespace || p.namespace == self.config.root_namespace
+            }
+            PolicyScope::WorkloadSelector => false,
+        });
+        let selected = w
+            .workload
+            .authorization_policies
+            .iter()
+            .filter_map(move |k| self.policies.get(k));
+        global.chain(selected)
+    }
+
+    /// The effective mTLS mode for `w`: workload-level beats namespace-level beats mesh-wide.
+    pub fn mtls_mode(&self, w: &WorkloadInfo) -> MtlsMode {
+        let pas = &self.config.peer_authentications;
+        let ns = &w.workload.namespace;
+        pas.iter()
+            .find(|p| &p.namespace == ns && p.workloads.contains(&w.workload.name))
+            .or_else(|| {
+                pas.iter()
+                    .find(|p| &p.namespace == ns && p.workloads.is_empty())
+            })
+            .or_else(|| {
+                pas.iter()
+                    .find(|p| p.namespace == self.config.root_namespace && p.workloads.is_empty())
+            })
+            .map(|p| p.mode)
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_mesh_config;
+
+    fn state(src: &str) -> MeshState {
+        MeshState::new(parse_mesh_config(src).unwrap())
+    }
+
+    const MESH: &str = r#"
+workloads:
+- {name: a, namespace: ns, node: n1, addresses: ["198.19.1.1", "2001:2:1::1"], services: [ns/svc]}
+- {name: b, namespace: ns, node: n2, addresses: ["198.19.2.1"], services: [ns/svc]}
+services:
+- {name: svc, namespace: ns, addresses: ["198.18.200.1", "2001:2:ff::1"], ports: [{port: 80, targetPort: 8080}]}
+peerAuthentications:
+- {name: strict, namespace: ns, mode: Strict}
+- {name: relax-b, namespace: ns, mode: Permissive, workloads: [b]}
+"#;
+
+    #[test]
+    fn vip_round_robin_and_port_mapping() {
+        let s = state(MESH);
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            match s.resolve("198.18.200.1:80".parse().unwrap()).unwrap() {
+                Destination::Workload {
+                    workload,
+                    addr,
+                    service,
+                } => {
+                    assert_eq!(addr.port(), 8080);
+                    assert!(service.is_some());
+                    seen.push(workload.workload.name.clone());
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        assert_eq!(seen, ["a", "b", "a", "b"]);
+        assert!(matches!(
+            s.resolve("198.18.200.1:81".parse().unwrap()),
+            Err(ResolveError::NoSuchPort(..))
+        ));
+        assert!(matches!(
+            s.resolve("203.0.113.1:80".parse().unwrap()),
+            Ok(Destination::Passthrough(_))
+        ));
+    }
+
+    #[test]
+    fn ipv6_vip_prefers_ipv6_endpoint_address() {
+        let s = state(MESH);
+        let addrs: Vec<_> = (0..2)
+            .map(
+                |_| match s.resolve("[2001:2:ff::1]:80".parse().unwrap()).unwrap() {
+                    Destination::Workload { addr, .. } => addr,
+                    d => panic!("{d:?}"),
+                },
+            )
+            .collect();
+        assert!(addrs.contains(&"[2001:2:1::1]:8080".parse().unwrap()));
+        // b has no IPv6 address: falls back to its IPv4 one.
+        assert!(addrs.contains(&"198.19.2.1:8080".parse().unwrap()));
+    }
+
+    #[test]
+    fn least_connections_prefers_idle_endpoint() {
+        let s = state(&MESH.replace(
+            "ports: [{port: 80, targetPort: 8080}]",
+            "ports: [{port: 80, targetPort: 8080}], loadBalancing: LeastConnections",
+        ));
+        let a = s.workload_by_ip("198.19.1.1".parse().unwrap()).unwrap();
+        a.active.store(5, Ordering::Relaxed);
+        for _ in 0..3 {
+            match s.resolve("198.18.200.1:80".parse().unwrap()).unwrap() {
+                Destination::Workload { workload, .. } => assert_eq!(workload.workload.name, "b"),
+                d => panic!("{d:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn mtls_mode_precedence() {
+        let s = state(MESH);
+        let a = s.workload_by_ip("198.19.1.1".parse().unwrap()).unwrap();
+        let b = s.workload_by_ip("198.19.2.1".parse().unwrap()).unwrap();
+        assert_eq!(s.mtls_mode(a), MtlsMode::Strict);
+        assert_eq!(s.mtls_mode(b), MtlsMode::Permissive);
+    }
+
+    #[test]
+    fn local_workloads_are_deduplicated() {
+        let s = state(MESH);
+        assert_eq!(s.local_workloads("n1").count(), 1);
+        assert_eq!(s.local_workloads("n3").count(), 0);
+    }
+}

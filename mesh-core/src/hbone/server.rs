@@ -1,0 +1,102 @@
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::{H2Tuning, HboneError, Tunnel, MAX_STREAMS_PER_CONNECTION};
+
+/// A CONNECT request received on an HBONE connection, not yet answered.
+pub struct IncomingTunnel {
+    request: http::Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+}
+
+impl IncomingTunnel {
+    pub fn method(&self) -> &Method {
+        self.request.method()
+    }
+
+    pub fn headers(&self) -> &http::HeaderMap {
+        self.request.headers()
+    }
+
+    /// The tunnel target from `:authority`; it must be a literal `ip:port`.
+    pub fn target(&self) -> Result<SocketAddr, HboneError> {
+        if self.request.method() != Method::CONNECT {
+            return Err(HboneError::BadRequest(format!(
+                "method {} is not CONNECT",
+                self.request.method()
+            )));
+        }
+        let authority = self
+            .request
+            .uri()
+            .authority()
+            .ok_or_else(|| HboneError::BadRequest("CONNECT without :authority".into()))?;
+        authority.as_str().parse().map_err(|_| {
+            HboneError::BadRequest(format!("authority {:?} is not ip:port", authority.as_str()))
+        })
+    }
+
+    /// Answers 200 and returns the tunnel.
+    pub fn accept(mut self) -> Result<Tunnel, HboneError> {
+        let send = self.respond.send_response(Response::new(()), false)?;
+        Ok(Tunnel::new(send, self.request.into_body()))
+    }
+
+    /// Answers with an error status and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        // The peer may already have gone; nothing more to do then.
+        let _ = self.respond.send_response(response, true);
+    }
+}
+
+/// Runs the HTTP/2 server side of one established mTLS connection, handing every
+/// stream to `handler` on its own task. When `drain` flips to true the server
+/// sends GOAWAY and returns once the open streams have finished.
+pub async fn serve_connection<IO, H, F>(
+    io: IO,
+    tuning: H2Tuning,
+    mut drain: watch::Receiver<bool>,
+    handler: H,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(IncomingTunnel) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(tuning.stream_window)
+        .initial_connection_window_size(tuning.connection_window())
+        .max_frame_size(tuning.max_frame_size)
+        .max_send_buffer_size(tuning.max_frame_size as usize)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut draining = *drain.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(handler(IncomingTunnel { request, respond }));
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+            changed = drain.changed(), if !draining => {
+                // A dropped sender means the process is going away: drain too.
+                let _ = changed;
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Read buffer per direction. Chunks are split off and frozen, then handed to
+/// h2 without copying; once h2 has written them the allocation is reclaimed by
+/// `reserve`, so the steady state does not allocate per chunk.
+const READ_BUFFER: usize = 128 * 1024;
+const MIN_READ: usize = 16 * 1024;
+
+/// One CONNECT stream: the byte pipe between two HBONE endpoints.
+pub struct Tunnel {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+}
+
+/// Bytes moved by a copy and how it ended.
+#[derive(Debug, Default)]
+pub struct CopyOutcome {
+    /// Bytes read from the TCP socket and sent into the tunnel.
+    pub tcp_to_tunnel: u64,
+    /// Bytes received from the tunnel and written to the TCP socket.
+    pub tunnel_to_tcp: u64,
+    pub error: Option<io::Error>,
+}
+
+impl Tunnel {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Tunnel { send, recv }
+    }
+
+    /// Splits into the two directions, for callers that drive them separately.
+    pub fn into_parts(self) -> (SendStream<Bytes>, RecvStream) {
+        (self.send, self.recv)
+    }
+}
+
+/// Copies both ways between `tcp` and `tunnel` until both directions finish.
+///
+/// A FIN from the TCP side ends the tunnel's send direction (END_STREAM); the end
+/// of the tunnel's receive direction shuts down the TCP write side: each half
+/// closes independently. An error on either side resets the other (RST_STREAM,
+/// TCP RST) so neither peer waits on a dead connection.
+pub async fn copy_tcp_tunnel(mut tcp: TcpStream, tunnel: Tunnel) -> CopyOutcome {
+    let Tunnel { mut send, mut recv } = tunnel;
+    let mut outcome = CopyOutcome::default();
+    let (mut r, mut w) = tcp.split();
+    let result = tokio::try_join!(
+        tcp_to_h2(&mut r, &mut send, &mut outcome.tcp_to_tunnel),
+        h2_to_tcp(&mut recv, &mut w, &mut outcome.tunnel_to_tcp),
+    );
+    if let Err(e) = result {
+        send.send_reset(h2::Reason::CANCEL);
+        // Zero linger turns the close into a RST, telling the TCP peer the far side failed.
+        let _ = tcp.set_zero_linger();
+        outcome.error = Some(e);
+    }
+    outcome
+}
+
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    r: &mut R,
+    send: &mut SendStream<Bytes>,
+    counter: &mut u64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    loop {
+        if buf.capacity() < MIN_READ {
+            buf.reserve(READ_BUFFER);
+        }
+        let n = r.read_buf(&mut buf).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(());
+        }
+        *counter += n as u64;
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = match send.capacity() {
+                0 => match poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return Err(h2_io(e)),
+                    None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel closed")),
+                },
+                n => n,
+            };
+            if granted == 0 {
+                continue;
+            }
+            let part = chunk.split_to(granted.min(chunk.len()));
+            send.send_data(part, false).map_err(h2_io)?;
+        }
+    }
+}
+
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    w: &mut W,
+    counter: &mut u64,
+) -> io::Result<()> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        w.write_all(&chunk).await?;
+        *counter += chunk.len() as u64;
+        recv.flow_control()
+            .release_capacity(chunk.len())
+            .map_err(h2_io)?;
+    }
+    w.shutdown().await
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 io error"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, e)
+}
