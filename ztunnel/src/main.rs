@@ -1,1 +1,38 @@
-fn main() {}
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter};
+use ztunnel::settings::Settings;
+
+fn main() {
+    let settings = Settings::parse();
+    ztunnel::socket::raise_fd_limit();
+    let filter = match EnvFilter::try_new(&settings.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ztunnel: bad log level {:?}: {e}", settings.log_level);
+            std::process::exit(2);
+        }
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+        .init();
+    let log: ztunnel::admin::LogControl = Arc::new(move |level: Option<&str>| {
+        if let Some(level) = level {
+            let f = EnvFilter::try_new(level).map_err(|e| format!("bad filter {level:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())?;
+        }
+        handle
+            .with_current(|f| f.to_string())
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = ztunnel::run(settings, log) {
+        tracing::error!("ztunnel failed: {e:#}");
+        eprintln!("ztunnel: {e:#}");
+        std::process::exit(1);
+    }
+}

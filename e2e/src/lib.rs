@@ -1,0 +1,13 @@
+//! Harness for end-to-end tests, the benchmark and the loopback demo: allocate
+//! loopback addresses, mint certificates, run ztunnel processes, drive traffic.
+
+pub mod client;
+pub mod loopback;
+pub mod mesh;
+pub mod pki;
+pub mod process;
+pub mod servers;
+
+pub use loopback::Subnet;
+pub use pki::Pki;
+pub use process::Ztunnel;

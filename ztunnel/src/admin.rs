@@ -1,0 +1,171 @@
+//! Admin (15000), metrics (15020) and readiness (15021) HTTP servers. They run on
+//! their own single-thread runtime so a slow scrape never competes with traffic.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::state::ProxyState;
+
+/// Gets (`None`) or sets (`Some(filter)`) the log filter; returns the filter in force.
+pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoint {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+pub async fn serve(listener: TcpListener, kind: Endpoint, state: Arc<ProxyState>, log: LogControl) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(?kind, "admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        let log = log.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = route(kind, &state, &log, req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn route(
+    kind: Endpoint,
+    state: &ProxyState,
+    log: &LogControl,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (kind, req.method(), path) {
+        (Endpoint::Readiness, &Method::GET, "/healthz/ready") => {
+            if state.ready.load(Ordering::Acquire) && !state.drain.is_draining() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (Endpoint::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => {
+            let mut resp = text(StatusCode::OK, state.metrics.encode());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        (Endpoint::Admin, &Method::GET, "/config_dump") => {
+            let body = serde_json::to_string_pretty(&config_dump(state)).unwrap_or_default();
+            let mut resp = text(StatusCode::OK, body);
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        (Endpoint::Admin, m, "/logging") if m == Method::GET || m == Method::POST => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            match (m, level) {
+                (&Method::POST, None) => text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: POST /logging?level=<filter>\n",
+                ),
+                (_, level) => match log(level) {
+                    Ok(now) => {
+                        if level.is_some() {
+                            tracing::info!(filter = %now, "log level changed");
+                        }
+                        text(StatusCode::OK, format!("{now}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                },
+            }
+        }
+        (Endpoint::Admin, &Method::GET, "/") => text(
+            StatusCode::OK,
+            "/config_dump          current config, certificates and pooled connections (JSON)\n\
+             /logging[?level=F]    show or (POST) set the log filter\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn config_dump(state: &ProxyState) -> serde_json::Value {
+    let mesh = state.mesh();
+    let mut local: Vec<String> = mesh
+        .local_workloads(state.node())
+        .map(|w| w.key())
+        .collect();
+    local.sort();
+    let certs: Vec<_> = state
+        .certs
+        .all()
+        .iter()
+        .map(|c| {
+            json!({
+                "identity": c.identity().to_string(),
+                "notBefore": unix(c.not_before()),
+                "notAfter": unix(c.not_after()),
+                "refreshAt": unix(c.refresh_at()),
+            })
+        })
+        .collect();
+    let pool: Vec<_> = state
+        .pool()
+        .map(|p| p.connections())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, conns, streams)| {
+            json!({
+                "source": k.src.to_string(),
+                "destination": k.dst.to_string(),
+                "address": k.dst_addr.to_string(),
+                "connections": conns,
+                "streams": streams,
+            })
+        })
+        .collect();
+    json!({
+        "node": state.node(),
+        "draining": state.drain.is_draining(),
+        "localWorkloads": local,
+        "certificates": certs,
+        "hbonePool": pool,
+        "config": mesh.config(),
+    })
+}

@@ -1,0 +1,156 @@
+//! Ambit ztunnel: the per-node L4 proxy.
+//!
+//! Captured outbound connections of local workloads (15001, or SOCKS5 on 15080)
+//! leave through mTLS HBONE tunnels made with the source workload's certificate;
+//! HBONE arriving for local workloads (15008) is authenticated, authorized and
+//! delivered; captured plaintext (15006) is admitted only where policy allows.
+
+pub mod admin;
+pub mod certs;
+pub mod drain;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod settings;
+pub mod socket;
+pub mod state;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use mesh_core::config::MeshState;
+use mesh_core::hbone::{Pool, PoolConfig};
+use mesh_core::tls::CertificateStore;
+
+use crate::admin::{Endpoint, LogControl};
+use crate::settings::{Listen, Settings};
+use crate::state::ProxyState;
+
+/// Runs a ztunnel until SIGTERM/SIGINT, then drains.
+pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
+    let config = reload::load_config(&settings.config).map_err(anyhow::Error::msg)?;
+    let store = CertificateStore::default();
+    certs::apply(&store, certs::load_dir(&settings.certs)?);
+    let state = Arc::new(ProxyState::new(settings, MeshState::new(config), store));
+    warn_missing_certs(&state);
+
+    // Bind everything up front so a port clash fails the start, not a later request.
+    let s = &state.settings;
+    let bind = |l: Listen,
+                transparent: bool,
+                what: &str|
+     -> anyhow::Result<Option<std::net::TcpListener>> {
+        match l {
+            Listen::Off => Ok(None),
+            Listen::At(addr) => socket::bind_std(addr, transparent)
+                .map(Some)
+                .with_context(|| format!("binding {what} listener on {addr}")),
+        }
+    };
+    let admin_listeners = [
+        (bind(s.admin(), false, "admin")?, Endpoint::Admin),
+        (bind(s.metrics(), false, "metrics")?, Endpoint::Metrics),
+        (
+            bind(s.readiness(), false, "readiness")?,
+            Endpoint::Readiness,
+        ),
+    ];
+    let outbound = bind(s.outbound(), s.transparent, "outbound")?;
+    let plaintext = bind(s.inbound_plaintext(), s.transparent, "inbound plaintext")?;
+    let socks5 = bind(s.socks5(), false, "socks5")?;
+
+    let admin_state = state.clone();
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("admin runtime failed to start: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                for (listener, kind) in admin_listeners {
+                    let Some(l) = listener else { continue };
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tokio::spawn(admin::serve(l, kind, admin_state.clone(), log.clone()));
+                        }
+                        Err(e) => tracing::error!(?kind, "admin listener: {e}"),
+                    }
+                }
+                reload::watch(admin_state).await;
+            });
+        })
+        .context("spawning admin thread")?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(state.settings.worker_threads.max(1))
+        .thread_name("dataplane")
+        .enable_all()
+        .build()
+        .context("building data-plane runtime")?;
+    rt.block_on(async move {
+        state.init_pool(Pool::new(PoolConfig {
+            idle_timeout: state.settings.pool_idle_timeout,
+            connect_timeout: state.settings.connect_timeout,
+            ..PoolConfig::default()
+        }));
+        if let Some(l) = outbound {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let listen = socket::canonical(l.local_addr()?);
+            proxy::spawn_accept_loop(state.clone(), l, "outbound", move |st, tcp, peer| {
+                proxy::outbound::serve_captured(st, tcp, peer, listen)
+            });
+        }
+        if let Some(l) = plaintext {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let listen = socket::canonical(l.local_addr()?);
+            proxy::spawn_accept_loop(state.clone(), l, "inbound_plaintext", move |st, tcp, peer| {
+                proxy::plaintext::serve_connection(st, tcp, peer, listen)
+            });
+        }
+        if let Some(l) = socks5 {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            proxy::spawn_accept_loop(state.clone(), l, "socks5", proxy::socks5::serve_connection);
+        }
+        proxy::run_hbone(state.clone()).await?;
+        state.ready.store(true, Ordering::Release);
+        tracing::info!(node = %state.node(), "ztunnel ready");
+
+        wait_for_signal().await?;
+        tracing::info!(deadline = ?state.settings.drain_timeout, "draining: no new connections, waiting for open ones");
+        let clean = state.drain.drain(state.settings.drain_timeout).await;
+        if clean {
+            tracing::info!("drained, exiting");
+        } else {
+            tracing::warn!("drain deadline passed with connections still open, exiting");
+        }
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn warn_missing_certs(state: &ProxyState) {
+    let mesh = state.mesh();
+    for w in mesh.local_workloads(state.node()) {
+        if state.certs.get(&w.identity).is_none() {
+            tracing::warn!(workload = %w.key(), identity = %w.identity, "no certificate: its connections will be refused");
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The data-plane listeners and what they do with each connection.
+
+pub mod inbound;
+pub mod outbound;
+pub mod plaintext;
+pub mod record;
+pub mod socks5;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::settings::HboneListen;
+use crate::socket;
+use crate::state::ProxyState;
+
+/// Accepts on `listener` until drain starts, running `handle` per connection
+/// under a drain guard.
+pub fn spawn_accept_loop<F, Fut>(
+    state: Arc<ProxyState>,
+    listener: TcpListener,
+    name: &'static str,
+    handle: F,
+) -> JoinHandle<()>
+where
+    F: Fn(Arc<ProxyState>, TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut drain = state.drain.watch();
+    tokio::spawn(async move {
+        let local = listener.local_addr().ok();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let Some(guard) = state.drain.guard() else { break };
+                        let _ = tcp.set_nodelay(true);
+                        let fut = handle(state.clone(), tcp, socket::canonical(peer));
+                        tokio::spawn(async move {
+                            fut.await;
+                            drop(guard);
+                        });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(listener = name, "accept failed: {e}");
+                        state.metrics.failure("listener", "accept_failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                _ = drain.changed() => break,
+            }
+        }
+        tracing::info!(listener = name, addr = ?local, "listener closed");
+    })
+}
+
+/// Plain TCP to TCP with half-close; returns (client→upstream, upstream→client, error).
+pub async fn copy_plain(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+) -> (u64, u64, Option<std::io::Error>) {
+    let mut up = 0;
+    let mut down = 0;
+    let result = {
+        let (mut cr, mut cw) = client.split();
+        let (mut ur, mut uw) = upstream.split();
+        tokio::try_join!(
+            copy_half(&mut cr, &mut uw, &mut up),
+            copy_half(&mut ur, &mut cw, &mut down)
+        )
+    };
+    match result {
+        Ok(_) => (up, down, None),
+        Err(e) => {
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
+            (up, down, Some(e))
+        }
+    }
+}
+
+async fn copy_half<R, W>(r: &mut R, w: &mut W, counter: &mut u64) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        *counter += n as u64;
+    }
+}
+
+/// Binds the HBONE listener(s). In per-workload mode, keeps one listener per
+/// local workload address, following config changes.
+pub async fn run_hbone(state: Arc<ProxyState>) -> anyhow::Result<()> {
+    match state.settings.hbone_addr {
+        HboneListen::At(addr) => {
+            let listener = socket::bind(addr, state.settings.transparent)?;
+            tracing::info!(%addr, "hbone listener ready");
+            spawn_accept_loop(state, listener, "hbone", inbound::serve_connection);
+            Ok(())
+        }
+        HboneListen::PerWorkload => {
+            let mut listeners: HashMap<IpAddr, JoinHandle<()>> = HashMap::new();
+            reconcile_per_workload(&state, &mut listeners);
+            let mut mesh = state.watch_mesh();
+            let mut drain = state.drain.watch();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        changed = mesh.changed() => {
+                            if changed.is_err() { break; }
+                            reconcile_per_workload(&state, &mut listeners);
+                        }
+                        _ = drain.changed() => break,
+                    }
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+fn reconcile_per_workload(
+    state: &Arc<ProxyState>,
+    listeners: &mut HashMap<IpAddr, JoinHandle<()>>,
+) {
+    let mesh = state.mesh();
+    let want: Vec<IpAddr> = mesh
+        .local_workloads(state.node())
+        .flat_map(|w| w.workload.addresses.iter().copied())
+        .collect();
+    listeners.retain(|ip, task| {
+        let keep = want.contains(ip);
+        if !keep {
+            task.abort();
+            tracing::info!(%ip, "hbone listener removed");
+        }
+        keep
+    });
+    for ip in want {
+        if listeners.contains_key(&ip) {
+            continue;
+        }
+        let addr = SocketAddr::new(ip, state.settings.hbone_port);
+        match socket::bind(addr, false) {
+            Ok(l) => {
+                tracing::info!(%addr, "hbone listener ready");
+                listeners.insert(
+                    ip,
+                    spawn_accept_loop(state.clone(), l, "hbone", inbound::serve_connection),
+                );
+            }
+            Err(e) => {
+                tracing::error!(%addr, "cannot bind hbone listener: {e}");
+                state.metrics.failure("listener", "bind_failed");
+            }
+        }
+    }
+}

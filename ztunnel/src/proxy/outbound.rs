@@ -1,0 +1,263 @@
+//! Outbound: a local workload's connection leaves through an HBONE tunnel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use mesh_core::config::{Destination, ResolveError};
+use mesh_core::hbone::{self, copy_tcp_tunnel, HboneError, PoolKey};
+use tokio::net::TcpStream;
+
+use super::record::{flags, ActiveEndpoint, ConnectionRecord};
+use crate::metrics::{Reporter, SecurityPolicy};
+use crate::state::ProxyState;
+
+/// What the client asked to reach.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Addr(SocketAddr),
+    /// A service hostname (SOCKS5 clients may name one).
+    Host(String, u16),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+pub enum Upstream {
+    Tunnel(hbone::pool::PooledTunnel, ActiveEndpoint),
+    Direct(TcpStream),
+}
+
+/// Why an outbound connection was not established.
+pub struct Refusal {
+    pub record: ConnectionRecord,
+    pub reason: &'static str,
+    pub flags: &'static str,
+    pub message: String,
+    /// Whether the destination said no (policy) rather than being unreachable.
+    pub denied: bool,
+}
+
+impl Refusal {
+    pub fn report(&self, state: &ProxyState) {
+        tracing::warn!(
+            direction = "outbound",
+            src = %self.record.src_addr,
+            dst = %self.record.dst_addr,
+            reason = self.reason,
+            "connection refused: {}",
+            self.message
+        );
+        self.record
+            .refused(state, self.reason, self.flags, &self.message);
+    }
+}
+
+/// Resolves the destination and opens the upstream side.
+pub async fn establish(
+    state: &Arc<ProxyState>,
+    src: SocketAddr,
+    target: Target,
+) -> Result<(ConnectionRecord, Upstream), Box<Refusal>> {
+    let mesh = state.mesh();
+    let placeholder_dst = match &target {
+        Target::Addr(a) => *a,
+        Target::Host(_, p) => SocketAddr::new([0, 0, 0, 0].into(), *p),
+    };
+    let mut record = ConnectionRecord::new(Reporter::source, src, placeholder_dst);
+    let refuse = |record, reason, flags, message: String| {
+        Box::new(Refusal {
+            record,
+            reason,
+            flags,
+            message,
+            denied: false,
+        })
+    };
+
+    let Some(src_workload) = state.local_workload(&mesh, src.ip()) else {
+        let msg = format!(
+            "source {} is not a workload on node {}",
+            src.ip(),
+            state.node()
+        );
+        return Err(refuse(record, "unknown_source", flags::NO_ROUTE, msg));
+    };
+    record.src_identity = Some(src_workload.identity.clone());
+    record.src_workload = Some(src_workload.clone());
+
+    let resolved = match &target {
+        Target::Addr(a) => mesh.resolve(*a),
+        Target::Host(h, p) => match mesh.resolve_host(h, *p) {
+            Some(r) => r,
+            None => {
+                let msg = format!("{h} is not a known service hostname");
+                return Err(refuse(record, "unknown_host", flags::NO_ROUTE, msg));
+            }
+        },
+    };
+    let destination = match resolved {
+        Ok(d) => d,
+        Err(e) => {
+            let flag = match e {
+                ResolveError::NoEndpoints(_) => flags::NO_HEALTHY_UPSTREAM,
+                ResolveError::NoSuchPort(..) => flags::NO_ROUTE,
+            };
+            return Err(refuse(record, "no_route", flag, e.to_string()));
+        }
+    };
+
+    match destination {
+        Destination::Passthrough(addr) => {
+            record.dst_addr = addr;
+            record.via = Some(addr);
+            record.security = SecurityPolicy::none;
+            match connect(addr, state.settings.connect_timeout).await {
+                Ok(tcp) => Ok((record, Upstream::Direct(tcp))),
+                Err(e) => Err(refuse(record, "connect_failed", flags::UPSTREAM_FAILURE, e)),
+            }
+        }
+        Destination::Workload {
+            workload,
+            service,
+            addr,
+        } => {
+            record.dst_addr = match &target {
+                Target::Addr(a) => *a,
+                Target::Host(..) => addr,
+            };
+            record.dst_identity = Some(workload.identity.clone());
+            record.dst_workload = Some(workload.clone());
+            record.dst_service = service;
+            record.security = SecurityPolicy::mutual_tls;
+            let hbone_addr = SocketAddr::new(addr.ip(), state.settings.hbone_port);
+            record.via = Some(hbone_addr);
+            let key = PoolKey {
+                src: src_workload.identity.clone(),
+                dst: workload.identity.clone(),
+                dst_addr: hbone_addr,
+            };
+            let headers = forwarded_header(src);
+            let Some(pool) = state.pool() else {
+                return Err(refuse(
+                    record,
+                    "not_ready",
+                    flags::UPSTREAM_FAILURE,
+                    "pool not initialised".into(),
+                ));
+            };
+            let active = ActiveEndpoint::new(workload.clone());
+            let tls = || state.client_tls(&key.src, &key.dst);
+            match pool.open(&key, addr, &headers, tls).await {
+                Ok(tunnel) => Ok((record, Upstream::Tunnel(tunnel, active))),
+                Err(e) => {
+                    let (flag, denied) = match &e {
+                        HboneError::Status(s) if *s == http::StatusCode::FORBIDDEN => {
+                            (flags::RBAC, true)
+                        }
+                        _ => (flags::UPSTREAM_FAILURE, false),
+                    };
+                    let mut r = refuse(
+                        record,
+                        e.reason(),
+                        flag,
+                        format!("hbone to {hbone_addr}: {e}"),
+                    );
+                    r.denied = denied;
+                    Err(r)
+                }
+            }
+        }
+    }
+}
+
+/// Copies until both sides are done, then records the connection.
+pub async fn relay(
+    state: &ProxyState,
+    client: TcpStream,
+    record: ConnectionRecord,
+    upstream: Upstream,
+) {
+    record.opened(state);
+    match upstream {
+        Upstream::Tunnel(pooled, _active) => {
+            let outcome = copy_tcp_tunnel(client, pooled.tunnel).await;
+            drop(pooled.slot);
+            let flag = if outcome.error.is_some() {
+                flags::RESET
+            } else {
+                flags::NONE
+            };
+            let err = outcome.error.as_ref().map(|e| e as &dyn std::fmt::Display);
+            record.closed(
+                state,
+                outcome.tcp_to_tunnel,
+                outcome.tunnel_to_tcp,
+                flag,
+                err,
+            );
+        }
+        Upstream::Direct(upstream) => {
+            let (up, down, err) = super::copy_plain(client, upstream).await;
+            let flag = if err.is_some() {
+                flags::RESET
+            } else {
+                flags::NONE
+            };
+            let err = err.as_ref().map(|e| e as &dyn std::fmt::Display);
+            record.closed(state, up, down, flag, err);
+        }
+    }
+}
+
+fn forwarded_header(src: SocketAddr) -> Vec<(HeaderName, HeaderValue)> {
+    match HeaderValue::from_str(&hbone::forwarded_for(src.ip())) {
+        Ok(v) => vec![(HeaderName::from_static(hbone::FORWARDED), v)],
+        Err(_) => Vec::new(),
+    }
+}
+
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+        Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
+        Err(_) => Err(format!("connect {addr}: timed out")),
+    }
+}
+
+/// Serves one captured connection (15001): the original destination comes from
+/// the socket (transparent capture) or `SO_ORIGINAL_DST` (NAT redirect).
+pub async fn serve_captured(
+    state: Arc<ProxyState>,
+    client: TcpStream,
+    src: SocketAddr,
+    listen: SocketAddr,
+) {
+    let dst = match crate::socket::original_dst(&client) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(%src, "outbound: no original destination: {e}");
+            state.metrics.failure("outbound", "no_original_destination");
+            return;
+        }
+    };
+    if crate::socket::is_listener_itself(dst, listen) {
+        tracing::warn!(%src, %dst, "outbound: connection was not captured (addressed to the listener itself)");
+        state.metrics.failure("outbound", "no_original_destination");
+        return;
+    }
+    match establish(&state, src, Target::Addr(dst)).await {
+        Ok((record, upstream)) => relay(&state, client, record, upstream).await,
+        Err(refusal) => refusal.report(&state),
+    }
+}

@@ -1,0 +1,205 @@
+//! One proxied connection's attribution: metrics labels and the access-log line.
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh_core::config::{ServiceInfo, WorkloadInfo};
+use mesh_core::Identity;
+
+use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
+use crate::state::ProxyState;
+
+/// Envoy-style response flags, as Istio reports them.
+pub mod flags {
+    pub const NONE: &str = "-";
+    /// Denied by authorization policy.
+    pub const RBAC: &str = "RBAC";
+    /// Upstream connection failure.
+    pub const UPSTREAM_FAILURE: &str = "UF";
+    /// No healthy upstream (service without endpoints).
+    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+    /// No route: the destination is not served here.
+    pub const NO_ROUTE: &str = "NR";
+    /// Connection ended by an error mid-stream.
+    pub const RESET: &str = "UC";
+}
+
+pub struct ConnectionRecord {
+    pub reporter: Reporter,
+    pub src_addr: SocketAddr,
+    pub src_workload: Option<Arc<WorkloadInfo>>,
+    pub src_identity: Option<Identity>,
+    pub dst_addr: SocketAddr,
+    pub dst_workload: Option<Arc<WorkloadInfo>>,
+    pub dst_identity: Option<Identity>,
+    pub dst_service: Option<Arc<ServiceInfo>>,
+    /// Where the bytes actually went: the HBONE peer, or the workload itself.
+    pub via: Option<SocketAddr>,
+    pub security: SecurityPolicy,
+    pub start: Instant,
+}
+
+impl ConnectionRecord {
+    pub fn new(reporter: Reporter, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        ConnectionRecord {
+            reporter,
+            src_addr,
+            src_workload: None,
+            src_identity: None,
+            dst_addr,
+            dst_workload: None,
+            dst_identity: None,
+            dst_service: None,
+            via: None,
+            security: SecurityPolicy::unknown,
+            start: Instant::now(),
+        }
+    }
+
+    fn labels(&self, response_flags: &str) -> TcpLabels {
+        let unknown = || "unknown".to_string();
+        let principal = |id: &Option<Identity>| id.as_ref().map_or_else(unknown, |i| i.to_string());
+        TcpLabels {
+            reporter: self.reporter,
+            source_workload: self
+                .src_workload
+                .as_ref()
+                .map_or_else(unknown, |w| w.workload.name.clone()),
+            source_workload_namespace: self
+                .src_workload
+                .as_ref()
+                .map(|w| w.workload.namespace.clone())
+                .or_else(|| {
+                    self.src_identity
+                        .as_ref()
+                        .map(|i| i.namespace().to_string())
+                })
+                .unwrap_or_else(unknown),
+            source_principal: principal(&self.src_identity),
+            destination_workload: self
+                .dst_workload
+                .as_ref()
+                .map_or_else(unknown, |w| w.workload.name.clone()),
+            destination_workload_namespace: self
+                .dst_workload
+                .as_ref()
+                .map_or_else(unknown, |w| w.workload.namespace.clone()),
+            destination_principal: principal(&self.dst_identity),
+            destination_service: self
+                .dst_service
+                .as_ref()
+                .map_or_else(unknown, |s| s.hostname.clone()),
+            request_protocol: "tcp".to_string(),
+            response_flags: response_flags.to_string(),
+            connection_security_policy: self.security,
+        }
+    }
+
+    /// Counts the connection as opened. Call once the proxy has decided to serve it.
+    pub fn opened(&self, state: &ProxyState) {
+        state
+            .metrics
+            .opened
+            .get_or_create(&self.labels(flags::NONE))
+            .inc();
+        state.metrics.active_connections.inc();
+    }
+
+    /// Records the end of an opened connection: metrics and the access-log line.
+    pub fn closed(
+        &self,
+        state: &ProxyState,
+        to_dst: u64,
+        to_src: u64,
+        response_flags: &str,
+        error: Option<&dyn Display>,
+    ) {
+        let m = &state.metrics;
+        m.active_connections.dec();
+        let labels = self.labels(response_flags);
+        m.closed.get_or_create(&labels).inc();
+        m.received_bytes.get_or_create(&labels).inc_by(to_dst);
+        m.sent_bytes.get_or_create(&labels).inc_by(to_src);
+        self.log(to_dst, to_src, response_flags, error);
+    }
+
+    /// Records a connection refused before it was opened (policy, no route, ...).
+    pub fn refused(
+        &self,
+        state: &ProxyState,
+        reason: &str,
+        response_flags: &str,
+        error: &dyn Display,
+    ) {
+        let m = &state.metrics;
+        let labels = self.labels(response_flags);
+        m.opened.get_or_create(&labels).inc();
+        m.closed.get_or_create(&labels).inc();
+        m.failure(self.direction(), reason);
+        self.log(0, 0, response_flags, Some(error));
+    }
+
+    pub fn direction(&self) -> &'static str {
+        match self.reporter {
+            Reporter::source => "outbound",
+            Reporter::destination => "inbound",
+        }
+    }
+
+    fn log(&self, to_dst: u64, to_src: u64, response_flags: &str, error: Option<&dyn Display>) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let result = if response_flags == flags::NONE {
+            "ok"
+        } else {
+            response_flags
+        };
+        let src_workload = self.src_workload.as_ref().map(|w| w.key());
+        let dst_workload = self.dst_workload.as_ref().map(|w| w.key());
+        let dst_service = self.dst_service.as_ref().map(|s| s.hostname.as_str());
+        tracing::info!(
+            target: "access",
+            direction = self.direction(),
+            src.addr = %self.src_addr,
+            src.workload = dash(&src_workload),
+            src.identity = dash(&self.src_identity),
+            dst.addr = %self.dst_addr,
+            dst.via = dash(&self.via),
+            dst.workload = dash(&dst_workload),
+            dst.identity = dash(&self.dst_identity),
+            dst.service = dash(&dst_service),
+            security = ?self.security,
+            bytes_sent = to_dst,
+            bytes_recv = to_src,
+            duration_ms = format_args!("{duration_ms:.2}"),
+            result,
+            error = dash(&error),
+            "connection complete"
+        );
+    }
+}
+
+fn dash<T: Display>(v: &Option<T>) -> tracing::field::DisplayValue<String> {
+    tracing::field::display(
+        v.as_ref()
+            .map_or_else(|| "-".to_string(), |v| v.to_string()),
+    )
+}
+
+/// Counts a connection against its destination endpoint for least-connections balancing.
+pub struct ActiveEndpoint(Arc<WorkloadInfo>);
+
+impl ActiveEndpoint {
+    pub fn new(w: Arc<WorkloadInfo>) -> Self {
+        w.active.fetch_add(1, Ordering::Relaxed);
+        ActiveEndpoint(w)
+    }
+}
+
+impl Drop for ActiveEndpoint {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

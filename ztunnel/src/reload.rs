@@ -1,0 +1,91 @@
+//! Picks up changes to the mesh config file and the certificate directory.
+//! A bad file is rejected (log + metric) and the last good state stays in force.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use mesh_core::config::{parse_mesh_config, MeshConfig, MeshState};
+
+use crate::certs;
+use crate::metrics::ResultLabels;
+use crate::state::ProxyState;
+
+/// Reads and validates the config file.
+pub fn load_config(path: &Path) -> Result<MeshConfig, String> {
+    let src = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_mesh_config(&src).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+pub async fn watch(state: Arc<ProxyState>) {
+    let settings = &state.settings;
+    let mut config_stamp = file_stamp(&settings.config);
+    let mut config_bytes = std::fs::read(&settings.config).ok();
+    let mut cert_stamp = certs::stamp(&settings.certs);
+    let mut tick = tokio::time::interval(settings.reload_interval);
+    loop {
+        tick.tick().await;
+        let stamp = file_stamp(&settings.config);
+        if stamp != config_stamp {
+            config_stamp = stamp;
+            let bytes = std::fs::read(&settings.config).ok();
+            if bytes != config_bytes {
+                config_bytes = bytes;
+                reload_config(&state);
+            }
+        }
+        let stamp = certs::stamp(&settings.certs);
+        if stamp != cert_stamp {
+            cert_stamp = stamp;
+            reload_certs(&state);
+        }
+    }
+}
+
+fn count(state: &ProxyState, what: &str, ok: bool) {
+    let result = format!("{what}_{}", if ok { "ok" } else { "rejected" });
+    state
+        .metrics
+        .config_reloads
+        .get_or_create(&ResultLabels { result })
+        .inc();
+}
+
+fn reload_config(state: &ProxyState) {
+    match load_config(&state.settings.config) {
+        Ok(config) => {
+            let (w, s, p) = (
+                config.workloads.len(),
+                config.services.len(),
+                config.policies.len(),
+            );
+            state.set_mesh(MeshState::new(config));
+            count(state, "config", true);
+            tracing::info!(workloads = w, services = s, policies = p, "config reloaded");
+        }
+        Err(e) => {
+            count(state, "config", false);
+            tracing::error!("config rejected, keeping the last good config: {e}");
+        }
+    }
+}
+
+fn reload_certs(state: &ProxyState) {
+    match certs::load_dir(&state.settings.certs) {
+        Ok(loaded) => {
+            let n = loaded.certs.len();
+            certs::apply(&state.certs, loaded);
+            count(state, "certificates", true);
+            tracing::info!(certificates = n, "certificates reloaded");
+        }
+        Err(e) => {
+            count(state, "certificates", false);
+            tracing::error!("certificates rejected, keeping the current ones: {e:#}");
+        }
+    }
+}

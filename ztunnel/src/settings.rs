@@ -1,0 +1,227 @@
+//! Command-line settings of the ztunnel process.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Where a listener binds, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Listen::Off);
+        }
+        s.parse()
+            .map(Listen::At)
+            .map_err(|_| format!("{s:?} is neither ip:port nor off"))
+    }
+}
+
+/// Where the HBONE (15008) server listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HboneListen {
+    /// One listener per local workload address, on `<workload ip>:15008`. The
+    /// destination is the listener's address, as it would be under capture.
+    PerWorkload,
+    /// One listener (usually a wildcard with `--transparent`); the destination is
+    /// the accepted socket's local address.
+    At(SocketAddr),
+}
+
+impl FromStr for HboneListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "per-workload" {
+            return Ok(HboneListen::PerWorkload);
+        }
+        s.parse()
+            .map(HboneListen::At)
+            .map_err(|_| format!("{s:?} is neither ip:port nor per-workload"))
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Ambit ztunnel: the per-node L4 proxy of the ambient mesh.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ztunnel", version)]
+pub struct Settings {
+    /// Mesh config file (workloads, services, policies); reloaded when it changes.
+    #[arg(long, env = "AMBIT_MESH_CONFIG")]
+    pub config: PathBuf,
+
+    /// Name of the node this ztunnel serves.
+    #[arg(long, env = "AMBIT_NODE_NAME")]
+    pub node: String,
+
+    /// Directory with root-cert.pem and <namespace>/<service-account>/{cert-chain,key}.pem.
+    #[arg(long, env = "AMBIT_CERTS_DIR")]
+    pub certs: PathBuf,
+
+    /// Default IP for every listener not given explicitly (admin stays on loopback
+    /// unless this is a loopback address too).
+    #[arg(long)]
+    pub bind_ip: Option<IpAddr>,
+
+    /// Captured outbound TCP listener (15001).
+    #[arg(long)]
+    pub outbound_addr: Option<Listen>,
+
+    /// Captured inbound plaintext listener (15006).
+    #[arg(long)]
+    pub inbound_plaintext_addr: Option<Listen>,
+
+    /// HBONE listener: `per-workload` or an address (default [::]:15008).
+    #[arg(long, default_value = "[::]:15008")]
+    pub hbone_addr: HboneListen,
+
+    /// Port HBONE peers listen on.
+    #[arg(long, default_value_t = mesh_core::hbone::HBONE_PORT)]
+    pub hbone_port: u16,
+
+    /// SOCKS5 outbound listener for clients without capture (15080).
+    #[arg(long)]
+    pub socks5_addr: Option<Listen>,
+
+    /// Admin server: /config_dump, /logging (15000, localhost).
+    #[arg(long)]
+    pub admin_addr: Option<Listen>,
+
+    /// Prometheus metrics (15020).
+    #[arg(long)]
+    pub metrics_addr: Option<Listen>,
+
+    /// Readiness /healthz/ready (15021).
+    #[arg(long)]
+    pub readiness_addr: Option<Listen>,
+
+    /// Set IP_TRANSPARENT on the capture listeners (needs CAP_NET_ADMIN).
+    #[arg(long)]
+    pub transparent: bool,
+
+    /// How long open connections may finish after SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Data-plane worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub worker_threads: usize,
+
+    /// How often the config file and certificates are checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+
+    /// Close pooled HBONE connections idle this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+
+    /// Timeout for TCP connect plus TLS handshake, both directions.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Log filter (tracing EnvFilter syntax); changeable at runtime via /logging.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Settings {
+    fn resolve(&self, given: Option<Listen>, default_ip: IpAddr, port: u16) -> Listen {
+        given.unwrap_or(Listen::At(SocketAddr::new(
+            self.bind_ip.unwrap_or(default_ip),
+            port,
+        )))
+    }
+
+    pub fn outbound(&self) -> Listen {
+        self.resolve(self.outbound_addr, IpAddr::from([0, 0, 0, 0]), 15001)
+    }
+
+    pub fn inbound_plaintext(&self) -> Listen {
+        self.resolve(
+            self.inbound_plaintext_addr,
+            IpAddr::from([0, 0, 0, 0]),
+            15006,
+        )
+    }
+
+    pub fn socks5(&self) -> Listen {
+        self.resolve(self.socks5_addr, IpAddr::from([127, 0, 0, 1]), 15080)
+    }
+
+    pub fn admin(&self) -> Listen {
+        let default = IpAddr::from([127, 0, 0, 1]);
+        match (self.admin_addr, self.bind_ip) {
+            (Some(l), _) => l,
+            (None, Some(ip)) if ip.is_loopback() => Listen::At(SocketAddr::new(ip, 15000)),
+            (None, _) => Listen::At(SocketAddr::new(default, 15000)),
+        }
+    }
+
+    pub fn metrics(&self) -> Listen {
+        self.resolve(self.metrics_addr, IpAddr::from([0, 0, 0, 0]), 15020)
+    }
+
+    pub fn readiness(&self) -> Listen {
+        self.resolve(self.readiness_addr, IpAddr::from([0, 0, 0, 0]), 15021)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn bind_ip_applies_to_defaults_only() {
+        let s = Settings::parse_from([
+            "ztunnel",
+            "--config",
+            "c",
+            "--node",
+            "n",
+            "--certs",
+            "d",
+            "--bind-ip",
+            "127.1.2.3",
+            "--metrics-addr",
+            "off",
+        ]);
+        assert_eq!(s.socks5(), Listen::At("127.1.2.3:15080".parse().unwrap()));
+        assert_eq!(s.admin(), Listen::At("127.1.2.3:15000".parse().unwrap()));
+        assert_eq!(s.metrics(), Listen::Off);
+        assert_eq!(s.hbone_addr, HboneListen::At("[::]:15008".parse().unwrap()));
+    }
+}

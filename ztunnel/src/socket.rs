@@ -1,0 +1,83 @@
+//! Listener sockets and original-destination recovery for captured connections.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Binds a TCP listener; with `transparent`, sets IP_TRANSPARENT so the socket
+/// can accept connections addressed to any IP steered to it (tc/eBPF or TPROXY).
+pub fn bind(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, transparent)?)
+}
+
+/// As [`bind`], without needing a runtime (so startup can fail before spawning one).
+pub fn bind_std(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // A wildcard [::] listener also takes IPv4 (dual stack).
+        socket.set_only_v6(false)?;
+    }
+    if transparent {
+        match addr {
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Whether `dst` is the listener's own address, i.e. the connection was made to
+/// the proxy port directly rather than captured on its way elsewhere.
+pub fn is_listener_itself(dst: SocketAddr, listen: SocketAddr) -> bool {
+    dst.port() == listen.port()
+        && (listen.ip().is_unspecified() || canonical(listen).ip() == dst.ip())
+}
+
+/// The destination the client originally dialled: `SO_ORIGINAL_DST` when a NAT
+/// redirect put it here, otherwise the accepted socket's local address (which
+/// *is* the original destination for transparent / `bpf_sk_assign` capture).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let nat = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    match nat.ok().and_then(|a| a.as_socket()) {
+        Some(addr) => Ok(canonical(addr)),
+        None => Ok(canonical(local)),
+    }
+}
+
+/// Maps IPv4-mapped IPv6 addresses (from dual-stack listeners) back to IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: a node proxy holds two
+/// sockets per proxied connection.
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

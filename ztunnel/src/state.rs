@@ -1,0 +1,117 @@
+//! State shared by every listener: the mesh view, certificates, metrics, drain.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use mesh_core::config::{MeshState, WorkloadInfo};
+use mesh_core::hbone::{HboneError, Pool};
+use mesh_core::tls::{self, CertificateStore, WorkloadCertificate};
+use mesh_core::Identity;
+use tokio::sync::watch;
+
+use crate::drain::Drain;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+pub struct ProxyState {
+    pub settings: Settings,
+    mesh: watch::Sender<Arc<MeshState>>,
+    pub certs: CertificateStore,
+    pub metrics: Metrics,
+    pub drain: Drain,
+    pub ready: AtomicBool,
+    pool: OnceLock<Pool>,
+    /// Server TLS configs per local identity, rebuilt when the certificate changes.
+    server_tls: Mutex<HashMap<Identity, (Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+}
+
+impl ProxyState {
+    pub fn new(settings: Settings, mesh: MeshState, certs: CertificateStore) -> Self {
+        ProxyState {
+            settings,
+            mesh: watch::channel(Arc::new(mesh)).0,
+            certs,
+            metrics: Metrics::default(),
+            drain: Drain::default(),
+            ready: AtomicBool::new(false),
+            pool: OnceLock::new(),
+            server_tls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn mesh(&self) -> Arc<MeshState> {
+        self.mesh.borrow().clone()
+    }
+
+    pub fn set_mesh(&self, mesh: MeshState) {
+        self.mesh.send_replace(Arc::new(mesh));
+    }
+
+    pub fn watch_mesh(&self) -> watch::Receiver<Arc<MeshState>> {
+        self.mesh.subscribe()
+    }
+
+    pub fn node(&self) -> &str {
+        &self.settings.node
+    }
+
+    /// A workload on this node with address `ip`.
+    pub fn local_workload(&self, mesh: &MeshState, ip: IpAddr) -> Option<Arc<WorkloadInfo>> {
+        mesh.workload_by_ip(ip)
+            .filter(|w| w.workload.node == self.settings.node)
+            .cloned()
+    }
+
+    /// Installs the HBONE pool; must run inside the data-plane runtime.
+    pub fn init_pool(&self, pool: Pool) {
+        let _ = self.pool.set(pool);
+    }
+
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.get()
+    }
+
+    /// The mTLS server config presenting `identity`'s current certificate.
+    pub fn server_tls(&self, identity: &Identity) -> Result<Arc<rustls::ServerConfig>, HboneError> {
+        let cert = self
+            .certs
+            .get(identity)
+            .ok_or_else(|| HboneError::NoCertificate(identity.to_string()))?;
+        let mut cache = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, cfg)) = cache.get(identity) {
+            if Arc::ptr_eq(c, &cert) {
+                return Ok(cfg.clone());
+            }
+        }
+        let roots = self
+            .certs
+            .roots()
+            .ok_or_else(|| HboneError::NoCertificate("trust roots".into()))?;
+        let cfg = Arc::new(tls::server_config(&cert, &roots)?);
+        cache.insert(identity.clone(), (cert, cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// The mTLS client config for acting as `src` towards `dst`.
+    pub fn client_tls(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+    ) -> Result<Arc<rustls::ClientConfig>, HboneError> {
+        let cert = self
+            .certs
+            .get(src)
+            .ok_or_else(|| HboneError::NoCertificate(src.to_string()))?;
+        let roots = self
+            .certs
+            .roots()
+            .ok_or_else(|| HboneError::NoCertificate("trust roots".into()))?;
+        Ok(Arc::new(tls::client_config(
+            &cert,
+            &roots,
+            vec![dst.clone()],
+        )?))
+    }
+}
