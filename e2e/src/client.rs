@@ -75,3 +75,16 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Resul
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Opens a tunnel through `proxy` from `src` to an echo server at `dst` and checks
+/// one message comes back intact.
+pub async fn echo_roundtrip(proxy: SocketAddr, src: IpAddr, dst: SocketAddr) -> anyhow::Result<()> {
+    let mut s = socks5_connect(proxy, src, dst).await?;
+    let msg = b"ping through the mesh";
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await??;
+    anyhow::ensure!(back == msg, "echo returned {back:?}");
+    Ok(())
+}

@@ -33,6 +33,17 @@ impl Drop for TempDir {
     }
 }
 
+/// Workload addresses of the standard topology.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub client: IpAddr,
+    pub intruder: IpAddr,
+    pub server: IpAddr,
+    pub vip: IpAddr,
+    /// A workload on node3, where no ztunnel runs (tests impersonate its peer).
+    pub ghost: IpAddr,
+}
+
 pub struct TwoNodes {
     pub dir: TempDir,
     pub subnet: Subnet,
@@ -43,6 +54,7 @@ pub struct TwoNodes {
     pub intruder: IpAddr,
     pub server: IpAddr,
     pub vip: IpAddr,
+    pub ghost: IpAddr,
     pub config_path: PathBuf,
     pub certs1: PathBuf,
     pub certs2: PathBuf,
@@ -57,20 +69,33 @@ impl TwoNodes {
     }
 
     pub fn start_with(policies: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(|a| Self::config(a, policies), extra_args)
+    }
+
+    /// Starts with a config of the caller's making (see [`TwoNodes::config`]).
+    pub fn launch(
+        config: impl FnOnce(&Addrs) -> String,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = TempDir::new("ambit-e2e")?;
         let subnet = Subnet::random();
         let pki = Pki::new()?;
-        let (client, intruder, server, vip) = (
-            subnet.workload(0),
-            subnet.workload(1),
-            subnet.workload(2),
-            subnet.ip(200),
-        );
+        let addrs = Addrs {
+            client: subnet.workload(0),
+            intruder: subnet.workload(1),
+            server: subnet.workload(2),
+            ghost: subnet.workload(3),
+            vip: subnet.ip(200),
+        };
+        let Addrs {
+            client,
+            intruder,
+            server,
+            vip,
+            ghost,
+        } = addrs;
         let config_path = dir.path().join("mesh.yaml");
-        std::fs::write(
-            &config_path,
-            Self::config(client, intruder, server, vip, policies),
-        )?;
+        std::fs::write(&config_path, config(&addrs))?;
         let certs1 = dir.path().join("certs-node1");
         let certs2 = dir.path().join("certs-node2");
         pki.write_root(&certs1)?;
@@ -105,19 +130,37 @@ impl TwoNodes {
             intruder,
             server,
             vip,
+            ghost,
             config_path,
             certs1,
             certs2,
         })
     }
 
-    pub fn config(
-        client: IpAddr,
-        intruder: IpAddr,
-        server: IpAddr,
-        vip: IpAddr,
-        policies: &str,
-    ) -> String {
+    pub fn addrs(&self) -> Addrs {
+        Addrs {
+            client: self.client,
+            intruder: self.intruder,
+            server: self.server,
+            vip: self.vip,
+            ghost: self.ghost,
+        }
+    }
+
+    /// The standard topology with `policies` (a YAML list).
+    pub fn config(a: &Addrs, policies: &str) -> String {
+        Self::config_with_server(a, &format!("[\"{}\"]", a.server), policies)
+    }
+
+    /// As [`TwoNodes::config`], with the server's address list given (YAML).
+    pub fn config_with_server(a: &Addrs, server_addresses: &str, policies: &str) -> String {
+        let Addrs {
+            client,
+            intruder,
+            vip,
+            ghost,
+            ..
+        } = *a;
         format!(
             r#"# two-node loopback mesh
 workloads:
@@ -135,8 +178,13 @@ workloads:
   namespace: demo
   serviceAccount: server
   node: node2
-  addresses: ["{server}"]
+  addresses: {server_addresses}
   services: [demo/echo]
+- name: ghost
+  namespace: demo
+  serviceAccount: ghost
+  node: node3
+  addresses: ["{ghost}"]
 services:
 - name: echo
   namespace: demo
@@ -166,7 +214,7 @@ policies: {policies}
     }
 
     pub fn set_policies(&self, policies: &str) -> anyhow::Result<()> {
-        let yaml = Self::config(self.client, self.intruder, self.server, self.vip, policies);
+        let yaml = Self::config(&self.addrs(), policies);
         self.rewrite_config(&yaml, "config reloaded")
     }
 

@@ -149,6 +149,29 @@ impl Ztunnel {
         Ok(body)
     }
 
+    /// Polls the metrics endpoint until the labelled sum reaches `want`.
+    pub async fn wait_for_metric(
+        &self,
+        metric: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics()?;
+            if metric_sum(&text, metric, labels) >= want {
+                return Ok(text);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{metric} {labels:?} never reached {want} on {}:\n{text}",
+                    self.node
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
         let (_, body) = crate::client::http_get(self.addr(15000), "/config_dump")?;
         Ok(serde_json::from_str(&body)?)

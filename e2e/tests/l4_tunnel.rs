@@ -160,7 +160,9 @@ async fn metrics_report_labels_and_exact_bytes() -> anyhow::Result<()> {
             ("connection_security_policy", "mutual_tls"),
             ("response_flags", "-"),
         ];
-        let text = wait_for_metric(z, "istio_tcp_connections_closed_total", &labels, 1.0).await?;
+        let text = z
+            .wait_for_metric("istio_tcp_connections_closed_total", &labels, 1.0)
+            .await?;
         assert_eq!(
             metric_sum(&text, "istio_tcp_connections_opened_total", &labels),
             1.0,
@@ -185,23 +187,4 @@ async fn metrics_report_labels_and_exact_bytes() -> anyhow::Result<()> {
         "{log}"
     );
     Ok(())
-}
-
-pub async fn wait_for_metric(
-    z: &e2e::Ztunnel,
-    metric: &str,
-    labels: &[(&str, &str)],
-    want: f64,
-) -> anyhow::Result<String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = z.metrics()?;
-        if metric_sum(&text, metric, labels) >= want {
-            return Ok(text);
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!("{metric} {labels:?} never reached {want}:\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -58,7 +58,7 @@ impl H2Tuning {
 pub enum HboneError {
     #[error("connect to {0} failed: {1}")]
     Connect(SocketAddr, std::io::Error),
-    #[error("TLS handshake with {0} failed: {1}")]
+    #[error("TLS handshake with {0} failed: {why}", why = crate::tls::describe_io_error(.1))]
     Tls(SocketAddr, std::io::Error),
     #[error("HTTP/2 error: {0}")]
     H2(#[from] h2::Error),

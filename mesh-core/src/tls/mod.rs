@@ -21,3 +21,18 @@ use std::sync::Arc;
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
+
+/// Renders a TLS failure carried in an `io::Error` (as tokio-rustls reports it)
+/// readably: certificate verification errors show our own reason text.
+pub fn describe_io_error(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {other}")
+        }
+        Some(tls) => tls.to_string(),
+        None => e.to_string(),
+    }
+}

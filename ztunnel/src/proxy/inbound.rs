@@ -42,7 +42,10 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
     let accept = TlsAcceptor::from(tls_config).accept(tcp);
     let tls = match tokio::time::timeout(state.settings.connect_timeout, accept).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return fail("tls_handshake_failed", format!("TLS handshake: {e}")),
+        Ok(Err(e)) => {
+            let why = tls::describe_io_error(&e);
+            return fail("tls_handshake_failed", format!("TLS handshake: {why}"));
+        }
         Err(_) => return fail("tls_handshake_failed", "TLS handshake timed out".into()),
     };
     let peer_id = match tls::peer_identity(tls.get_ref().1) {
