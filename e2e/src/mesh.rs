@@ -69,13 +69,15 @@ impl TwoNodes {
     }
 
     pub fn start_with(policies: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
-        Self::launch(|a| Self::config(a, policies), extra_args)
+        Self::launch(|a| Self::config(a, policies), extra_args, &[])
     }
 
-    /// Starts with a config of the caller's making (see [`TwoNodes::config`]).
+    /// Starts with a config of the caller's making (see [`TwoNodes::config`]);
+    /// `extra_args` go to both ztunnels, `node1_args` to node1's only.
     pub fn launch(
         config: impl FnOnce(&Addrs) -> String,
         extra_args: &[&str],
+        node1_args: &[&str],
     ) -> anyhow::Result<Self> {
         let dir = TempDir::new("ambit-e2e")?;
         let subnet = Subnet::random();
@@ -104,13 +106,14 @@ impl TwoNodes {
         pki.write_cert(&certs1, &Pki::identity("demo", "client"))?;
         pki.write_cert(&certs1, &Pki::identity("other", "intruder"))?;
         pki.write_cert(&certs2, &Pki::identity("demo", "server"))?;
+        let z1_args: Vec<&str> = extra_args.iter().chain(node1_args).copied().collect();
         let z1 = Ztunnel::spawn(
             dir.path(),
             &config_path,
             &certs1,
             "node1",
             subnet.node(1),
-            extra_args,
+            &z1_args,
         )?;
         let z2 = Ztunnel::spawn(
             dir.path(),
