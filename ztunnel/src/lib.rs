@@ -99,6 +99,7 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
         state.init_pool(Pool::new(PoolConfig {
             idle_timeout: state.settings.pool_idle_timeout,
             connect_timeout: state.settings.connect_timeout,
+            tuning: state.settings.h2_tuning(),
             ..PoolConfig::default()
         }));
         if let Some(l) = outbound {

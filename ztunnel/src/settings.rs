@@ -144,12 +144,29 @@ pub struct Settings {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// HTTP/2 flow-control window per tunnel, bytes (the connection window is
+    /// this times 100, so one stalled tunnel never blocks the others).
+    #[arg(long, default_value_t = mesh_core::hbone::H2Tuning::default().stream_window)]
+    pub h2_stream_window: u32,
+
+    /// Largest HTTP/2 frame we accept, bytes (16 KiB to 16 MiB).
+    #[arg(long, default_value_t = mesh_core::hbone::H2Tuning::default().max_frame_size,
+          value_parser = clap::value_parser!(u32).range(16384..=16_777_215))]
+    pub h2_max_frame_size: u32,
+
     /// Log filter (tracing EnvFilter syntax); changeable at runtime via /logging.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
 }
 
 impl Settings {
+    pub fn h2_tuning(&self) -> mesh_core::hbone::H2Tuning {
+        mesh_core::hbone::H2Tuning {
+            stream_window: self.h2_stream_window.max(65_535),
+            max_frame_size: self.h2_max_frame_size,
+        }
+    }
+
     fn resolve(&self, given: Option<Listen>, default_ip: IpAddr, port: u16) -> Listen {
         given.unwrap_or(Listen::At(SocketAddr::new(
             self.bind_ip.unwrap_or(default_ip),

@@ -35,7 +35,7 @@ impl H2Client {
             // The server name is not checked (identities are), but rustls needs one.
             let name = ServerName::IpAddress(addr.ip().into());
             let tls = TlsConnector::from(tls)
-                .connect(name, tcp)
+                .connect(name, super::transport(tcp))
                 .await
                 .map_err(|e| HboneError::Tls(addr, e))?;
             let (send_request, connection) = h2::client::Builder::new()

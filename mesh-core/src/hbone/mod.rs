@@ -23,6 +23,17 @@ pub const HBONE_PORT: u16 = 15008;
 /// Istio's limit; a new connection is opened once every pooled one carries this many.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
+/// rustls reads the socket 4 KiB at a time; a buffer below it turns the several
+/// reads per 16 KiB TLS record into one syscall.
+pub const SOCKET_READ_BUFFER: usize = 64 * 1024;
+
+/// The transport under HBONE's TLS: a TCP stream with a read buffer.
+pub type HboneTransport = tokio::io::BufReader<tokio::net::TcpStream>;
+
+pub fn transport(tcp: tokio::net::TcpStream) -> HboneTransport {
+    tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp)
+}
+
 /// Header carrying the original client address across the tunnel (RFC 7239).
 pub const FORWARDED: &str = "forwarded";
 

@@ -9,7 +9,9 @@ use tokio::net::TcpStream;
 /// Read buffer per direction. Chunks are split off and frozen, then handed to
 /// h2 without copying; once h2 has written them the allocation is reclaimed by
 /// `reserve`, so the steady state does not allocate per chunk.
-const READ_BUFFER: usize = 128 * 1024;
+/// Kept under glibc's mmap threshold (128 KiB) so a fresh buffer, when one is
+/// needed, comes from the heap rather than an mmap + page faults + munmap.
+const READ_BUFFER: usize = 64 * 1024;
 const MIN_READ: usize = 16 * 1024;
 
 /// One CONNECT stream: the byte pipe between two HBONE endpoints.

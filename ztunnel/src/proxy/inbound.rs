@@ -39,7 +39,7 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
         Ok(c) => c,
         Err(e) => return fail(e.reason(), e.to_string()),
     };
-    let accept = TlsAcceptor::from(tls_config).accept(tcp);
+    let accept = TlsAcceptor::from(tls_config).accept(hbone::transport(tcp));
     let tls = match tokio::time::timeout(state.settings.connect_timeout, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -60,7 +60,7 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
     let served_identity = workload.identity.clone();
     let result = hbone::serve_connection(
         tls,
-        hbone::H2Tuning::default(),
+        state.settings.h2_tuning(),
         state.drain.watch(),
         move |incoming| {
             serve_stream(

@@ -1,0 +1,392 @@
+//! Loopback benchmark: direct TCP vs client → ztunnel → HBONE → ztunnel → server,
+//! measured in the same run and printed side by side with ratios.
+//!
+//! Traffic enters the mesh through ztunnel's SOCKS5 listener (no capture on
+//! loopback), so every meshed connection pays one extra local round trip for the
+//! SOCKS handshake that captured traffic will not pay.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use e2e::client::socks5_connect;
+use e2e::mesh::TwoNodes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser, Debug)]
+#[command(name = "ambit-bench", about = "Direct vs meshed TCP on loopback")]
+struct Args {
+    /// Seconds per throughput / connection-rate measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Parallel streams for the aggregate throughput case.
+    #[arg(long, default_value_t = 64)]
+    parallel: usize,
+    /// Each case runs this many times (direct and mesh alternating); the median is shown.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent clients in the connection-rate case.
+    #[arg(long, default_value_t = 8)]
+    conn_clients: usize,
+    /// Round trips in the latency case (bounded by --seconds too).
+    #[arg(long, default_value_t = 20_000)]
+    echo_requests: usize,
+    /// Open tunnels for the loaded-RSS figure.
+    #[arg(long, default_value_t = 1000)]
+    tunnels: usize,
+    /// Passed to both ztunnels (see `ztunnel --help`).
+    #[arg(long)]
+    h2_stream_window: Option<u32>,
+    #[arg(long)]
+    h2_max_frame_size: Option<u32>,
+    /// ztunnel log filter (access logs are on at "info", as in production).
+    #[arg(long, default_value = "info")]
+    ztunnel_log: String,
+}
+
+#[derive(Clone, Copy)]
+enum Path {
+    Direct,
+    Mesh { socks: SocketAddr, src: IpAddr },
+}
+
+impl Path {
+    async fn connect(&self, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+        match *self {
+            Path::Direct => {
+                let s = TcpStream::connect(dst).await?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            }
+            Path::Mesh { socks, src } => socks5_connect(socks, src, dst).await,
+        }
+    }
+}
+
+/// Counts bytes until EOF, then answers with the count (8 bytes, big endian).
+async fn sink(addr: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Echo that closes after the client's first message when `close_first`
+/// (connection-rate case), else echoes until EOF.
+async fn echo(addr: SocketAddr, close_first: bool) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 || s.write_all(&buf[..k]).await.is_err() || close_first {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn bulk(path: Path, dst: SocketAddr, streams: usize, secs: f64) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        tasks.push(tokio::spawn(async move {
+            let mut s = path.connect(dst).await?;
+            let buf = vec![0x5au8; 256 * 1024];
+            while Instant::now() < deadline {
+                s.write_all(&buf).await?;
+            }
+            s.shutdown().await?;
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n).await?;
+            anyhow::Ok(u64::from_be_bytes(n))
+        }));
+    }
+    let mut delivered = 0;
+    for t in tasks {
+        delivered += t.await??;
+    }
+    Ok(delivered as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+async fn conn_rate(path: Path, dst: SocketAddr, clients: usize, secs: f64) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let mut s = path.connect(dst).await?;
+                s.write_all(b"x").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                // Wait for the server's close so TIME_WAIT lands on its side.
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn latency(path: Path, dst: SocketAddr, n: usize, secs: f64) -> anyhow::Result<[f64; 3]> {
+    let mut s = path.connect(dst).await?;
+    let req = [0xa5u8; 1024];
+    let mut resp = [0u8; 1024];
+    let mut samples = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    // Warm up (pool, TLS session, TCP windows) before sampling.
+    for _ in 0..100 {
+        s.write_all(&req).await?;
+        s.read_exact(&mut resp).await?;
+    }
+    while samples.len() < n && Instant::now() < deadline {
+        let t = Instant::now();
+        s.write_all(&req).await?;
+        s.read_exact(&mut resp).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    Ok([pct(0.50), pct(0.99), pct(0.999)])
+}
+
+fn rss_mib(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return f64::NAN };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs `case` on both paths `rounds` times, alternating so drift on this shared
+/// machine hits both alike; returns the per-figure medians (direct, mesh).
+async fn both<const N: usize, F, Fut>(
+    rounds: usize,
+    direct: Path,
+    mesh: Path,
+    case: F,
+) -> anyhow::Result<([f64; N], [f64; N])>
+where
+    F: Fn(Path) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<[f64; N]>>,
+{
+    let (mut d, mut m): (Vec<[f64; N]>, Vec<[f64; N]>) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        d.push(case(direct).await?);
+        m.push(case(mesh).await?);
+    }
+    let pick =
+        |runs: &Vec<[f64; N]>| std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect()));
+    Ok((pick(&d), pick(&m)))
+}
+
+struct Row {
+    name: &'static str,
+    direct: Option<f64>,
+    mesh: f64,
+    goal: &'static str,
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<34} {:>12} {:>12} {:>9}   goal",
+        "case", "direct", "mesh (L4)", "ratio"
+    );
+    println!("{}", "-".repeat(92));
+    for r in rows {
+        let (d, ratio) = match r.direct {
+            Some(d) => (format!("{d:.1}"), format!("{:.2}", r.mesh / d)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<34} {:>12} {:>12.1} {:>9}   {}",
+            r.name, d, r.mesh, ratio, r.goal
+        );
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    e2e::process::raise_fd_limit();
+    let mut extra = Vec::new();
+    let (w, f) = (
+        args.h2_stream_window.map(|v| v.to_string()),
+        args.h2_max_frame_size.map(|v| v.to_string()),
+    );
+    if let Some(w) = &w {
+        extra.extend(["--h2-stream-window", w.as_str()]);
+    }
+    if let Some(f) = &f {
+        extra.extend(["--h2-max-frame-size", f.as_str()]);
+    }
+    // SAFETY: single-threaded at this point of startup for our purposes; the
+    // variable is only read by child processes spawned below.
+    unsafe { std::env::set_var("AMBIT_TEST_LOG", &args.ztunnel_log) };
+    let mesh = TwoNodes::start_with("[]", &extra)?;
+    let mesh_path = Path::Mesh {
+        socks: mesh.z1.socks5(),
+        src: mesh.client,
+    };
+    let sink_addr = SocketAddr::new(mesh.server, 9000);
+    let echo_addr = SocketAddr::new(mesh.server, 9001);
+    let rate_addr = SocketAddr::new(mesh.server, 9002);
+    sink(sink_addr).await?;
+    echo(echo_addr, false).await?;
+    echo(rate_addr, true).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = (rss_mib(mesh.z1.pid()), rss_mib(mesh.z2.pid()));
+    println!(
+        "ambit-bench: loopback, 2 ztunnels (node1 -> node2), {} s per case, median of {} rounds",
+        args.seconds, args.rounds
+    );
+
+    let mut rows = Vec::new();
+    let (secs, r) = (args.seconds, args.rounds);
+    let direct = Path::Direct;
+    eprint!("bulk 1 stream... ");
+    let (d, m) = both(r, direct, mesh_path, |p| async move {
+        Ok([bulk(p, sink_addr, 1, secs).await?])
+    })
+    .await?;
+    rows.push(Row {
+        name: "(a) bulk, 1 stream (MB/s)",
+        direct: Some(d[0]),
+        mesh: m[0],
+        goal: ">= 0.30 of direct",
+    });
+    eprint!("bulk {} streams... ", args.parallel);
+    let par = args.parallel;
+    let (d, m) = both(r, direct, mesh_path, |p| async move {
+        Ok([bulk(p, sink_addr, par, secs).await?])
+    })
+    .await?;
+    rows.push(Row {
+        name: "(b) bulk, parallel streams (MB/s)",
+        direct: Some(d[0]),
+        mesh: m[0],
+        goal: "",
+    });
+    eprint!("connection rate... ");
+    let clients = args.conn_clients;
+    let (d, m) = both(r, direct, mesh_path, |p| async move {
+        Ok([conn_rate(p, rate_addr, clients, secs).await?])
+    })
+    .await?;
+    rows.push(Row {
+        name: "(c) new connections/s",
+        direct: Some(d[0]),
+        mesh: m[0],
+        goal: ">= 0.30 of direct",
+    });
+    eprint!("1 KiB echo latency... ");
+    let n = args.echo_requests;
+    let (d, m) = both(r, direct, mesh_path, |p| async move {
+        latency(p, echo_addr, n, secs).await
+    })
+    .await?;
+    for (i, name) in [
+        "(d) 1 KiB echo p50 (us)",
+        "(d) 1 KiB echo p99 (us)",
+        "(d) 1 KiB echo p99.9 (us)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let goal = if i == 1 { "added p99 < 150 us" } else { "" };
+        rows.push(Row {
+            name,
+            direct: Some(d[i]),
+            mesh: m[i],
+            goal,
+        });
+    }
+    eprint!("{} open tunnels... ", args.tunnels);
+    let mut open = Vec::with_capacity(args.tunnels);
+    for _ in 0..args.tunnels {
+        let mut s = mesh_path.connect(echo_addr).await?;
+        s.write_all(b"hi").await?;
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await?;
+        open.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let loaded = (rss_mib(mesh.z1.pid()), rss_mib(mesh.z2.pid()));
+    drop(open);
+    eprintln!("done");
+    rows.push(Row {
+        name: "(e) ztunnel RSS idle, node1 (MiB)",
+        direct: None,
+        mesh: idle.0,
+        goal: "< 10 MiB",
+    });
+    rows.push(Row {
+        name: "(e) ztunnel RSS idle, node2 (MiB)",
+        direct: None,
+        mesh: idle.1,
+        goal: "< 10 MiB",
+    });
+    rows.push(Row {
+        name: "(e) RSS, 1000 tunnels, node1 (MiB)",
+        direct: None,
+        mesh: loaded.0,
+        goal: "",
+    });
+    rows.push(Row {
+        name: "(e) RSS, 1000 tunnels, node2 (MiB)",
+        direct: None,
+        mesh: loaded.1,
+        goal: "",
+    });
+    print_table(&rows);
+    let added = m[1] - d[1];
+    println!(
+        "\nadded p99 latency: {added:.1} us; h2 stream window {} B, max frame {} B",
+        args.h2_stream_window
+            .unwrap_or(mesh_core::hbone::H2Tuning::default().stream_window),
+        args.h2_max_frame_size
+            .unwrap_or(mesh_core::hbone::H2Tuning::default().max_frame_size)
+    );
+    Ok(())
+}
