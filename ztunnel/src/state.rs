@@ -15,6 +15,9 @@ use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 
+/// A server config and the certificate it was built from (to notice rotation).
+type ServerTls = (Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>);
+
 pub struct ProxyState {
     pub settings: Settings,
     mesh: watch::Sender<Arc<MeshState>>,
@@ -24,7 +27,7 @@ pub struct ProxyState {
     pub ready: AtomicBool,
     pool: OnceLock<Pool>,
     /// Server TLS configs per local identity, rebuilt when the certificate changes.
-    server_tls: Mutex<HashMap<Identity, (Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+    server_tls: Mutex<HashMap<Identity, ServerTls>>,
 }
 
 impl ProxyState {

@@ -226,7 +226,7 @@ impl Pool {
                 (k.clone(), live.len(), streams)
             })
             .collect();
-        out.sort_by(|a, b| a.0.dst_addr.cmp(&b.0.dst_addr));
+        out.sort_by_key(|e| e.0.dst_addr);
         out
     }
 }
