@@ -5,7 +5,9 @@ use std::process::Command;
 
 #[test]
 fn demo_reports_identities_denial_and_metrics() -> anyhow::Result<()> {
-    let out = Command::new(e2e::process::bin_path("ambit-demo")?).args(["--requests", "5"]).output()?;
+    let out = Command::new(e2e::process::bin_path("ambit-demo")?)
+        .args(["--requests", "5"])
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");

@@ -15,7 +15,10 @@ use e2e::process::metric_sum;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
-#[command(name = "ambit-demo", about = "Two-node Ambit mesh on loopback, with a report")]
+#[command(
+    name = "ambit-demo",
+    about = "Two-node Ambit mesh on loopback, with a report"
+)]
 struct Args {
     /// Keep the mesh running after the report until Ctrl-C.
     #[arg(long)]
@@ -73,7 +76,11 @@ fn curl(socks: SocketAddr, src: std::net::IpAddr, url: &str) -> (bool, String) {
         .output();
     match out {
         Ok(o) => {
-            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
             (o.status.success(), text.trim().to_string())
         }
         Err(e) => (false, format!("curl not runnable: {e}")),
@@ -95,9 +102,19 @@ async fn main() -> anyhow::Result<()> {
     let mesh = TwoNodes::start(POLICY)?;
     http_server(mesh.server_addr()).await?;
     let url = format!("http://{}/", mesh.vip_addr());
-    println!("  node1 ztunnel  {}   (SOCKS5 :15080, admin :15000, metrics :15020)", mesh.z1.ip);
-    println!("  node2 ztunnel  {}   (HBONE on each workload address, :15008)", mesh.z2.ip);
-    println!("  service echo   {} -> demo/server {}:9000", mesh.vip_addr(), mesh.server);
+    println!(
+        "  node1 ztunnel  {}   (SOCKS5 :15080, admin :15000, metrics :15020)",
+        mesh.z1.ip
+    );
+    println!(
+        "  node2 ztunnel  {}   (HBONE on each workload address, :15008)",
+        mesh.z2.ip
+    );
+    println!(
+        "  service echo   {} -> demo/server {}:9000",
+        mesh.vip_addr(),
+        mesh.server
+    );
     println!("  policy         demo: ALLOW only cluster.local/ns/demo/sa/client on port 9000\n");
 
     let mut ok = 0;
@@ -111,11 +128,18 @@ async fn main() -> anyhow::Result<()> {
             sample = out;
         }
     }
-    println!("client   -> {url}: {ok}/{} requests succeeded; last response: {sample}", args.requests);
+    println!(
+        "client   -> {url}: {ok}/{} requests succeeded; last response: {sample}",
+        args.requests
+    );
     let (denied_ok, denied_out) = curl(mesh.z1.socks5(), mesh.intruder, &url);
     println!(
         "intruder -> {url}: {}  ({denied_out})\n",
-        if denied_ok { "ALLOWED (unexpected!)" } else { "refused, as the policy says" }
+        if denied_ok {
+            "ALLOWED (unexpected!)"
+        } else {
+            "refused, as the policy says"
+        }
     );
 
     // Let the last access-log lines and metrics land.
@@ -129,11 +153,19 @@ async fn main() -> anyhow::Result<()> {
                 "  {} -> {}  mTLS={}  sent={}B recv={}B  result={}{}",
                 field(line, "src.identity"),
                 field(line, "dst.identity"),
-                if field(line, "security") == "mutual_tls" { "yes" } else { "no" },
+                if field(line, "security") == "mutual_tls" {
+                    "yes"
+                } else {
+                    "no"
+                },
                 field(line, "bytes_sent"),
                 field(line, "bytes_recv"),
                 field(line, "result"),
-                if line.contains("RBAC") { format!("  ({})", line.split("error=").nth(1).unwrap_or("").trim()) } else { String::new() },
+                if line.contains("RBAC") {
+                    format!("  ({})", line.split("error=").nth(1).unwrap_or("").trim())
+                } else {
+                    String::new()
+                },
             );
             shown += 1;
         }
@@ -141,10 +173,26 @@ async fn main() -> anyhow::Result<()> {
     let m1 = mesh.z1.metrics()?;
     let m2 = mesh.z2.metrics()?;
     println!("\nkey metrics:");
-    let opened_src = metric_sum(&m1, "istio_tcp_connections_opened_total", &[("reporter", "source"), ("response_flags", "-")]);
-    let opened_dst = metric_sum(&m2, "istio_tcp_connections_opened_total", &[("reporter", "destination"), ("response_flags", "-")]);
-    let denied = metric_sum(&m2, "istio_tcp_connections_closed_total", &[("response_flags", "RBAC")]);
-    let bytes = metric_sum(&m2, "istio_tcp_sent_bytes_total", &[("reporter", "destination")]);
+    let opened_src = metric_sum(
+        &m1,
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "source"), ("response_flags", "-")],
+    );
+    let opened_dst = metric_sum(
+        &m2,
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "destination"), ("response_flags", "-")],
+    );
+    let denied = metric_sum(
+        &m2,
+        "istio_tcp_connections_closed_total",
+        &[("response_flags", "RBAC")],
+    );
+    let bytes = metric_sum(
+        &m2,
+        "istio_tcp_sent_bytes_total",
+        &[("reporter", "destination")],
+    );
     println!("  istio_tcp_connections_opened_total  node1 (source)      {opened_src}");
     println!("  istio_tcp_connections_opened_total  node2 (destination) {opened_dst}");
     println!("  istio_tcp_connections_closed_total{{response_flags=\"RBAC\"}}  {denied}");
@@ -163,14 +211,26 @@ async fn main() -> anyhow::Result<()> {
 
     if args.keep {
         println!("\nmesh is up; try:");
-        println!("  curl --socks5 {} --interface {} {url}", mesh.z1.socks5(), mesh.client);
+        println!(
+            "  curl --socks5 {} --interface {} {url}",
+            mesh.z1.socks5(),
+            mesh.client
+        );
         println!("  curl http://{}:15000/config_dump", mesh.z1.ip);
         println!("  curl http://{}:15020/metrics", mesh.z2.ip);
-        println!("  logs: {} {}", mesh.z1.log_path.display(), mesh.z2.log_path.display());
+        println!(
+            "  logs: {} {}",
+            mesh.z1.log_path.display(),
+            mesh.z2.log_path.display()
+        );
         println!("Ctrl-C to stop.");
         tokio::signal::ctrl_c().await?;
     }
-    anyhow::ensure!(ok == args.requests, "only {ok}/{} client requests succeeded", args.requests);
+    anyhow::ensure!(
+        ok == args.requests,
+        "only {ok}/{} client requests succeeded",
+        args.requests
+    );
     anyhow::ensure!(!denied_ok, "the intruder was not refused");
     println!("\ndemo OK; shutting down");
     Ok(())

@@ -52,7 +52,7 @@ impl Default for H2Tuning {
     fn default() -> Self {
         H2Tuning {
             stream_window: 2 * 1024 * 1024,
-            max_frame_size: 256 * 1024,
+            max_frame_size: 16 * 1024,
         }
     }
 }
