@@ -99,3 +99,32 @@ async fn deny_blocks_named_principal_and_allow_admits_only_what_it_names() -> an
     assert_eq!(rbac, 3.0, "three denials in all:\n{text}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_tunnel_is_closed_when_policy_stops_allowing_it() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = TwoNodes::start("[]")?;
+    let _echo = servers::echo(mesh.server_addr()).await?;
+    let mut kept = socks5_connect(mesh.z1.socks5(), mesh.client, mesh.server_addr()).await?;
+    let mut cut = socks5_connect(mesh.z1.socks5(), mesh.intruder, mesh.server_addr()).await?;
+    for s in [&mut kept, &mut cut] {
+        s.write_all(b"ping").await?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await?;
+    }
+    mesh.set_policies(DENY_INTRUDER)?;
+    // The intruder's open tunnel is cut...
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), cut.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the denied tunnel must be closed");
+    mesh.z2.wait_log(
+        "policy changed: denied by demo/deny-intruder",
+        Duration::from_secs(5),
+    )?;
+    // ...and the client's, still allowed, carries on.
+    kept.write_all(b"still here").await?;
+    let mut b = [0u8; 10];
+    kept.read_exact(&mut b).await?;
+    assert_eq!(&b, b"still here");
+    Ok(())
+}

@@ -39,6 +39,15 @@ async fn hbone_attempt(
     tls: rustls::ClientConfig,
     target: SocketAddr,
 ) -> Result<(), HboneError> {
+    hbone_attempt_with(peer, tls, target, &[]).await
+}
+
+async fn hbone_attempt_with(
+    peer: SocketAddr,
+    tls: rustls::ClientConfig,
+    target: SocketAddr,
+    headers: &[(http::HeaderName, http::HeaderValue)],
+) -> Result<(), HboneError> {
     let client = H2Client::connect(
         peer,
         Arc::new(tls),
@@ -47,7 +56,7 @@ async fn hbone_attempt(
         || {},
     )
     .await?;
-    client.open(target, &[]).await.map(|_| ())
+    client.open(target, headers).await.map(|_| ())
 }
 
 fn failures(text: &str, direction: &str, reason: &str) -> f64 {
@@ -216,6 +225,44 @@ async fn bad_peers_are_refused_and_others_keep_working() -> anyhow::Result<()> {
         .wait_for_metric(
             "ambit_connection_failures_total",
             &[("direction", "inbound"), ("reason", "not_local")],
+            1.0,
+        )
+        .await?;
+    echo_roundtrip(mesh.z1.socks5(), mesh.client, mesh.server_addr()).await?;
+
+    // 7. A valid peer claiming someone else's address (to get past ipBlocks).
+    let good = tls::client_config(
+        &cert(&mesh.pki, &client_id, false),
+        &roots,
+        vec![server_id.clone()],
+    )?;
+    let spoof = [(
+        http::HeaderName::from_static(mesh_core::hbone::FORWARDED),
+        http::HeaderValue::from_str(&mesh_core::hbone::forwarded_for(mesh.intruder))?,
+    )];
+    match hbone_attempt_with(hbone2, good, mesh.server_addr(), &spoof).await {
+        Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::BAD_REQUEST),
+        other => panic!("spoofed Forwarded: {other:?}"),
+    }
+    mesh.z2.wait_log(
+        "is not a workload with identity spiffe://cluster.local/ns/demo/sa/client",
+        Duration::from_secs(5),
+    )?;
+
+    // 8. A tunnel into the HBONE port itself (would hide the real source).
+    let good = tls::client_config(
+        &cert(&mesh.pki, &client_id, false),
+        &roots,
+        vec![server_id.clone()],
+    )?;
+    match hbone_attempt(hbone2, good, hbone2).await {
+        Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::BAD_REQUEST),
+        other => panic!("CONNECT to the HBONE port: {other:?}"),
+    }
+    mesh.z2
+        .wait_for_metric(
+            "ambit_connection_failures_total",
+            &[("direction", "inbound"), ("reason", "self_call")],
             1.0,
         )
         .await?;

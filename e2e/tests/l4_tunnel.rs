@@ -188,3 +188,83 @@ async fn metrics_report_labels_and_exact_bytes() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tunnel_does_not_block_others_on_its_connection() -> anyhow::Result<()> {
+    let mesh = TwoNodes::start("[]")?;
+    // Port 9100 accepts and never reads: its tunnel fills every window on the way.
+    let stalled_addr = std::net::SocketAddr::new(mesh.server, 9100);
+    let stalled_listener = tokio::net::TcpListener::bind(stalled_addr).await?;
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stalled_listener.accept().await {
+            held.push(s);
+        }
+    });
+    let _echo = servers::echo(mesh.server_addr()).await?;
+
+    let mut stalled = socks5_connect(mesh.z1.socks5(), mesh.client, stalled_addr).await?;
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; 1 << 20];
+        let mut written = 0u64;
+        // Bounded: stops when blocked for a while or after 64 MiB.
+        while written < 64 << 20 {
+            match tokio::time::timeout(Duration::from_millis(500), stalled.write_all(&chunk)).await
+            {
+                Ok(Ok(())) => written += chunk.len() as u64,
+                _ => break,
+            }
+        }
+        (written, stalled)
+    });
+    let (written, _stalled) = writer.await?;
+    assert!(
+        written < 64 << 20,
+        "the stalled tunnel should have stopped accepting data"
+    );
+
+    // Same source, destination identity and address: the same pooled connection.
+    let mut other = socks5_connect(mesh.z1.socks5(), mesh.client, mesh.server_addr()).await?;
+    let payload = vec![9u8; 8 << 20];
+    let t = tokio::time::timeout(Duration::from_secs(20), async {
+        let (mut r, mut w) = other.split();
+        let send = async {
+            w.write_all(&payload).await?;
+            w.shutdown().await
+        };
+        let mut back = Vec::with_capacity(payload.len());
+        let recv = r.read_to_end(&mut back);
+        let (s, n) = tokio::join!(send, recv);
+        s?;
+        n?;
+        anyhow::Ok(back.len())
+    })
+    .await??;
+    assert_eq!(t, payload.len());
+    let dump = mesh.z1.config_dump()?;
+    let conns: u64 = dump["hbonePool"].as_array().map_or(0, |p| {
+        p.iter()
+            .map(|k| k["connections"].as_u64().unwrap_or(0))
+            .sum()
+    });
+    assert_eq!(conns, 1, "both tunnels must share one connection: {dump}");
+    Ok(())
+}
+
+#[test]
+fn admin_changes_log_level_at_runtime() -> anyhow::Result<()> {
+    let mesh = TwoNodes::start("[]")?;
+    let admin = mesh.z1.addr(15000);
+    let (status, body) = e2e::client::http_get(admin, "/logging")?;
+    assert_eq!((status, body.trim()), (200, "info"));
+    let (status, body) = e2e::client::http_request(admin, "POST", "/logging?level=debug")?;
+    assert_eq!((status, body.trim()), (200, "debug"));
+    let (status, _) = e2e::client::http_request(admin, "POST", "/logging?level=ztunnel=loud")?;
+    assert_eq!(status, 400);
+    let (_, body) = e2e::client::http_get(admin, "/logging")?;
+    assert_eq!(body.trim(), "debug", "a bad filter leaves the current one");
+    // GET never changes anything (no cross-site level changes from a browser).
+    let (status, body) = e2e::client::http_get(admin, "/logging?level=trace")?;
+    assert_eq!((status, body.trim()), (200, "debug"));
+    Ok(())
+}

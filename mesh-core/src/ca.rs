@@ -20,6 +20,8 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error(transparent)]
     Cert(#[from] CertError),
+    #[error("invalid validity: {0}")]
+    Validity(&'static str),
 }
 
 /// A self-signed root that issues workload leaf certificates.
@@ -87,7 +89,10 @@ impl CertificateAuthority {
     /// Issues a leaf for `identity` valid from now (minus clock skew) for `ttl`.
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCertificate, CaError> {
         let now = SystemTime::now();
-        self.issue_with_validity(identity, now - Duration::from_secs(300), now + ttl)
+        let not_after = now
+            .checked_add(ttl)
+            .ok_or(CaError::Validity("ttl too large"))?;
+        self.issue_with_validity(identity, now - Duration::from_secs(300), not_after)
     }
 
     /// Issues a leaf with an explicit validity window (tests use this for expired certs).
@@ -107,11 +112,26 @@ impl CertificateAuthority {
     }
 }
 
+/// X.509 times end at year 9999; anything outside 1970..9999 is refused here
+/// rather than panicking in the conversion.
+fn x509_time(t: SystemTime) -> Result<OffsetDateTime, CaError> {
+    const MAX_UNIX: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| CaError::Validity("time before 1970"))?
+        .as_secs();
+    if secs > MAX_UNIX {
+        return Err(CaError::Validity("time after year 9999"));
+    }
+    OffsetDateTime::from_unix_timestamp(secs as i64)
+        .map_err(|_| CaError::Validity("time out of range"))
+}
+
 fn leaf_params(
     identity: &Identity,
     not_before: SystemTime,
     not_after: SystemTime,
-) -> Result<CertificateParams, rcgen::Error> {
+) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     // Identity lives in the URI SAN only; the subject stays empty as SPIFFE asks.
     params.distinguished_name = DistinguishedName::new();
@@ -125,8 +145,11 @@ fn leaf_params(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    params.not_before = OffsetDateTime::from(not_before);
-    params.not_after = OffsetDateTime::from(not_after);
+    params.not_before = x509_time(not_before)?;
+    params.not_after = x509_time(not_after)?;
+    if params.not_after <= params.not_before {
+        return Err(CaError::Validity("not_after is not after not_before"));
+    }
     Ok(params)
 }
 
@@ -158,5 +181,19 @@ mod tests {
         let err = WorkloadCertificate::from_pem(a.chain_pem.as_bytes(), b.key_pem.as_bytes())
             .unwrap_err();
         assert!(matches!(err, CertError::KeyMismatch(_)), "{err}");
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_errors_not_panics() {
+        let ca = CertificateAuthority::generate("cluster.local").unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
+        assert!(ca.issue(&id, Duration::MAX).is_err());
+        assert!(ca
+            .issue(&id, Duration::from_secs(400 * 365 * 86400 * 25))
+            .is_err());
+        let now = SystemTime::now();
+        assert!(ca
+            .issue_with_validity(&id, now, now - Duration::from_secs(1))
+            .is_err());
     }
 }

@@ -44,9 +44,14 @@ pub async fn serve(listener: TcpListener, kind: Endpoint, state: Arc<ProxyState>
                 let resp = route(kind, &state, &log, req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            // Bounded like any exposed endpoint: a client that never finishes its
+            // request, or idles, must not hold a descriptor the data plane needs.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
         });
     }
 }
@@ -86,24 +91,27 @@ fn route(
             resp
         }
         (Endpoint::Admin, m, "/logging") if m == Method::GET || m == Method::POST => {
-            let level = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
-            match (m, level) {
-                (&Method::POST, None) => text(
+            let query = req.uri().query().unwrap_or("");
+            let level = query.split('&').find_map(|kv| kv.strip_prefix("level="));
+            // Only POST changes the level: a GET (say, from a browser) never does.
+            if m == Method::GET {
+                return match log(None) {
+                    Ok(now) => text(StatusCode::OK, format!("{now}\n")),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                };
+            }
+            let Some(level) = level else {
+                return text(
                     StatusCode::BAD_REQUEST,
                     "usage: POST /logging?level=<filter>\n",
-                ),
-                (_, level) => match log(level) {
-                    Ok(now) => {
-                        if level.is_some() {
-                            tracing::info!(filter = %now, "log level changed");
-                        }
-                        text(StatusCode::OK, format!("{now}\n"))
-                    }
-                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-                },
+                );
+            };
+            match log(Some(level)) {
+                Ok(now) => {
+                    tracing::info!(filter = %now, "log level changed");
+                    text(StatusCode::OK, format!("{now}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
         }
         (Endpoint::Admin, &Method::GET, "/") => text(

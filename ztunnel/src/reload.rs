@@ -57,7 +57,12 @@ fn count(state: &ProxyState, what: &str, ok: bool) {
 }
 
 fn reload_config(state: &ProxyState) {
-    match load_config(&state.settings.config) {
+    // Belt and braces: a parser bug must cost one rejected reload, not the
+    // admin thread (and with it metrics, readiness and every later reload).
+    let path = state.settings.config.clone();
+    let loaded = std::panic::catch_unwind(move || load_config(&path))
+        .unwrap_or_else(|_| Err("internal error while parsing (bug); file ignored".into()));
+    match loaded {
         Ok(config) => {
             let (w, s, p) = (
                 config.workloads.len(),

@@ -61,10 +61,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("bad duration {s:?}"));
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("bad duration {s:?}"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(10) {
+        return Err(format!("{s:?} is too short (at least 10ms)"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 /// Ambit ztunnel: the per-node L4 proxy of the ambient mesh.
@@ -133,7 +138,7 @@ pub struct Settings {
     pub worker_threads: usize,
 
     /// How often the config file and certificates are checked for changes.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     pub reload_interval: Duration,
 
     /// Close pooled HBONE connections idle this long.
@@ -146,7 +151,8 @@ pub struct Settings {
 
     /// HTTP/2 flow-control window per tunnel, bytes (the connection window is
     /// this times 100, so one stalled tunnel never blocks the others).
-    #[arg(long, default_value_t = mesh_core::hbone::H2Tuning::default().stream_window)]
+    #[arg(long, default_value_t = mesh_core::hbone::H2Tuning::default().stream_window,
+          value_parser = clap::value_parser!(u32).range(65_535..=16 * 1024 * 1024))]
     pub h2_stream_window: u32,
 
     /// Largest HTTP/2 frame we accept, bytes (16 KiB to 16 MiB).
@@ -186,16 +192,22 @@ impl Settings {
         )
     }
 
+    /// SOCKS5 grants a workload's identity on the strength of the source IP
+    /// alone, so like admin it stays on loopback unless told otherwise.
     pub fn socks5(&self) -> Listen {
-        self.resolve(self.socks5_addr, IpAddr::from([127, 0, 0, 1]), 15080)
+        self.loopback_only(self.socks5_addr, 15080)
     }
 
     pub fn admin(&self) -> Listen {
+        self.loopback_only(self.admin_addr, 15000)
+    }
+
+    fn loopback_only(&self, given: Option<Listen>, port: u16) -> Listen {
         let default = IpAddr::from([127, 0, 0, 1]);
-        match (self.admin_addr, self.bind_ip) {
+        match (given, self.bind_ip) {
             (Some(l), _) => l,
-            (None, Some(ip)) if ip.is_loopback() => Listen::At(SocketAddr::new(ip, 15000)),
-            (None, _) => Listen::At(SocketAddr::new(default, 15000)),
+            (None, Some(ip)) if ip.is_loopback() => Listen::At(SocketAddr::new(ip, port)),
+            (None, _) => Listen::At(SocketAddr::new(default, port)),
         }
     }
 
@@ -219,6 +231,8 @@ mod tests {
         assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e300h").is_err());
+        assert!(parse_positive_duration("0s").is_err());
     }
 
     #[test]

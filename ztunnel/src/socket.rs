@@ -45,7 +45,9 @@ pub fn is_listener_itself(dst: SocketAddr, listen: SocketAddr) -> bool {
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
     let local = stream.local_addr()?;
-    let nat = match local {
+    // An IPv4 connection on a dual-stack listener shows an IPv4-mapped local
+    // address; its NAT record is the IPv4 one.
+    let nat = match canonical(local) {
         SocketAddr::V4(_) => sock.original_dst_v4(),
         SocketAddr::V6(_) => sock.original_dst_v6(),
     };

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use mesh_core::config::{MeshState, WorkloadInfo};
 use mesh_core::hbone::{HboneError, Pool};
-use mesh_core::tls::{self, CertificateStore, WorkloadCertificate};
+use mesh_core::tls::{self, CertificateStore, TrustRoots, WorkloadCertificate};
 use mesh_core::Identity;
 use tokio::sync::watch;
 
@@ -15,8 +15,12 @@ use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 
-/// A server config and the certificate it was built from (to notice rotation).
-type ServerTls = (Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>);
+/// A server config and the certificate and roots it was built from (to notice rotation).
+type ServerTls = (
+    Arc<WorkloadCertificate>,
+    TrustRoots,
+    Arc<rustls::ServerConfig>,
+);
 
 pub struct ProxyState {
     pub settings: Settings,
@@ -82,18 +86,18 @@ impl ProxyState {
             .certs
             .get(identity)
             .ok_or_else(|| HboneError::NoCertificate(identity.to_string()))?;
-        let mut cache = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((c, cfg)) = cache.get(identity) {
-            if Arc::ptr_eq(c, &cert) {
-                return Ok(cfg.clone());
-            }
-        }
         let roots = self
             .certs
             .roots()
             .ok_or_else(|| HboneError::NoCertificate("trust roots".into()))?;
+        let mut cache = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, r, cfg)) = cache.get(identity) {
+            if Arc::ptr_eq(c, &cert) && r.same(&roots) {
+                return Ok(cfg.clone());
+            }
+        }
         let cfg = Arc::new(tls::server_config(&cert, &roots)?);
-        cache.insert(identity.clone(), (cert, cfg.clone()));
+        cache.insert(identity.clone(), (cert, roots, cfg.clone()));
         Ok(cfg)
     }
 

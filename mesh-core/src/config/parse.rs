@@ -167,7 +167,11 @@ impl Validator<'_> {
                         .chain(&from.namespaces)
                         .chain(&from.not_namespaces)
                     {
-                        if pattern.len() > 1 && pattern[1..pattern.len() - 1].contains('*') {
+                        let inner = pattern.strip_prefix('*').unwrap_or(pattern);
+                        let inner = inner.strip_suffix('*').unwrap_or(inner);
+                        let both_ends =
+                            pattern.len() > 1 && pattern.starts_with('*') && pattern.ends_with('*');
+                        if inner.contains('*') || both_ends {
                             return Err(self.fail(
                                 "policies",
                                 i,
@@ -351,6 +355,19 @@ policies:
             (
                 GOOD.replacen("ns/demo/sa/sleep", "ns/*/sa/sleep", 1),
                 "only allowed at the start or end",
+            ),
+            (
+                GOOD.replacen("\"cluster.local/ns/demo/sa/sleep\"", "\"*sleep*\"", 1),
+                "only allowed at the start or end",
+            ),
+            (
+                // Multi-byte characters at either end must not trip the check.
+                GOOD.replacen(
+                    "\"cluster.local/ns/demo/sa/sleep\"",
+                    "\"ü\", \"é*\", \"*ß*\"",
+                    1,
+                ),
+                "\"*ß*\": '*' is only allowed",
             ),
         ];
         for (src, want) in cases {

@@ -32,6 +32,7 @@ impl H2Client {
                 .map_err(|e| HboneError::Connect(addr, e))?;
             tcp.set_nodelay(true)
                 .map_err(|e| HboneError::Connect(addr, e))?;
+            super::set_keepalive(&tcp);
             // The server name is not checked (identities are), but rustls needs one.
             let name = ServerName::IpAddress(addr.ip().into());
             let tls = TlsConnector::from(tls)
@@ -57,6 +58,11 @@ impl H2Client {
         tokio::time::timeout(timeout, dial)
             .await
             .map_err(|_| HboneError::Timeout(addr))?
+    }
+
+    /// Streams the peer currently allows at once.
+    pub fn max_send_streams(&self) -> usize {
+        self.send_request.current_max_send_streams()
     }
 
     /// Opens a CONNECT stream to `authority` (the destination `ip:port`) and waits for 2xx.

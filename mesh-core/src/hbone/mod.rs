@@ -34,6 +34,18 @@ pub fn transport(tcp: tokio::net::TcpStream) -> HboneTransport {
     tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp)
 }
 
+/// TCP keepalive on tunnel sockets, so a peer that vanished without a FIN (node
+/// crash, partition) is noticed in about a minute rather than never.
+pub fn set_keepalive(tcp: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!("cannot set TCP keepalive: {e}");
+    }
+}
+
 /// Header carrying the original client address across the tunnel (RFC 7239).
 pub const FORWARDED: &str = "forwarded";
 
@@ -77,6 +89,8 @@ pub enum HboneError {
     Status(http::StatusCode),
     #[error("timed out connecting to {0}")]
     Timeout(SocketAddr),
+    #[error("connecting to {0} failed just before: {1}")]
+    DialFailed(SocketAddr, String),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("no certificate for {0}")]
@@ -94,6 +108,7 @@ impl HboneError {
             HboneError::H2(_) => "http2_error",
             HboneError::Status(_) => "tunnel_refused",
             HboneError::Timeout(_) => "connect_timeout",
+            HboneError::DialFailed(..) => "connect_failed",
             HboneError::BadRequest(_) => "bad_request",
             HboneError::NoCertificate(_) => "no_certificate",
             HboneError::TlsConfig(_) => "tls_config",

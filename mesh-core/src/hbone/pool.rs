@@ -57,6 +57,11 @@ struct KeyEntry {
     /// Serializes dialing per key, so a burst of tunnels to a new destination
     /// fills one connection before opening the next instead of dialing N times.
     dial: tokio::sync::Mutex<()>,
+    /// Bumped on every failed dial, with the error kept: callers that waited
+    /// behind a failed dial fail with it at once instead of each waiting out
+    /// their own connect timeout in turn.
+    failed_dials: AtomicU64,
+    last_dial_error: Mutex<String>,
 }
 
 struct PooledConn {
@@ -74,9 +79,10 @@ pub struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *lock(&self.conn.idle_since) = Instant::now();
-        }
+        // Stamp first, so the reaper never sees an idle connection with the
+        // stale stamp from before it got busy.
+        *lock(&self.conn.idle_since) = Instant::now();
+        self.conn.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -103,6 +109,9 @@ impl KeyEntry {
         let mut conns = lock(&self.conns);
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
         for conn in conns.iter() {
+            // Never exceed what the peer allows (SETTINGS_MAX_CONCURRENT_STREAMS):
+            // h2 would queue the excess streams instead of opening them.
+            let max = max.min(conn.client.max_send_streams());
             let mut cur = conn.active.load(Ordering::Acquire);
             while cur < max {
                 match conn.active.compare_exchange_weak(
@@ -156,49 +165,94 @@ impl Pool {
             let mut keys = lock(&self.inner.keys);
             keys.entry(key.clone()).or_default().clone()
         };
-        let slot = self.reserve(&entry, key, tls).await?;
-        match slot.conn.client.open(authority, headers).await {
-            Ok(tunnel) => Ok(PooledTunnel { tunnel, slot }),
-            Err(e) => {
-                if let HboneError::H2(h2e) = &e {
-                    // GOAWAY or a dead connection: stop handing it out.
-                    if h2e.is_go_away() || h2e.is_io() {
+        let timeout = self.inner.config.connect_timeout;
+        let mut tls = Some(tls);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let slot = self.reserve(&entry, key, &mut tls).await?;
+            let opened =
+                tokio::time::timeout(timeout, slot.conn.client.open(authority, headers)).await;
+            let err = match opened {
+                Ok(Ok(tunnel)) => return Ok(PooledTunnel { tunnel, slot }),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    // A peer that stops answering: retire the connection so new
+                    // tunnels do not pile onto it.
+                    slot.conn.closed.store(true, Ordering::Release);
+                    return Err(HboneError::Timeout(key.dst_addr));
+                }
+            };
+            let retry = match &err {
+                HboneError::H2(h2e) => {
+                    // GOAWAY (the peer is draining), a dead connection, or a stream
+                    // the peer refused unprocessed: stop handing the connection out;
+                    // the tunnel never started, so one retry on a fresh one is safe.
+                    let dead = h2e.is_go_away()
+                        || h2e.is_io()
+                        || h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                    if dead {
                         slot.conn.closed.store(true, Ordering::Release);
                     }
+                    dead
                 }
-                Err(e)
+                _ => false,
+            };
+            if !retry || attempt >= 2 {
+                return Err(err);
             }
         }
     }
 
-    async fn reserve(
+    async fn reserve<F>(
         &self,
         entry: &KeyEntry,
         key: &PoolKey,
-        tls: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, HboneError>,
-    ) -> Result<StreamSlot, HboneError> {
+        tls: &mut Option<F>,
+    ) -> Result<StreamSlot, HboneError>
+    where
+        F: FnOnce() -> Result<Arc<rustls::ClientConfig>, HboneError>,
+    {
         let max = self.inner.config.max_streams;
         if let Some(slot) = entry.try_reserve(max) {
             return Ok(slot);
         }
+        let failures_before = entry.failed_dials.load(Ordering::Acquire);
         let _dialing = entry.dial.lock().await;
         if let Some(slot) = entry.try_reserve(max) {
             return Ok(slot);
         }
+        if entry.failed_dials.load(Ordering::Acquire) != failures_before {
+            let why = lock(&entry.last_dial_error).clone();
+            return Err(HboneError::DialFailed(key.dst_addr, why));
+        }
+        let Some(tls) = tls.take() else {
+            return Err(HboneError::DialFailed(
+                key.dst_addr,
+                "no TLS config for a second dial".into(),
+            ));
+        };
         let closed = Arc::new(AtomicBool::new(false));
         let on_close = {
             let closed = closed.clone();
             move || closed.store(true, Ordering::Release)
         };
         let cfg = self.inner.config;
-        let client = H2Client::connect(
-            key.dst_addr,
-            tls()?,
-            cfg.tuning,
-            cfg.connect_timeout,
-            on_close,
-        )
-        .await?;
+        let dialed = match tls() {
+            Ok(tls) => {
+                H2Client::connect(key.dst_addr, tls, cfg.tuning, cfg.connect_timeout, on_close)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let client = match dialed {
+            Ok(c) => c,
+            Err(e) => {
+                *lock(&entry.last_dial_error) = e.to_string();
+                entry.failed_dials.fetch_add(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        };
         let conn = Arc::new(PooledConn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             client,
@@ -236,6 +290,11 @@ impl PoolInner {
         let now = Instant::now();
         let mut keys = lock(&self.keys);
         keys.retain(|_, entry| {
+            // Someone between looking the entry up and dialing holds a clone:
+            // removing it now would orphan the connection they are about to add.
+            if Arc::strong_count(entry) > 1 {
+                return true;
+            }
             let mut conns = lock(&entry.conns);
             conns.retain(|c| {
                 if c.closed.load(Ordering::Acquire) {

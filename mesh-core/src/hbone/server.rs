@@ -3,8 +3,14 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+
+use tokio::sync::{watch, Semaphore};
+
+/// How long a peer that completed TLS may take to send the HTTP/2 preface.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 use super::{H2Tuning, HboneError, Tunnel, MAX_STREAMS_PER_CONNECTION};
 
@@ -70,14 +76,24 @@ where
     H: Fn(IncomingTunnel) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(tuning.stream_window)
         .initial_connection_window_size(tuning.connection_window())
         .max_frame_size(tuning.max_frame_size)
         .max_send_buffer_size(tuning.max_frame_size as usize)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        // CONNECT carries a handful of short headers; h2's 16 MiB default
+        // would let one peer make us buffer a lot for nothing.
+        .max_header_list_size(16 * 1024)
+        .handshake::<_, Bytes>(io);
+    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| {
+            HboneError::BadRequest("no HTTP/2 preface within the handshake timeout".into())
+        })??;
+    // Streams the peer reset still run their handler (say, an upstream connect)
+    // after h2 has freed their slot; this bounds handlers, not just streams.
+    let handlers = Arc::new(Semaphore::new(MAX_STREAMS_PER_CONNECTION));
     let mut draining = *drain.borrow();
     if draining {
         conn.graceful_shutdown();
@@ -86,7 +102,18 @@ where
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    tokio::spawn(handler(IncomingTunnel { request, respond }));
+                    // Never wait here: this loop drives the connection's I/O, which
+                    // the running handlers need to finish.
+                    let Ok(permit) = handlers.clone().try_acquire_owned() else {
+                        let mut respond = respond;
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    };
+                    let task = handler(IncomingTunnel { request, respond });
+                    tokio::spawn(async move {
+                        task.await;
+                        drop(permit);
+                    });
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),

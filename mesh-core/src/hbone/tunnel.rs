@@ -47,14 +47,27 @@ impl Tunnel {
 /// of the tunnel's receive direction shuts down the TCP write side: each half
 /// closes independently. An error on either side resets the other (RST_STREAM,
 /// TCP RST) so neither peer waits on a dead connection.
-pub async fn copy_tcp_tunnel(mut tcp: TcpStream, tunnel: Tunnel) -> CopyOutcome {
+///
+/// If `stop` resolves first (say, policy no longer allows the connection), both
+/// sides are reset and the outcome carries the reason as its error.
+pub async fn copy_tcp_tunnel(
+    mut tcp: TcpStream,
+    tunnel: Tunnel,
+    stop: impl std::future::Future<Output = String>,
+) -> CopyOutcome {
     let Tunnel { mut send, mut recv } = tunnel;
     let mut outcome = CopyOutcome::default();
     let (mut r, mut w) = tcp.split();
-    let result = tokio::try_join!(
-        tcp_to_h2(&mut r, &mut send, &mut outcome.tcp_to_tunnel),
-        h2_to_tcp(&mut recv, &mut w, &mut outcome.tunnel_to_tcp),
-    );
+    let copy = async {
+        tokio::try_join!(
+            tcp_to_h2(&mut r, &mut send, &mut outcome.tcp_to_tunnel),
+            h2_to_tcp(&mut recv, &mut w, &mut outcome.tunnel_to_tcp),
+        )
+    };
+    let result = tokio::select! {
+        r = copy => r.map(|_| ()),
+        why = stop => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
+    };
     if let Err(e) = result {
         send.send_reset(h2::Reason::CANCEL);
         // Zero linger turns the close into a RST, telling the TCP peer the far side failed.

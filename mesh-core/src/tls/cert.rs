@@ -167,6 +167,11 @@ impl TrustRoots {
         })
     }
 
+    /// Whether `other` is this very set of roots (not merely equal ones).
+    pub fn same(&self, other: &TrustRoots) -> bool {
+        Arc::ptr_eq(&self.store, &other.store)
+    }
+
     pub fn store(&self) -> Arc<RootCertStore> {
         self.store.clone()
     }

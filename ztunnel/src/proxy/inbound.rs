@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use http::StatusCode;
 use mesh_core::authz::{self, ConnectionAttributes};
+use mesh_core::config::WorkloadInfo;
 use mesh_core::hbone::{self, copy_tcp_tunnel, IncomingTunnel};
 use mesh_core::tls;
 use mesh_core::Identity;
@@ -39,6 +40,7 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
         Ok(c) => c,
         Err(e) => return fail(e.reason(), e.to_string()),
     };
+    hbone::set_keepalive(&tcp);
     let accept = TlsAcceptor::from(tls_config).accept(hbone::transport(tcp));
     let tls = match tokio::time::timeout(state.settings.connect_timeout, accept).await {
         Ok(Ok(tls)) => tls,
@@ -57,7 +59,7 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
     };
     tracing::debug!(%peer, peer_identity = %peer_id, local = %local, "hbone connection established");
     let handler_state = state.clone();
-    let served_identity = workload.identity.clone();
+    let served = workload.clone();
     let result = hbone::serve_connection(
         tls,
         state.settings.h2_tuning(),
@@ -68,7 +70,7 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
                 incoming,
                 peer,
                 peer_id.clone(),
-                served_identity.clone(),
+                served.clone(),
             )
         },
     )
@@ -83,27 +85,18 @@ async fn serve_stream(
     incoming: IncomingTunnel,
     peer: SocketAddr,
     peer_id: Identity,
-    served_identity: Identity,
+    served: Arc<WorkloadInfo>,
 ) {
-    let src_ip = incoming
-        .headers()
-        .get(hbone::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(hbone::parse_forwarded_for)
-        .unwrap_or(peer.ip());
     let target = incoming.target();
     let dst = target
         .as_ref()
         .copied()
         .unwrap_or(SocketAddr::new([0, 0, 0, 0].into(), 0));
-    let mut record = ConnectionRecord::new(Reporter::destination, SocketAddr::new(src_ip, 0), dst);
+    let mut record =
+        ConnectionRecord::new(Reporter::destination, SocketAddr::new(peer.ip(), 0), dst);
     record.security = SecurityPolicy::mutual_tls;
     record.src_identity = Some(peer_id.clone());
     let mesh = state.mesh();
-    record.src_workload = mesh
-        .workload_by_ip(src_ip)
-        .filter(|w| w.identity == peer_id)
-        .cloned();
 
     let refuse = |record: ConnectionRecord,
                   incoming: IncomingTunnel,
@@ -115,6 +108,42 @@ async fn serve_stream(
         record.refused(&state, reason, flag, &msg);
         incoming.reject(status);
     };
+    let bad = StatusCode::BAD_REQUEST;
+
+    // The source address policy sees. A ztunnel forwards its workload's address;
+    // it is believed only if that address belongs to a workload with the
+    // identity the peer just proved, so no certificate holder can claim an
+    // arbitrary IP to get past ipBlocks rules.
+    let forwarded = incoming
+        .headers()
+        .get(hbone::FORWARDED)
+        .map(|v| v.to_str().ok().and_then(hbone::parse_forwarded_for));
+    let src_ip = match forwarded {
+        None => peer.ip(),
+        Some(Some(ip)) => match mesh.workload_by_ip(ip) {
+            Some(w) if w.identity == peer_id => {
+                record.src_workload = Some(w.clone());
+                ip
+            }
+            _ => {
+                let msg =
+                    format!("forwarded source {ip} is not a workload with identity {peer_id}");
+                return refuse(
+                    record,
+                    incoming,
+                    bad,
+                    "forwarded_mismatch",
+                    flags::NO_ROUTE,
+                    msg,
+                );
+            }
+        },
+        Some(None) => {
+            let msg = "unparseable forwarded header".to_string();
+            return refuse(record, incoming, bad, "bad_request", flags::NO_ROUTE, msg);
+        }
+    };
+    record.src_addr = SocketAddr::new(src_ip, 0);
 
     let dst = match target {
         Ok(t) => t,
@@ -122,7 +151,7 @@ async fn serve_stream(
             return refuse(
                 record,
                 incoming,
-                StatusCode::BAD_REQUEST,
+                bad,
                 "bad_request",
                 flags::NO_ROUTE,
                 e.to_string(),
@@ -131,32 +160,31 @@ async fn serve_stream(
     };
     let Some(workload) = state.local_workload(&mesh, dst.ip()) else {
         let msg = format!("CONNECT to {dst}: not a workload on node {}", state.node());
-        return refuse(
-            record,
-            incoming,
-            StatusCode::BAD_REQUEST,
-            "not_local",
-            flags::NO_ROUTE,
-            msg,
-        );
+        return refuse(record, incoming, bad, "not_local", flags::NO_ROUTE, msg);
     };
     record.dst_identity = Some(workload.identity.clone());
     record.dst_workload = Some(workload.clone());
-    if workload.identity != served_identity {
-        // The TLS session proved a different identity than the target's: tunnelling
-        // on would let a peer reach a workload it never verified.
+    if workload.key() != served.key() {
+        // The TLS session was set up for (and proved by) another workload:
+        // tunnelling on would reach a workload the peer never dialled.
         let msg = format!(
-            "CONNECT to {dst} ({}) over a connection for {served_identity}",
-            workload.identity
+            "CONNECT to {dst} ({}) over a connection for {}",
+            workload.key(),
+            served.key()
         );
         return refuse(
             record,
             incoming,
-            StatusCode::BAD_REQUEST,
-            "identity_mismatch",
+            bad,
+            "wrong_workload",
             flags::NO_ROUTE,
             msg,
         );
+    }
+    if dst.port() == state.settings.hbone_port {
+        // A tunnel into our own HBONE port would hide the real source behind us.
+        let msg = format!("CONNECT to {dst}: the HBONE port itself");
+        return refuse(record, incoming, bad, "self_call", flags::NO_ROUTE, msg);
     }
 
     let attrs = ConnectionAttributes {
@@ -166,13 +194,14 @@ async fn serve_stream(
     };
     let decision = authz::authorize(mesh.policies_for(&workload), &attrs);
     if !decision.is_allowed() {
+        let msg = decision.to_string();
         return refuse(
             record,
             incoming,
             StatusCode::FORBIDDEN,
             "policy_denied",
             flags::RBAC,
-            decision.to_string(),
+            msg,
         );
     }
     tracing::debug!(%dst, %peer_id, "{decision}");
@@ -180,14 +209,15 @@ async fn serve_stream(
     let upstream = match super::outbound::connect(dst, state.settings.connect_timeout).await {
         Ok(t) => t,
         Err(e) => {
+            let unavailable = StatusCode::SERVICE_UNAVAILABLE;
             return refuse(
                 record,
                 incoming,
-                StatusCode::SERVICE_UNAVAILABLE,
+                unavailable,
                 "connect_failed",
                 flags::UPSTREAM_FAILURE,
                 e,
-            )
+            );
         }
     };
     record.via = Some(dst);
@@ -199,12 +229,15 @@ async fn serve_stream(
         }
     };
     record.opened(&state);
-    let outcome = copy_tcp_tunnel(upstream, tunnel).await;
-    let flag = if outcome.error.is_some() {
-        flags::RESET
-    } else {
-        flags::NONE
-    };
+    let stop = super::revoked(
+        state.clone(),
+        dst.ip(),
+        dst.port(),
+        Some(peer_id.clone()),
+        src_ip,
+    );
+    let outcome = copy_tcp_tunnel(upstream, tunnel, stop).await;
+    let flag = super::flag_for(&outcome.error);
     let err = outcome.error.as_ref().map(|e| e as &dyn std::fmt::Display);
     // Bytes the tunnel delivered to the workload came from the source.
     record.closed(

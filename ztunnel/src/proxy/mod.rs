@@ -59,20 +59,28 @@ where
     })
 }
 
-/// Plain TCP to TCP with half-close; returns (client→upstream, upstream→client, error).
+/// Plain TCP to TCP with half-close; returns (client→upstream, upstream→client,
+/// error). `stop` ends it early with its reason as the error.
 pub async fn copy_plain(
     mut client: TcpStream,
     mut upstream: TcpStream,
+    stop: impl Future<Output = String>,
 ) -> (u64, u64, Option<std::io::Error>) {
     let mut up = 0;
     let mut down = 0;
     let result = {
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
-        tokio::try_join!(
-            copy_half(&mut cr, &mut uw, &mut up),
-            copy_half(&mut ur, &mut cw, &mut down)
-        )
+        let copy = async {
+            tokio::try_join!(
+                copy_half(&mut cr, &mut uw, &mut up),
+                copy_half(&mut ur, &mut cw, &mut down)
+            )
+        };
+        tokio::select! {
+            r = copy => r.map(|_| ()),
+            why = stop => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why)),
+        }
     };
     match result {
         Ok(_) => (up, down, None),
@@ -81,6 +89,50 @@ pub async fn copy_plain(
             let _ = upstream.set_zero_linger();
             (up, down, Some(e))
         }
+    }
+}
+
+/// Resolves, with the reason, once a config change means a connection from
+/// `source` (identity and address) to port `port` of the local workload at
+/// `dst_ip` is no longer allowed. Established connections are re-checked on
+/// every change, as a new one would be; ones still allowed are left alone.
+pub async fn revoked(
+    state: Arc<ProxyState>,
+    dst_ip: IpAddr,
+    port: u16,
+    source: Option<mesh_core::Identity>,
+    source_ip: IpAddr,
+) -> String {
+    let mut rx = state.watch_mesh();
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let mesh = rx.borrow_and_update().clone();
+        let Some(workload) = state.local_workload(&mesh, dst_ip) else {
+            return format!("{dst_ip} is no longer a workload on this node");
+        };
+        if source.is_none() && mesh.mtls_mode(&workload) == mesh_core::config::MtlsMode::Strict {
+            return format!("{} now requires mTLS", workload.key());
+        }
+        let attrs = mesh_core::authz::ConnectionAttributes {
+            source: source.as_ref(),
+            source_ip,
+            destination_port: port,
+        };
+        let decision = mesh_core::authz::authorize(mesh.policies_for(&workload), &attrs);
+        if !decision.is_allowed() {
+            return format!("policy changed: {decision}");
+        }
+    }
+}
+
+/// The response flag for a copy that ended with `err`.
+pub fn flag_for(err: &Option<std::io::Error>) -> &'static str {
+    match err {
+        Some(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => record::flags::RBAC,
+        Some(_) => record::flags::RESET,
+        None => record::flags::NONE,
     }
 }
 

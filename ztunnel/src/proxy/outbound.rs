@@ -188,7 +188,7 @@ pub async fn relay(
     record.opened(state);
     match upstream {
         Upstream::Tunnel(pooled, _active) => {
-            let outcome = copy_tcp_tunnel(client, pooled.tunnel).await;
+            let outcome = copy_tcp_tunnel(client, pooled.tunnel, std::future::pending()).await;
             drop(pooled.slot);
             let flag = if outcome.error.is_some() {
                 flags::RESET
@@ -205,7 +205,7 @@ pub async fn relay(
             );
         }
         Upstream::Direct(upstream) => {
-            let (up, down, err) = super::copy_plain(client, upstream).await;
+            let (up, down, err) = super::copy_plain(client, upstream, std::future::pending()).await;
             let flag = if err.is_some() {
                 flags::RESET
             } else {

@@ -74,12 +74,9 @@ pub async fn serve_connection(
     };
     record.via = Some(dst);
     record.opened(&state);
-    let (up, down, err) = super::copy_plain(client, upstream).await;
-    let flag = if err.is_some() {
-        flags::RESET
-    } else {
-        flags::NONE
-    };
+    let stop = super::revoked(state.clone(), dst.ip(), dst.port(), None, peer.ip());
+    let (up, down, err) = super::copy_plain(client, upstream, stop).await;
+    let flag = super::flag_for(&err);
     let err = err.as_ref().map(|e| e as &dyn std::fmt::Display);
     record.closed(&state, up, down, flag, err);
 }
