@@ -252,7 +252,32 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// The servers get a thread (and runtime) of their own, as a server process
+/// would: "direct" then always means client thread ↔ server thread, never two
+/// tasks that happen to share a thread.
+fn server_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("bench-servers".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(rt.handle().clone()));
+            rt.block_on(std::future::pending::<()>());
+        })?;
+    Ok(rx.recv()??)
+}
+
+// One client thread, like one client process.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     e2e::process::raise_fd_limit();
@@ -282,9 +307,10 @@ async fn main() -> anyhow::Result<()> {
     let sink_addr = SocketAddr::new(mesh.server, 9000);
     let echo_addr = SocketAddr::new(mesh.server, 9001);
     let rate_addr = SocketAddr::new(mesh.server, 9002);
-    sink(sink_addr).await?;
-    echo(echo_addr, false).await?;
-    echo(rate_addr, true).await?;
+    let servers = server_runtime()?;
+    servers.spawn(sink(sink_addr)).await??;
+    servers.spawn(echo(echo_addr, false)).await??;
+    servers.spawn(echo(rate_addr, true)).await??;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = (rss_mib(mesh.z1.pid()), rss_mib(mesh.z2.pid()));
     println!(
