@@ -15,6 +15,25 @@ pub async fn socks5_connect(
     src: IpAddr,
     target: SocketAddr,
 ) -> anyhow::Result<TcpStream> {
+    socks5(proxy, src, target, false).await
+}
+
+/// As [`socks5_connect`], sending the method choice and the request in one
+/// write (as latency-minded SOCKS clients do), which saves one round trip.
+pub async fn socks5_connect_pipelined(
+    proxy: SocketAddr,
+    src: IpAddr,
+    target: SocketAddr,
+) -> anyhow::Result<TcpStream> {
+    socks5(proxy, src, target, true).await
+}
+
+async fn socks5(
+    proxy: SocketAddr,
+    src: IpAddr,
+    target: SocketAddr,
+    pipelined: bool,
+) -> anyhow::Result<TcpStream> {
     let sock = if src.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -26,12 +45,6 @@ pub async fn socks5_connect(
         .await
         .with_context(|| format!("connect {proxy}"))?;
     s.set_nodelay(true)?;
-    s.write_all(&[5, 1, 0]).await?;
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).await?;
-    if m != [5, 0] {
-        bail!("socks5 method rejected: {m:?}");
-    }
     let mut req = vec![5, 1, 0];
     match target.ip() {
         IpAddr::V4(v4) => {
@@ -44,7 +57,22 @@ pub async fn socks5_connect(
         }
     }
     req.extend_from_slice(&target.port().to_be_bytes());
-    s.write_all(&req).await?;
+    let greeting = [5u8, 1, 0];
+    if pipelined {
+        let mut both = greeting.to_vec();
+        both.extend_from_slice(&req);
+        s.write_all(&both).await?;
+    } else {
+        s.write_all(&greeting).await?;
+    }
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await?;
+    if m != [5, 0] {
+        bail!("socks5 method rejected: {m:?}");
+    }
+    if !pipelined {
+        s.write_all(&req).await?;
+    }
     let mut reply = [0u8; 10];
     s.read_exact(&mut reply).await?;
     if reply[1] != 0 {
