@@ -90,7 +90,7 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
         .context("spawning admin thread")?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(state.settings.worker_threads.max(1))
+        .worker_threads(state.settings.workers())
         .thread_name("dataplane")
         .enable_all()
         .build()
