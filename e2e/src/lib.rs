@@ -4,6 +4,7 @@
 pub mod client;
 pub mod loopback;
 pub mod mesh;
+pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod servers;

@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
+//
+// Outbound capture: attached at tc ingress of the host-side veth of an
+// enrolled pod, it hands the pod's TCP to ztunnel's transparent listener in
+// the node's network namespace, keeping the original destination (the
+// accepted socket's local address is what the pod dialled).
+//
+//  1. A packet of a connection some node socket already owns (established,
+//     SYN_SENT, request socket, TIME_WAIT) goes to that socket.
+//  2. A pure SYN goes to the listener; if there is none (ztunnel down) it is
+//     dropped: enrolled pods fail closed.
+//  3. Everything else (non-TCP, excluded ports, connections older than the
+//     attachment) passes untouched.
+//
+// Every assigned packet carries CAPTURE_MARK, which the node routes to `local`.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#define CAPTURE_MARK 0x539
+
+struct capture_config {
+	__u32 listener_ip;   // network order; 0 = the packet's destination (wildcard listener)
+	__u16 listener_port; // network order; 0 = no listener: drop new connections
+	__u16 pad;
+};
+
+enum stat {
+	STAT_CAPTURED_NEW = 0,
+	STAT_CAPTURED_ESTABLISHED = 1,
+	STAT_PASSED = 2,
+	STAT_EXCLUDED = 3,
+	STAT_DROPPED_NO_LISTENER = 4,
+	STAT_DROPPED_ASSIGN_FAILED = 5,
+	STAT_MAX = 6,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct capture_config);
+} capture_config SEC(".maps");
+
+// Destination ports (host order) that bypass capture.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} excluded_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} capture_stats SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&capture_stats, &which);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __u32 stat)
+{
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count(STAT_DROPPED_ASSIGN_FAILED);
+		return TC_ACT_SHOT;
+	}
+	// Pitfall: every assigned packet needs the mark, not only the SYN.
+	skb->mark = CAPTURE_MARK;
+	count(stat);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int capture_outbound(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
+		return TC_ACT_OK;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return TC_ACT_OK;
+	struct tcphdr *tcp = (void *)ip + ihl;
+	if ((void *)(tcp + 1) > end)
+		return TC_ACT_OK;
+
+	__u16 dport = bpf_ntohs(tcp->dest);
+	if (bpf_map_lookup_elem(&excluded_ports, &dport)) {
+		count(STAT_EXCLUDED);
+		return TC_ACT_OK;
+	}
+
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.saddr = ip->saddr;
+	tuple.ipv4.daddr = ip->daddr;
+	tuple.ipv4.sport = tcp->source;
+	tuple.ipv4.dport = tcp->dest;
+
+	// Pitfall: skc (not sk) lookup, so a half-open connection finds its
+	// request socket rather than the listener; TIME_WAIT sockets too.
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		if (sk->state != BPF_TCP_LISTEN)
+			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
+		bpf_sk_release(sk);
+	}
+
+	if (!(tcp->syn && !tcp->ack)) {
+		count(STAT_PASSED);
+		return TC_ACT_OK;
+	}
+
+	__u32 zero = 0;
+	struct capture_config *cfg = bpf_map_lookup_elem(&capture_config, &zero);
+	if (!cfg || cfg->listener_port == 0) {
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	struct bpf_sock_tuple lt = {};
+	lt.ipv4.saddr = ip->saddr;
+	lt.ipv4.sport = tcp->source;
+	lt.ipv4.daddr = cfg->listener_ip ? cfg->listener_ip : ip->daddr;
+	lt.ipv4.dport = cfg->listener_port;
+	sk = bpf_skc_lookup_tcp(skb, &lt, sizeof(lt.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk) {
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	return assign(skb, sk, STAT_CAPTURED_NEW);
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
