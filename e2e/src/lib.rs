@@ -2,6 +2,7 @@
 //! loopback addresses, mint certificates, run ztunnel processes, drive traffic.
 
 pub mod client;
+pub mod cluster;
 pub mod loopback;
 pub mod mesh;
 pub mod netns;
