@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::netns::{ip, veth, Netns};
+use crate::netns::{veth, Netns};
 
 pub struct Pod {
     pub ns: Netns,
@@ -67,26 +67,54 @@ impl Cluster {
                 let pns = Netns::create(&format!("n{n}p{m}"))?;
                 let (host_if, pod_if) = veth(&ns, &pns)?;
                 let pip = pod_ip(n, m);
-                ns.ip(&["addr", "add", &format!("{}/32", gateway(n)), "dev", &host_if])?;
+                ns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/32", gateway(n)),
+                    "dev",
+                    &host_if,
+                ])?;
                 ns.ip(&["link", "set", &host_if, "up"])?;
                 ns.ip(&["route", "add", &format!("{pip}/32"), "dev", &host_if])?;
                 pns.ip(&["addr", "add", &format!("{pip}/32"), "dev", &pod_if])?;
                 pns.ip(&["link", "set", &pod_if, "up"])?;
                 pns.ip(&["route", "add", &gateway(n).to_string(), "dev", &pod_if])?;
-                pns.ip(&["route", "add", "default", "via", &gateway(n).to_string(), "dev", &pod_if])?;
-                pod_list.push(Pod { ns: pns, ip: pip, host_if });
+                pns.ip(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gateway(n).to_string(),
+                    "dev",
+                    &pod_if,
+                ])?;
+                pod_list.push(Pod {
+                    ns: pns,
+                    ip: pip,
+                    host_if,
+                });
             }
-            built.push(Node { ns, index: n, ip: node_ip(n), uplink, pods: pod_list });
+            built.push(Node {
+                ns,
+                index: n,
+                ip: node_ip(n),
+                uplink,
+                pods: pod_list,
+            });
         }
         for node in &built {
             for other in &built {
                 if other.index != node.index {
                     let net = format!("198.19.{}.0/24", other.index);
-                    node.ns.ip(&["route", "add", &net, "via", &other.ip.to_string()])?;
+                    node.ns
+                        .ip(&["route", "add", &net, "via", &other.ip.to_string()])?;
                 }
             }
         }
-        Ok(Cluster { nodes: built, _fabric: fabric })
+        Ok(Cluster {
+            nodes: built,
+            _fabric: fabric,
+        })
     }
 
     pub fn node(&self, n: u8) -> &Node {
@@ -96,14 +124,4 @@ impl Cluster {
     pub fn pod(&self, node: u8, pod: u8) -> &Pod {
         &self.node(node).pods[usize::from(pod)]
     }
-}
-
-/// The host-side interface routing to `pod` inside the calling thread's namespace.
-pub fn interface_for(pod: Ipv4Addr) -> anyhow::Result<String> {
-    let out = ip(&["-o", "route", "get", &pod.to_string()])?;
-    out.split_whitespace()
-        .skip_while(|w| *w != "dev")
-        .nth(1)
-        .map(str::to_string)
-        .ok_or_else(|| anyhow::anyhow!("no route to {pod}: {out}"))
 }

@@ -108,10 +108,28 @@ impl Netns {
         F: FnOnce() -> anyhow::Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        match self.spawn(f).join() {
-            Ok(r) => r,
-            Err(_) => bail!("thread in {} panicked", self.name),
+        run_in(&self.name, f)
+    }
+}
+
+/// Runs `f` on a new thread inside the namespace called `name`, and waits.
+pub fn run_in<F, R>(name: &str, f: F) -> anyhow::Result<R>
+where
+    F: FnOnce() -> anyhow::Result<R> + Send + 'static,
+    R: Send + 'static,
+{
+    let path = format!("/run/netns/{name}");
+    let handle = std::thread::spawn(move || {
+        let f_ns = File::open(&path).context("opening netns")?;
+        // SAFETY: setns on a valid namespace fd affects only this new thread.
+        if unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
         }
+        f()
+    });
+    match handle.join() {
+        Ok(r) => r,
+        Err(_) => bail!("thread in {name} panicked"),
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Ztunnel {
     pub node: String,
     pub ip: IpAddr,
     pub log_path: PathBuf,
+    /// The network namespace it runs in, if not the test's own.
+    netns: Option<String>,
 }
 
 impl Ztunnel {
@@ -48,23 +50,63 @@ impl Ztunnel {
         ip: IpAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let ip_s = ip.to_string();
+        let mut args = vec!["--bind-ip", ip_s.as_str(), "--hbone-addr", "per-workload"];
+        args.extend_from_slice(extra);
+        Self::launch(None, dir, config, certs, node, ip, &args)
+    }
+
+    /// Starts a ztunnel inside network namespace `netns` (a cluster node), with
+    /// its admin ports on `ip` and production listeners (transparent capture).
+    pub fn spawn_in_netns(
+        netns: &str,
+        dir: &Path,
+        config: &Path,
+        certs: &Path,
+        node: &str,
+        ip: IpAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let admin = format!("{ip}:15000");
+        let mut args = vec![
+            "--admin-addr",
+            admin.as_str(),
+            "--metrics-addr",
+            "0.0.0.0:15020",
+        ];
+        args.extend_from_slice(&["--readiness-addr", "0.0.0.0:15021"]);
+        args.extend_from_slice(extra);
+        Self::launch(Some(netns), dir, config, certs, node, ip, &args)
+    }
+
+    fn launch(
+        netns: Option<&str>,
+        dir: &Path,
+        config: &Path,
+        certs: &Path,
+        node: &str,
+        ip: IpAddr,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let log_path = dir.join(format!("ztunnel-{node}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(bin_path("ztunnel")?)
+        let bin = bin_path("ztunnel")?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(config)
             .arg("--certs")
             .arg(certs)
-            .args([
-                "--node",
-                node,
-                "--bind-ip",
-                &ip.to_string(),
-                "--hbone-addr",
-                "per-workload",
-            ])
+            .args(["--node", node])
             .args(["--reload-interval", "200ms", "--drain-timeout", "5s"])
-            .args(extra)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -78,9 +120,20 @@ impl Ztunnel {
             node: node.to_string(),
             ip,
             log_path,
+            netns: netns.map(str::to_string),
         };
         z.wait_ready(Duration::from_secs(20))?;
         Ok(z)
+    }
+
+    /// GET `path` on one of its HTTP ports, from inside its namespace if needed.
+    fn http(&self, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        let addr = self.addr(port);
+        let path = path.to_string();
+        match &self.netns {
+            None => crate::client::http_get(addr, &path),
+            Some(ns) => crate::netns::run_in(ns, move || crate::client::http_get(addr, &path)),
+        }
     }
 
     pub fn addr(&self, port: u16) -> SocketAddr {
@@ -107,7 +160,7 @@ impl Ztunnel {
                     );
                 }
             }
-            if let Ok((200, _)) = crate::client::http_get(self.addr(15021), "/healthz/ready") {
+            if let Ok((200, _)) = self.http(15021, "/healthz/ready") {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -142,7 +195,7 @@ impl Ztunnel {
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
-        let (status, body) = crate::client::http_get(self.addr(15020), "/metrics")?;
+        let (status, body) = self.http(15020, "/metrics")?;
         if status != 200 {
             bail!("metrics returned {status}");
         }
@@ -173,7 +226,7 @@ impl Ztunnel {
     }
 
     pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
-        let (_, body) = crate::client::http_get(self.addr(15000), "/config_dump")?;
+        let (_, body) = self.http(15000, "/config_dump")?;
         Ok(serde_json::from_str(&body)?)
     }
 
@@ -219,7 +272,10 @@ impl Drop for Ztunnel {
 pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .filter(|l| {
             labels
                 .iter()

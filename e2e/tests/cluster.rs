@@ -37,8 +37,14 @@ fn pods_reach_each_other_across_and_within_nodes() -> anyhow::Result<()> {
             Ok(())
         })?;
     }
-    let peers = accept.join().map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
+    let peers = accept
+        .join()
+        .map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
     let ips: Vec<String> = peers.iter().map(|p| p.ip().to_string()).collect();
-    assert_eq!(ips, ["198.19.1.10", "198.19.2.11"], "pods see each other's addresses");
+    assert_eq!(
+        ips,
+        ["198.19.1.10", "198.19.2.11"],
+        "pods see each other's addresses"
+    );
     Ok(())
 }

@@ -206,6 +206,17 @@ pub fn setup_node_routing() -> Result<(), CaptureError> {
     Ok(())
 }
 
+/// The interface the calling thread's namespace routes `ip` out of: for a pod
+/// address on its node, the host side of the pod's veth.
+pub fn interface_for(ip: std::net::Ipv4Addr) -> Result<String, CaptureError> {
+    let out = run_ip(&["-o", "route", "get", &ip.to_string()])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .map(str::to_string)
+        .ok_or_else(|| CaptureError::Routing(format!("no interface for {ip}: {}", out.trim())))
+}
+
 fn run_ip(args: &[&str]) -> Result<String, CaptureError> {
     let out = Command::new("ip")
         .args(args)

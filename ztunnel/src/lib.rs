@@ -6,6 +6,7 @@
 //! delivered; captured plaintext (15006) is admitted only where policy allows.
 
 pub mod admin;
+pub mod capture;
 pub mod certs;
 pub mod drain;
 pub mod metrics;
@@ -56,8 +57,9 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
             Endpoint::Readiness,
         ),
     ];
-    let outbound = bind(s.outbound(), s.transparent, "outbound")?;
-    let plaintext = bind(s.inbound_plaintext(), s.transparent, "inbound plaintext")?;
+    let transparent = s.transparent || s.capture;
+    let outbound = bind(s.outbound(), transparent, "outbound")?;
+    let plaintext = bind(s.inbound_plaintext(), transparent, "inbound plaintext")?;
     let socks5 = bind(s.socks5(), false, "socks5")?;
 
     let admin_state = state.clone();
@@ -108,6 +110,9 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
             proxy::spawn_accept_loop(state.clone(), l, "outbound", move |st, tcp, peer| {
                 proxy::outbound::serve_captured(st, tcp, peer, listen)
             });
+            if state.settings.capture {
+                capture::start(state.clone(), listen)?;
+            }
         }
         if let Some(l) = plaintext {
             let l = tokio::net::TcpListener::from_std(l)?;

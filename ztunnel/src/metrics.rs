@@ -57,6 +57,8 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub active_connections: Gauge,
+    pub capture_packets: Family<ResultLabels, Counter>,
+    pub capture_interfaces: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,6 +72,8 @@ impl Default for Metrics {
             failures: Family::default(),
             config_reloads: Family::default(),
             active_connections: Gauge::default(),
+            capture_packets: Family::default(),
+            capture_interfaces: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -106,6 +110,16 @@ impl Default for Metrics {
             "ambit_active_connections",
             "Connections currently proxied",
             m.active_connections.clone(),
+        );
+        registry.register(
+            "ambit_capture_packets",
+            "Packets seen by the capture program, by what it did with them",
+            m.capture_packets.clone(),
+        );
+        registry.register(
+            "ambit_capture_interfaces",
+            "Pod interfaces the capture program is attached to",
+            m.capture_interfaces.clone(),
         );
         Metrics { registry, ..m }
     }

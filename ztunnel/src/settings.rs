@@ -129,6 +129,11 @@ pub struct Settings {
     #[arg(long)]
     pub transparent: bool,
 
+    /// Capture local workloads' outbound TCP with eBPF into the outbound
+    /// listener (implies --transparent; needs CAP_BPF and CAP_NET_ADMIN).
+    #[arg(long)]
+    pub capture: bool,
+
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

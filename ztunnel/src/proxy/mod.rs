@@ -158,7 +158,8 @@ where
 pub async fn run_hbone(state: Arc<ProxyState>) -> anyhow::Result<()> {
     match state.settings.hbone_addr {
         HboneListen::At(addr) => {
-            let listener = socket::bind(addr, state.settings.transparent)?;
+            let listener =
+                socket::bind(addr, state.settings.transparent || state.settings.capture)?;
             tracing::info!(%addr, "hbone listener ready");
             spawn_accept_loop(state, listener, "hbone", inbound::serve_connection);
             Ok(())

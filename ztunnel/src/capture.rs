@@ -1,0 +1,130 @@
+//! eBPF capture of this node's enrolled workloads (`--capture`): load the
+//! outbound program, route marked packets locally, attach to the host-side
+//! veth of every local workload, follow config changes, export counters.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ebpf_redirect::{interface_for, setup_node_routing, Capture, CaptureStats};
+
+use crate::metrics::ResultLabels;
+use crate::state::ProxyState;
+
+/// Loads capture steering new connections to `outbound` (the 15001 listener)
+/// and keeps it in step with the config until drain.
+pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()> {
+    let listener = match outbound {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddrV4::new([0, 0, 0, 0].into(), a.port())
+        }
+        other => anyhow::bail!("capture needs an IPv4 or wildcard outbound listener, not {other}"),
+    };
+    setup_node_routing().context("setting up capture routing")?;
+    let mut capture = Capture::load(listener).context("loading the capture program")?;
+    reconcile(&state, &mut capture);
+    tracing::info!(%listener, "capture loaded");
+    let mut mesh = state.watch_mesh();
+    let mut drain = state.drain.watch();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = CaptureStats::default();
+        loop {
+            tokio::select! {
+                changed = mesh.changed() => {
+                    if changed.is_err() { break; }
+                    reconcile(&state, &mut capture);
+                }
+                _ = tick.tick() => last = export(&state, &capture, last),
+                _ = drain.changed() => break,
+            }
+        }
+        export(&state, &capture, last);
+        // Dropping `capture` detaches it. Pinned links that keep pods failing
+        // closed while ztunnel restarts are the next step of the eBPF issue.
+        tracing::info!("capture detached");
+    });
+    Ok(())
+}
+
+fn reconcile(state: &ProxyState, capture: &mut Capture) {
+    let mesh = state.mesh();
+    let mut want = BTreeSet::new();
+    for w in mesh.local_workloads(state.node()) {
+        for ip in &w.workload.addresses {
+            let IpAddr::V4(v4) = ip else { continue };
+            match interface_for(*v4) {
+                Ok(ifname) => {
+                    want.insert(ifname);
+                }
+                Err(e) => {
+                    tracing::warn!(workload = %w.key(), "cannot capture: {e}");
+                    state.metrics.failure("capture", "no_interface");
+                }
+            }
+        }
+    }
+    let attached: Vec<String> = capture.attached().map(str::to_string).collect();
+    for ifname in attached.iter().filter(|i| !want.contains(*i)) {
+        match capture.detach(ifname) {
+            Ok(()) => tracing::info!(interface = %ifname, "capture detached from interface"),
+            Err(e) => tracing::warn!(interface = %ifname, "detach failed: {e}"),
+        }
+    }
+    for ifname in &want {
+        if attached.contains(ifname) {
+            continue;
+        }
+        match capture.attach(ifname) {
+            Ok(()) => tracing::info!(interface = %ifname, "capturing"),
+            Err(e) => {
+                tracing::error!(interface = %ifname, "attach failed: {e}");
+                state.metrics.failure("capture", "attach_failed");
+            }
+        }
+    }
+    state
+        .metrics
+        .capture_interfaces
+        .set(capture.attached().count() as i64);
+}
+
+fn export(state: &ProxyState, capture: &Capture, last: CaptureStats) -> CaptureStats {
+    let Ok(now) = capture.stats() else {
+        return last;
+    };
+    let pairs = [
+        ("captured_new", now.captured_new, last.captured_new),
+        (
+            "captured_established",
+            now.captured_established,
+            last.captured_established,
+        ),
+        ("passed", now.passed, last.passed),
+        ("excluded", now.excluded, last.excluded),
+        (
+            "dropped_no_listener",
+            now.dropped_no_listener,
+            last.dropped_no_listener,
+        ),
+        (
+            "dropped_assign_failed",
+            now.dropped_assign_failed,
+            last.dropped_assign_failed,
+        ),
+    ];
+    for (result, n, before) in pairs {
+        let labels = ResultLabels {
+            result: result.to_string(),
+        };
+        state
+            .metrics
+            .capture_packets
+            .get_or_create(&labels)
+            .inc_by(n.saturating_sub(before));
+    }
+    now
+}
