@@ -117,6 +117,11 @@ impl Cluster {
         })
     }
 
+    /// The namespace holding the bridge between nodes (for packet captures).
+    pub fn fabric_name(&self) -> &str {
+        self._fabric.name()
+    }
+
     pub fn node(&self, n: u8) -> &Node {
         &self.nodes[usize::from(n) - 1]
     }

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod servers;
+pub mod sniff;
 
 pub use loopback::Subnet;
 pub use pki::Pki;

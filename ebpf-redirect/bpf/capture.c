@@ -1,9 +1,14 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
 //
-// Outbound capture: attached at tc ingress of the host-side veth of an
-// enrolled pod, it hands the pod's TCP to ztunnel's transparent listener in
-// the node's network namespace, keeping the original destination (the
-// accepted socket's local address is what the pod dialled).
+// Capture of enrolled pods' TCP into ztunnel's transparent listeners in the
+// node's network namespace, keeping the original destination (the accepted
+// socket's local address is what the client dialled).
+//
+// capture_outbound: tc ingress of the host-side veth of an enrolled pod; new
+//   connections go to the outbound listener (15001).
+// capture_inbound: tc ingress of the node's uplink; new connections to an
+//   enrolled pod go to the HBONE listener (15008) if they target port 15008,
+//   else to the inbound plaintext listener (15006), so policy cannot be skipped.
 //
 //  1. A packet of a connection some node socket already owns (established,
 //     SYN_SENT, request socket, TIME_WAIT) goes to that socket.
@@ -26,8 +31,10 @@
 #define CAPTURE_MARK 0x539
 
 struct capture_config {
-	__u32 listener_ip;   // network order; 0 = the packet's destination (wildcard listener)
-	__u16 listener_port; // network order; 0 = no listener: drop new connections
+	__u32 listener_ip;    // network order; 0 = the packet's destination (wildcard listeners)
+	__u16 listener_port;  // outbound listener, network order; 0 = none: drop new connections
+	__u16 hbone_port;     // network order; 0 = none
+	__u16 plaintext_port; // network order; 0 = none
 	__u16 pad;
 };
 
@@ -38,7 +45,9 @@ enum stat {
 	STAT_EXCLUDED = 3,
 	STAT_DROPPED_NO_LISTENER = 4,
 	STAT_DROPPED_ASSIGN_FAILED = 5,
-	STAT_MAX = 6,
+	STAT_INBOUND_HBONE = 6,
+	STAT_INBOUND_PLAINTEXT = 7,
+	STAT_MAX = 8,
 };
 
 struct {
@@ -47,6 +56,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct capture_config);
 } capture_config SEC(".maps");
+
+// Addresses (network order) of the enrolled pods on this node.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} enrolled_pods SEC(".maps");
 
 // Destination ports (host order) that bypass capture.
 struct {
@@ -82,6 +99,80 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __
 	skb->mark = CAPTURE_MARK;
 	count(stat);
 	return TC_ACT_OK;
+}
+
+// Assigns a SYN to the listener on `port` (network order), or drops it.
+static __always_inline int to_listener(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp,
+				       __u32 listener_ip, __u16 port, __u32 stat)
+{
+	if (port == 0) {
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	struct bpf_sock_tuple lt = {};
+	lt.ipv4.saddr = ip->saddr;
+	lt.ipv4.sport = tcp->source;
+	lt.ipv4.daddr = listener_ip ? listener_ip : ip->daddr;
+	lt.ipv4.dport = port;
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &lt, sizeof(lt.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk) {
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	return assign(skb, sk, stat);
+}
+
+SEC("classifier")
+int capture_inbound(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
+		return TC_ACT_OK;
+	__u32 daddr = ip->daddr;
+	if (!bpf_map_lookup_elem(&enrolled_pods, &daddr))
+		return TC_ACT_OK;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return TC_ACT_OK;
+	struct tcphdr *tcp = (void *)ip + ihl;
+	if ((void *)(tcp + 1) > end)
+		return TC_ACT_OK;
+
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.saddr = ip->saddr;
+	tuple.ipv4.daddr = ip->daddr;
+	tuple.ipv4.sport = tcp->source;
+	tuple.ipv4.dport = tcp->dest;
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		if (sk->state != BPF_TCP_LISTEN)
+			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
+		bpf_sk_release(sk);
+	}
+	if (!(tcp->syn && !tcp->ack)) {
+		count(STAT_PASSED);
+		return TC_ACT_OK;
+	}
+	__u32 zero = 0;
+	struct capture_config *cfg = bpf_map_lookup_elem(&capture_config, &zero);
+	if (!cfg) {
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	if (cfg->hbone_port && tcp->dest == cfg->hbone_port)
+		return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->hbone_port, STAT_INBOUND_HBONE);
+	return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->plaintext_port, STAT_INBOUND_PLAINTEXT);
 }
 
 SEC("classifier")
@@ -131,26 +222,11 @@ int capture_outbound(struct __sk_buff *skb)
 
 	__u32 zero = 0;
 	struct capture_config *cfg = bpf_map_lookup_elem(&capture_config, &zero);
-	if (!cfg || cfg->listener_port == 0) {
+	if (!cfg) {
 		count(STAT_DROPPED_NO_LISTENER);
 		return TC_ACT_SHOT;
 	}
-	struct bpf_sock_tuple lt = {};
-	lt.ipv4.saddr = ip->saddr;
-	lt.ipv4.sport = tcp->source;
-	lt.ipv4.daddr = cfg->listener_ip ? cfg->listener_ip : ip->daddr;
-	lt.ipv4.dport = cfg->listener_port;
-	sk = bpf_skc_lookup_tcp(skb, &lt, sizeof(lt.ipv4), BPF_F_CURRENT_NETNS, 0);
-	if (!sk) {
-		count(STAT_DROPPED_NO_LISTENER);
-		return TC_ACT_SHOT;
-	}
-	if (sk->state != BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
-		count(STAT_DROPPED_NO_LISTENER);
-		return TC_ACT_SHOT;
-	}
-	return assign(skb, sk, STAT_CAPTURED_NEW);
+	return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->listener_port, STAT_CAPTURED_NEW);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

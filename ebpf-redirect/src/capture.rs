@@ -14,7 +14,8 @@ use crate::{CAPTURE_MARK, CAPTURE_ROUTE_TABLE};
 static CAPTURE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.bpf.o"));
 
-const PROGRAM: &str = "capture_outbound";
+const OUTBOUND: &str = "capture_outbound";
+const INBOUND: &str = "capture_inbound";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -28,12 +29,14 @@ pub enum CaptureError {
     Routing(String),
 }
 
-/// Mirrors `struct capture_config` in `bpf/capture.c`.
+/// Mirrors `struct capture_config` in `bpf/capture.c` (ports in network order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct CaptureConfig {
     listener_ip: u32,
     listener_port: u16,
+    hbone_port: u16,
+    plaintext_port: u16,
     pad: u16,
 }
 
@@ -50,51 +53,113 @@ pub struct CaptureStats {
     pub excluded: u64,
     pub dropped_no_listener: u64,
     pub dropped_assign_failed: u64,
+    pub inbound_hbone: u64,
+    pub inbound_plaintext: u64,
 }
 
 /// The loaded capture program and the interfaces it is attached to. Dropping
 /// it detaches everything and unloads the program.
 pub struct Capture {
     ebpf: Ebpf,
+    config: CaptureConfig,
+    /// Pod interfaces (outbound program).
     links: HashMap<String, SchedClassifierLinkId>,
+    /// Node uplinks (inbound program).
+    uplinks: HashMap<String, SchedClassifierLinkId>,
 }
 
 impl Capture {
-    /// Loads the program into the current network namespace's kernel, steering
-    /// new connections to `listener` (IP 0.0.0.0 = a wildcard listener).
+    /// Loads the programs into the current network namespace's kernel, steering
+    /// new outbound connections to `listener` (IP 0.0.0.0 = a wildcard listener).
     pub fn load(listener: SocketAddrV4) -> Result<Self, CaptureError> {
         let mut ebpf = Ebpf::load(CAPTURE_OBJECT).map_err(|e| CaptureError::Load(e.to_string()))?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| CaptureError::Load(format!("no program {PROGRAM}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))?;
-        prog.load()
-            .map_err(|e| CaptureError::Load(format!("{e:?}")))?;
+        for name in [OUTBOUND, INBOUND] {
+            program(&mut ebpf, name)
+                .map_err(CaptureError::Load)?
+                .load()
+                .map_err(|e| CaptureError::Load(format!("{name}: {e:?}")))?;
+        }
         let mut capture = Capture {
             ebpf,
+            config: CaptureConfig::default(),
             links: HashMap::new(),
+            uplinks: HashMap::new(),
         };
         capture.set_listener(Some(listener))?;
         Ok(capture)
     }
 
-    /// Points new connections at `listener`, or (`None`) drops them: fail closed.
+    /// Points new outbound connections at `listener`, or (`None`) drops them:
+    /// fail closed.
     pub fn set_listener(&mut self, listener: Option<SocketAddrV4>) -> Result<(), CaptureError> {
+        match listener {
+            Some(l) => {
+                self.config.listener_ip = u32::from_ne_bytes(l.ip().octets());
+                self.config.listener_port = l.port().to_be();
+            }
+            None => self.config.listener_port = 0,
+        }
+        self.write_config()
+    }
+
+    /// Inbound: connections to enrolled pods on `hbone` go to the HBONE
+    /// listener, all others to the plaintext listener (0 = none: dropped).
+    pub fn set_inbound_ports(&mut self, hbone: u16, plaintext: u16) -> Result<(), CaptureError> {
+        self.config.hbone_port = hbone.to_be();
+        self.config.plaintext_port = plaintext.to_be();
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), CaptureError> {
         let map = self
             .ebpf
             .map_mut("capture_config")
             .ok_or_else(|| CaptureError::Map("capture_config", "missing".into()))?;
         let mut config: Array<_, CaptureConfig> =
             Array::try_from(map).map_err(|e| CaptureError::Map("capture_config", e.to_string()))?;
-        let value = listener.map_or_else(CaptureConfig::default, |l| CaptureConfig {
-            listener_ip: u32::from_ne_bytes(l.ip().octets()),
-            listener_port: l.port().to_be(),
-            pad: 0,
-        });
         config
-            .set(0, value, 0)
+            .set(0, self.config, 0)
             .map_err(|e| CaptureError::Map("capture_config", e.to_string()))
+    }
+
+    /// Marks `ip` as an enrolled pod on this node (its inbound TCP is captured).
+    pub fn enroll(&mut self, ip: std::net::Ipv4Addr) -> Result<(), CaptureError> {
+        self.enrolled_map()?
+            .insert(u32::from_ne_bytes(ip.octets()), 1, 0)
+            .map_err(|e| CaptureError::Map("enrolled_pods", e.to_string()))
+    }
+
+    pub fn unenroll(&mut self, ip: std::net::Ipv4Addr) -> Result<(), CaptureError> {
+        match self
+            .enrolled_map()?
+            .remove(&u32::from_ne_bytes(ip.octets()))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(CaptureError::Map("enrolled_pods", e.to_string())),
+        }
+    }
+
+    pub fn enrolled(&self) -> Vec<std::net::Ipv4Addr> {
+        let Some(map) = self.ebpf.map("enrolled_pods") else {
+            return Vec::new();
+        };
+        let Ok(pods) = BpfHashMap::<_, u32, u8>::try_from(map) else {
+            return Vec::new();
+        };
+        pods.keys()
+            .filter_map(Result::ok)
+            .map(|k| std::net::Ipv4Addr::from(k.to_ne_bytes()))
+            .collect()
+    }
+
+    fn enrolled_map(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, u32, u8>, CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("enrolled_pods")
+            .ok_or_else(|| CaptureError::Map("enrolled_pods", "missing".into()))?;
+        BpfHashMap::try_from(map).map_err(|e| CaptureError::Map("enrolled_pods", e.to_string()))
     }
 
     /// Lets connections to `port` bypass capture.
@@ -110,47 +175,24 @@ impl Capture {
             .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))
     }
 
-    /// Attaches at tc ingress of `interface` (the host side of a pod's veth).
-    /// Attaching twice to the same interface is a no-op.
+    /// Attaches the outbound program at tc ingress of `interface` (the host
+    /// side of a pod's veth). Attaching twice is a no-op.
     pub fn attach(&mut self, interface: &str) -> Result<(), CaptureError> {
-        if self.links.contains_key(interface) {
-            return Ok(());
-        }
-        let attach_err = |e: String| CaptureError::Attach(interface.to_string(), e);
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| attach_err("program missing".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-        // Kernels >= 6.6 attach with tcx links and need no qdisc; older ones need clsact.
-        let link = match prog.attach(interface, TcAttachType::Ingress) {
-            Ok(link) => link,
-            Err(_) => {
-                let _ = aya::programs::tc::qdisc_add_clsact(interface);
-                prog.attach(interface, TcAttachType::Ingress)
-                    .map_err(|e| attach_err(format!("{e:?}")))?
-            }
-        };
-        self.links.insert(interface.to_string(), link);
-        Ok(())
+        attach_to(&mut self.ebpf, &mut self.links, OUTBOUND, interface)
     }
 
-    /// Detaches from `interface`; unknown interfaces are ignored.
+    /// Detaches the outbound program from `interface`; unknown ones are ignored.
     pub fn detach(&mut self, interface: &str) -> Result<(), CaptureError> {
-        let Some(link) = self.links.remove(interface) else {
-            return Ok(());
-        };
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| CaptureError::Attach(interface.into(), "program missing".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| {
-                CaptureError::Attach(interface.into(), e.to_string())
-            })?;
-        prog.detach(link)
-            .map_err(|e| CaptureError::Attach(interface.to_string(), format!("{e:?}")))
+        detach_from(&mut self.ebpf, &mut self.links, OUTBOUND, interface)
+    }
+
+    /// Attaches the inbound program at tc ingress of the node uplink `interface`.
+    pub fn attach_uplink(&mut self, interface: &str) -> Result<(), CaptureError> {
+        attach_to(&mut self.ebpf, &mut self.uplinks, INBOUND, interface)
+    }
+
+    pub fn detach_uplink(&mut self, interface: &str) -> Result<(), CaptureError> {
+        detach_from(&mut self.ebpf, &mut self.uplinks, INBOUND, interface)
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -172,8 +214,55 @@ impl Capture {
             excluded: read(3),
             dropped_no_listener: read(4),
             dropped_assign_failed: read(5),
+            inbound_hbone: read(6),
+            inbound_plaintext: read(7),
         })
     }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("no program {name}"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| format!("{name}: {e}"))
+}
+
+fn attach_to(
+    ebpf: &mut Ebpf,
+    links: &mut HashMap<String, SchedClassifierLinkId>,
+    name: &str,
+    interface: &str,
+) -> Result<(), CaptureError> {
+    if links.contains_key(interface) {
+        return Ok(());
+    }
+    let attach_err = |e: String| CaptureError::Attach(interface.to_string(), e);
+    let prog = program(ebpf, name).map_err(attach_err)?;
+    // Kernels >= 6.6 attach with tcx links and need no qdisc; older ones need clsact.
+    let link = match prog.attach(interface, TcAttachType::Ingress) {
+        Ok(link) => link,
+        Err(_) => {
+            let _ = aya::programs::tc::qdisc_add_clsact(interface);
+            prog.attach(interface, TcAttachType::Ingress)
+                .map_err(|e| attach_err(format!("{e:?}")))?
+        }
+    };
+    links.insert(interface.to_string(), link);
+    Ok(())
+}
+
+fn detach_from(
+    ebpf: &mut Ebpf,
+    links: &mut HashMap<String, SchedClassifierLinkId>,
+    name: &str,
+    interface: &str,
+) -> Result<(), CaptureError> {
+    let Some(link) = links.remove(interface) else {
+        return Ok(());
+    };
+    let prog = program(ebpf, name).map_err(|e| CaptureError::Attach(interface.into(), e))?;
+    prog.detach(link)
+        .map_err(|e| CaptureError::Attach(interface.to_string(), format!("{e:?}")))
 }
 
 /// Node routing for captured packets: marked packets are delivered locally.

@@ -25,6 +25,17 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
     };
     setup_node_routing().context("setting up capture routing")?;
     let mut capture = Capture::load(listener).context("loading the capture program")?;
+    let plaintext_port = match state.settings.inbound_plaintext() {
+        crate::settings::Listen::At(a) => a.port(),
+        crate::settings::Listen::Off => 0,
+    };
+    capture.set_inbound_ports(state.settings.hbone_port, plaintext_port)?;
+    if let Some(uplink) = &state.settings.capture_uplink {
+        capture
+            .attach_uplink(uplink)
+            .with_context(|| format!("capturing inbound on {uplink}"))?;
+        tracing::info!(interface = %uplink, "capturing inbound traffic for enrolled pods");
+    }
     reconcile(&state, &mut capture);
     tracing::info!(%listener, "capture loaded");
     let mut mesh = state.watch_mesh();
@@ -53,9 +64,11 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
 fn reconcile(state: &ProxyState, capture: &mut Capture) {
     let mesh = state.mesh();
     let mut want = BTreeSet::new();
+    let mut enrolled = BTreeSet::new();
     for w in mesh.local_workloads(state.node()) {
         for ip in &w.workload.addresses {
             let IpAddr::V4(v4) = ip else { continue };
+            enrolled.insert(*v4);
             match interface_for(*v4) {
                 Ok(ifname) => {
                     want.insert(ifname);
@@ -86,6 +99,19 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
             }
         }
     }
+    for ip in capture.enrolled() {
+        if !enrolled.contains(&ip) {
+            if let Err(e) = capture.unenroll(ip) {
+                tracing::warn!(%ip, "unenroll failed: {e}");
+            }
+        }
+    }
+    for ip in &enrolled {
+        if let Err(e) = capture.enroll(*ip) {
+            tracing::error!(%ip, "enroll failed: {e}");
+            state.metrics.failure("capture", "enroll_failed");
+        }
+    }
     state
         .metrics
         .capture_interfaces
@@ -114,6 +140,12 @@ fn export(state: &ProxyState, capture: &Capture, last: CaptureStats) -> CaptureS
             "dropped_assign_failed",
             now.dropped_assign_failed,
             last.dropped_assign_failed,
+        ),
+        ("inbound_hbone", now.inbound_hbone, last.inbound_hbone),
+        (
+            "inbound_plaintext",
+            now.inbound_plaintext,
+            last.inbound_plaintext,
         ),
     ];
     for (result, n, before) in pairs {

@@ -134,6 +134,16 @@ pub struct Settings {
     #[arg(long)]
     pub capture: bool,
 
+    /// With --capture: the node's uplink, where inbound traffic for enrolled
+    /// pods (HBONE and plaintext) is captured.
+    #[arg(long)]
+    pub capture_uplink: Option<String>,
+
+    /// With --capture: connect to local workloads from the client's own IP
+    /// (the application sees its real peer).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub preserve_source_ip: bool,
+
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -171,6 +181,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Source address for connections to local workloads on behalf of `client`.
+    pub fn upstream_source(&self, client: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        (self.capture && self.preserve_source_ip).then_some(client)
+    }
+
     /// Measured on 2-CPU nodes: one worker beats two on every benchmark figure
     /// (cross-thread wake-ups cost more than a second worker gains when the
     /// node's workloads share the same two CPUs). Bigger nodes get two, as

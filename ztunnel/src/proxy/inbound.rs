@@ -206,20 +206,22 @@ async fn serve_stream(
     }
     tracing::debug!(%dst, %peer_id, "{decision}");
 
-    let upstream = match super::outbound::connect(dst, state.settings.connect_timeout).await {
-        Ok(t) => t,
-        Err(e) => {
-            let unavailable = StatusCode::SERVICE_UNAVAILABLE;
-            return refuse(
-                record,
-                incoming,
-                unavailable,
-                "connect_failed",
-                flags::UPSTREAM_FAILURE,
-                e,
-            );
-        }
-    };
+    let source = state.settings.upstream_source(src_ip);
+    let upstream =
+        match super::outbound::connect_from(dst, source, state.settings.connect_timeout).await {
+            Ok(t) => t,
+            Err(e) => {
+                let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+                return refuse(
+                    record,
+                    incoming,
+                    unavailable,
+                    "connect_failed",
+                    flags::UPSTREAM_FAILURE,
+                    e,
+                );
+            }
+        };
     record.via = Some(dst);
     let tunnel = match incoming.accept() {
         Ok(t) => t,

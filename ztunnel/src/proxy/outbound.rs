@@ -225,7 +225,32 @@ fn forwarded_header(src: SocketAddr) -> Vec<(HeaderName, HeaderValue)> {
 }
 
 pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    connect_from(addr, None, timeout).await
+}
+
+/// Connects to `addr`, from `source` if given (IP_TRANSPARENT: the address
+/// need not be local; replies come back through capture).
+pub(crate) async fn connect_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let attempt = async {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }?;
+        if let Some(src) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) {
+            let sock = socket2::SockRef::from(&socket);
+            match src {
+                std::net::IpAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+                std::net::IpAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
+            }
+            socket.bind(SocketAddr::new(src, 0))?;
+        }
+        socket.connect(addr).await
+    };
+    match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
             Ok(tcp)

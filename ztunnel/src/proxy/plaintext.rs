@@ -68,10 +68,12 @@ pub async fn serve_connection(
     if !decision.is_allowed() {
         return refuse(record, "policy_denied", flags::RBAC, decision.to_string());
     }
-    let upstream = match super::outbound::connect(dst, state.settings.connect_timeout).await {
-        Ok(u) => u,
-        Err(e) => return refuse(record, "connect_failed", flags::UPSTREAM_FAILURE, e),
-    };
+    let source = state.settings.upstream_source(peer.ip());
+    let upstream =
+        match super::outbound::connect_from(dst, source, state.settings.connect_timeout).await {
+            Ok(u) => u,
+            Err(e) => return refuse(record, "connect_failed", flags::UPSTREAM_FAILURE, e),
+        };
     record.via = Some(dst);
     record.opened(&state);
     let stop = super::revoked(state.clone(), dst.ip(), dst.port(), None, peer.ip());
