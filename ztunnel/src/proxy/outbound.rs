@@ -33,6 +33,9 @@ impl std::fmt::Display for Target {
 pub enum Upstream {
     Tunnel(hbone::pool::PooledTunnel, ActiveEndpoint),
     Direct(TcpStream),
+    /// A workload on this node: no tunnel, ztunnel applies the destination's
+    /// policy itself (the source identity is one it holds).
+    Local(TcpStream, ActiveEndpoint),
 }
 
 /// Why an outbound connection was not established.
@@ -137,6 +140,9 @@ pub async fn establish(
             record.dst_workload = Some(workload.clone());
             record.dst_service = service;
             record.security = SecurityPolicy::mutual_tls;
+            if workload.workload.node == state.node() {
+                return establish_local(state, src, &src_workload, workload, addr, record).await;
+            }
             let hbone_addr = SocketAddr::new(addr.ip(), state.settings.hbone_port);
             record.via = Some(hbone_addr);
             let key = PoolKey {
@@ -178,15 +184,76 @@ pub async fn establish(
     }
 }
 
+/// Same-node destination: authorize as the destination ztunnel would, then
+/// connect straight to the workload (from the client's address under capture).
+async fn establish_local(
+    state: &Arc<ProxyState>,
+    src: SocketAddr,
+    src_workload: &Arc<mesh_core::config::WorkloadInfo>,
+    workload: Arc<mesh_core::config::WorkloadInfo>,
+    addr: SocketAddr,
+    mut record: ConnectionRecord,
+) -> Result<(ConnectionRecord, Upstream), Box<Refusal>> {
+    record.via = Some(addr);
+    let mesh = state.mesh();
+    let attrs = mesh_core::authz::ConnectionAttributes {
+        source: Some(&src_workload.identity),
+        source_ip: src.ip(),
+        destination_port: addr.port(),
+    };
+    let decision = mesh_core::authz::authorize(mesh.policies_for(&workload), &attrs);
+    if !decision.is_allowed() {
+        let message = format!("same-node {}: {decision}", workload.key());
+        return Err(Box::new(Refusal {
+            record,
+            reason: "policy_denied",
+            flags: flags::RBAC,
+            message,
+            denied: true,
+        }));
+    }
+    let active = ActiveEndpoint::new(workload);
+    let source = state.settings.upstream_source(src.ip());
+    match connect_from(addr, source, state.settings.connect_timeout).await {
+        Ok(tcp) => Ok((record, Upstream::Local(tcp, active))),
+        Err(e) => Err(Box::new(Refusal {
+            record,
+            reason: "connect_failed",
+            flags: flags::UPSTREAM_FAILURE,
+            message: e,
+            denied: false,
+        })),
+    }
+}
+
 /// Copies until both sides are done, then records the connection.
 pub async fn relay(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     client: TcpStream,
     record: ConnectionRecord,
     upstream: Upstream,
 ) {
     record.opened(state);
     match upstream {
+        Upstream::Local(upstream, _active) => {
+            // Same node: this ztunnel is also the destination's, so it reports
+            // for both sides and keeps re-checking the destination's policy.
+            let mut dst_record = record.clone();
+            dst_record.reporter = Reporter::destination;
+            dst_record.opened(state);
+            let stop = super::revoked(
+                state.clone(),
+                record.dst_addr_ip(),
+                upstream.peer_addr().map_or(0, |a| a.port()),
+                record.src_identity.clone(),
+                record.src_addr.ip(),
+            );
+            let (up, down, err) = super::copy_plain(client, upstream, stop).await;
+            let flag = super::flag_for(&err);
+            let err = err.as_ref().map(|e| e as &dyn std::fmt::Display);
+            dst_record.closed(state, up, down, flag, err);
+            record.closed(state, up, down, flag, err);
+        }
         Upstream::Tunnel(pooled, _active) => {
             let outcome = copy_tcp_tunnel(client, pooled.tunnel, std::future::pending()).await;
             drop(pooled.slot);

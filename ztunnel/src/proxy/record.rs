@@ -27,6 +27,7 @@ pub mod flags {
     pub const RESET: &str = "UC";
 }
 
+#[derive(Clone)]
 pub struct ConnectionRecord {
     pub reporter: Reporter,
     pub src_addr: SocketAddr,
@@ -140,6 +141,11 @@ impl ConnectionRecord {
         m.closed.get_or_create(&labels).inc();
         m.failure(self.direction(), reason);
         self.log(0, 0, response_flags, Some(error));
+    }
+
+    /// The workload address the bytes were delivered to.
+    pub fn dst_addr_ip(&self) -> std::net::IpAddr {
+        self.via.map_or(self.dst_addr.ip(), |v| v.ip())
     }
 
     pub fn direction(&self) -> &'static str {
