@@ -159,6 +159,54 @@ pub fn cleanup_stale() {
     }
 }
 
+/// Makes sure bpffs is mounted at /sys/fs/bpf (tests pin maps and links there).
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "mounting bpffs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A directory on bpffs of this test's own, removed (with whatever is pinned
+/// in it) on drop.
+pub struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    pub fn new() -> anyhow::Result<Self> {
+        ensure_bpffs()?;
+        let p = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/{PREFIX}{}-{:06x}",
+            std::process::id(),
+            rand::random::<u32>() & 0xff_ffff
+        ));
+        std::fs::create_dir_all(&p)?;
+        Ok(PinDir(p))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A veth pair joining two namespaces, with a short random suffix in its names.
 pub fn veth(a: &Netns, b: &Netns) -> anyhow::Result<(String, String)> {
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);

@@ -93,8 +93,10 @@ impl Ztunnel {
         let bin = bin_path("ztunnel")?;
         let mut cmd = match netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
+                // nsenter, not `ip netns exec`: the latter remounts /sys in a new
+                // mount namespace, hiding the host's bpffs pins from ztunnel.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(&bin);
                 c
             }
             None => Command::new(&bin),

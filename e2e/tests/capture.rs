@@ -44,11 +44,13 @@ fn pod_tcp_is_captured_with_original_destination_and_fails_closed() -> anyhow::R
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let (closed_tx, closed_rx) = mpsc::channel::<()>();
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    let pins = e2e::netns::PinDir::new()?;
+    let pin_dir = pins.path().to_path_buf();
     let node_side = node.spawn(move || {
         setup_node_routing()?;
         let listener = transparent_listener("0.0.0.0:15001".parse()?)?;
         let plain = TcpListener::bind("198.19.1.1:81")?;
-        let mut capture = Capture::load("0.0.0.0:15001".parse()?)?;
+        let mut capture = Capture::load("0.0.0.0:15001".parse()?, &pin_dir)?;
         capture.exclude_port(81)?;
         capture.attach(&host_if)?;
         ready_tx.send(())?;
@@ -66,7 +68,7 @@ fn pod_tcp_is_captured_with_original_destination_and_fails_closed() -> anyhow::R
         closed_tx.send(())?;
         done_rx.recv_timeout(Duration::from_secs(20))?;
         let stats = capture.stats()?;
-        capture.detach(&host_if)?;
+        capture.remove_all()?;
         Ok(NodeReport {
             captured_local,
             captured_peer,

@@ -78,6 +78,8 @@ peerAuthentications:
         ),
     )?;
     let pki = Pki::new()?;
+    let pins = e2e::netns::PinDir::new()?;
+    let pin_arg = pins.path().display().to_string();
     let mut ztunnels = Vec::new();
     for (n, sas) in [(1u8, ["client", "web"]), (2u8, ["server", "open"])] {
         let certs = dir.path().join(format!("certs{n}"));
@@ -86,7 +88,13 @@ peerAuthentications:
             pki.write_cert(&certs, &Pki::identity("demo", sa))?;
         }
         let node = cluster.node(n);
-        let args = ["--capture", "--capture-uplink", node.uplink.as_str()];
+        let args = [
+            "--capture",
+            "--capture-uplink",
+            node.uplink.as_str(),
+            "--bpf-pin-dir",
+            pin_arg.as_str(),
+        ];
         let z = Ztunnel::spawn_in_netns(
             node.ns.name(),
             dir.path(),

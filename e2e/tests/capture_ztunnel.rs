@@ -35,6 +35,9 @@ fn enrolled_pod_is_captured_and_others_are_not() -> anyhow::Result<()> {
     pki.write_root(&certs)?;
     pki.write_cert(&certs, &Pki::identity("demo", "client"))?;
     let node1 = cluster.node(1);
+    let pins = e2e::netns::PinDir::new()?;
+    let pin_arg = pins.path().display().to_string();
+    let args = ["--capture", "--bpf-pin-dir", pin_arg.as_str()];
     let z1 = Ztunnel::spawn_in_netns(
         node1.ns.name(),
         dir.path(),
@@ -42,7 +45,7 @@ fn enrolled_pod_is_captured_and_others_are_not() -> anyhow::Result<()> {
         &certs,
         "node1",
         node1.ip.into(),
-        &["--capture"],
+        &args,
     )?;
     z1.wait_log("capturing", Duration::from_secs(10))?;
 

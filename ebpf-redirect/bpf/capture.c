@@ -18,6 +18,10 @@
 //     attachment) passes untouched.
 //
 // Every assigned packet carries CAPTURE_MARK, which the node routes to `local`.
+//
+// Maps and links are pinned (see the loader): they outlive ztunnel, so a
+// stopped ztunnel leaves enrolled pods failing closed, and a restarted one
+// picks the state up and swaps its program in atomically.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -55,6 +59,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct capture_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } capture_config SEC(".maps");
 
 // Addresses (network order) of the enrolled pods on this node.
@@ -63,6 +68,7 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } enrolled_pods SEC(".maps");
 
 // Destination ports (host order) that bypass capture.
@@ -71,6 +77,7 @@ struct {
 	__uint(max_entries, 1024);
 	__type(key, __u16);
 	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } excluded_ports SEC(".maps");
 
 struct {
@@ -78,6 +85,7 @@ struct {
 	__uint(max_entries, STAT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } capture_stats SEC(".maps");
 
 static __always_inline void count(__u32 which)

@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray};
-use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, TcAttachType};
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 
 use crate::{CAPTURE_MARK, CAPTURE_ROUTE_TABLE};
 
@@ -16,6 +18,14 @@ static CAPTURE_OBJECT: &[u8] =
 
 const OUTBOUND: &str = "capture_outbound";
 const INBOUND: &str = "capture_inbound";
+const MAPS: [&str; 4] = [
+    "capture_config",
+    "enrolled_pods",
+    "excluded_ports",
+    "capture_stats",
+];
+const OUTBOUND_LINK: &str = "link-out-";
+const INBOUND_LINK: &str = "link-in-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -57,22 +67,43 @@ pub struct CaptureStats {
     pub inbound_plaintext: u64,
 }
 
-/// The loaded capture program and the interfaces it is attached to. Dropping
-/// it detaches everything and unloads the program.
+/// A tc link held open and pinned at `pin`, so it outlives the process.
+struct Attached {
+    _link: FdLink,
+    pin: PathBuf,
+}
+
+/// The loaded capture programs, their pinned maps and pinned links.
+///
+/// Dropping it leaves everything pinned and attached on purpose: while
+/// ztunnel is down its listeners are gone and enrolled pods fail closed; the
+/// next ztunnel adopts the pins. [`Capture::remove_all`] is the real teardown.
 pub struct Capture {
     ebpf: Ebpf,
     config: CaptureConfig,
+    pin_dir: PathBuf,
     /// Pod interfaces (outbound program).
-    links: HashMap<String, SchedClassifierLinkId>,
+    links: HashMap<String, Attached>,
     /// Node uplinks (inbound program).
-    uplinks: HashMap<String, SchedClassifierLinkId>,
+    uplinks: HashMap<String, Attached>,
 }
 
 impl Capture {
     /// Loads the programs into the current network namespace's kernel, steering
-    /// new outbound connections to `listener` (IP 0.0.0.0 = a wildcard listener).
-    pub fn load(listener: SocketAddrV4) -> Result<Self, CaptureError> {
-        let mut ebpf = Ebpf::load(CAPTURE_OBJECT).map_err(|e| CaptureError::Load(e.to_string()))?;
+    /// new outbound connections to `listener` (IP 0.0.0.0 = a wildcard
+    /// listener). Maps are pinned under `pin_dir` (on bpffs) and reused if a
+    /// previous instance left them there.
+    pub fn load(listener: SocketAddrV4, pin_dir: &Path) -> Result<Self, CaptureError> {
+        std::fs::create_dir_all(pin_dir).map_err(|e| {
+            CaptureError::Load(format!(
+                "creating {}: {e} (is bpffs mounted?)",
+                pin_dir.display()
+            ))
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(CAPTURE_OBJECT)
+            .map_err(|e| CaptureError::Load(e.to_string()))?;
         for name in [OUTBOUND, INBOUND] {
             program(&mut ebpf, name)
                 .map_err(CaptureError::Load)?
@@ -82,11 +113,73 @@ impl Capture {
         let mut capture = Capture {
             ebpf,
             config: CaptureConfig::default(),
+            pin_dir: pin_dir.to_path_buf(),
             links: HashMap::new(),
             uplinks: HashMap::new(),
         };
         capture.set_listener(Some(listener))?;
         Ok(capture)
+    }
+
+    /// Interfaces with a pinned outbound link in the pin directory, whether or
+    /// not this instance holds them (a previous one may have left them).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        self.pinned(OUTBOUND_LINK)
+    }
+
+    fn pinned(&self, prefix: &str) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(&self.pin_dir) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(prefix))
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
+    /// Detaches and unpins everything, and removes the pinned maps: nothing of
+    /// ours is left in the kernel once this process exits.
+    pub fn remove_all(&mut self) -> Result<(), CaptureError> {
+        for ifname in self.pinned(OUTBOUND_LINK) {
+            self.detach(&ifname)?;
+            release_pin(&self.pin_dir.join(format!("{OUTBOUND_LINK}{ifname}")))?;
+        }
+        for ifname in self.pinned(INBOUND_LINK) {
+            self.detach_uplink(&ifname)?;
+            release_pin(&self.pin_dir.join(format!("{INBOUND_LINK}{ifname}")))?;
+        }
+        for map in MAPS {
+            match std::fs::remove_file(self.pin_dir.join(map)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CaptureError::Map(map_name(map), e.to_string())),
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        Ok(())
+    }
+
+    /// Pins the maps again after [`Capture::remove_all`], before attaching anew.
+    fn ensure_maps_pinned(&self) -> Result<(), CaptureError> {
+        std::fs::create_dir_all(&self.pin_dir)
+            .map_err(|e| CaptureError::Load(format!("creating {}: {e}", self.pin_dir.display())))?;
+        for name in MAPS {
+            let path = self.pin_dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| CaptureError::Map(map_name(name), "missing".into()))?;
+            map.pin(&path)
+                .map_err(|e| CaptureError::Map(map_name(name), e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Points new outbound connections at `listener`, or (`None`) drops them:
@@ -176,23 +269,34 @@ impl Capture {
     }
 
     /// Attaches the outbound program at tc ingress of `interface` (the host
-    /// side of a pod's veth). Attaching twice is a no-op.
+    /// side of a pod's veth), adopting a link a previous instance pinned (the
+    /// program is swapped atomically). Attaching twice is a no-op.
     pub fn attach(&mut self, interface: &str) -> Result<(), CaptureError> {
-        attach_to(&mut self.ebpf, &mut self.links, OUTBOUND, interface)
+        self.ensure_maps_pinned()?;
+        let pin = self.pin_dir.join(format!("{OUTBOUND_LINK}{interface}"));
+        attach_to(&mut self.ebpf, &mut self.links, OUTBOUND, interface, pin)
     }
 
-    /// Detaches the outbound program from `interface`; unknown ones are ignored.
+    /// Detaches the outbound program from `interface` (and drops its pin).
     pub fn detach(&mut self, interface: &str) -> Result<(), CaptureError> {
-        detach_from(&mut self.ebpf, &mut self.links, OUTBOUND, interface)
+        let pin = self.pin_dir.join(format!("{OUTBOUND_LINK}{interface}"));
+        detach_from(&mut self.links, interface, &pin)
     }
 
     /// Attaches the inbound program at tc ingress of the node uplink `interface`.
     pub fn attach_uplink(&mut self, interface: &str) -> Result<(), CaptureError> {
-        attach_to(&mut self.ebpf, &mut self.uplinks, INBOUND, interface)
+        self.ensure_maps_pinned()?;
+        let pin = self.pin_dir.join(format!("{INBOUND_LINK}{interface}"));
+        attach_to(&mut self.ebpf, &mut self.uplinks, INBOUND, interface, pin)
     }
 
     pub fn detach_uplink(&mut self, interface: &str) -> Result<(), CaptureError> {
-        detach_from(&mut self.ebpf, &mut self.uplinks, INBOUND, interface)
+        let pin = self.pin_dir.join(format!("{INBOUND_LINK}{interface}"));
+        detach_from(&mut self.uplinks, interface, &pin)
+    }
+
+    pub fn has_uplink(&self, interface: &str) -> bool {
+        self.uplinks.contains_key(interface)
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -229,40 +333,81 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier
 
 fn attach_to(
     ebpf: &mut Ebpf,
-    links: &mut HashMap<String, SchedClassifierLinkId>,
+    links: &mut HashMap<String, Attached>,
     name: &str,
     interface: &str,
+    pin: PathBuf,
 ) -> Result<(), CaptureError> {
     if links.contains_key(interface) {
         return Ok(());
     }
     let attach_err = |e: String| CaptureError::Attach(interface.to_string(), e);
-    let prog = program(ebpf, name).map_err(attach_err)?;
-    // Kernels >= 6.6 attach with tcx links and need no qdisc; older ones need clsact.
-    let link = match prog.attach(interface, TcAttachType::Ingress) {
-        Ok(link) => link,
-        Err(_) => {
-            let _ = aya::programs::tc::qdisc_add_clsact(interface);
-            prog.attach(interface, TcAttachType::Ingress)
+    let prog = program(ebpf, name).map_err(&attach_err)?;
+    let link_id = match PinnedLink::from_pin(&pin) {
+        // A previous instance's link: swap our program in, no gap in capture.
+        Ok(old) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(old))
+                .map_err(|e| attach_err(format!("{e:?}")))?;
+            prog.attach_to_link(link)
                 .map_err(|e| attach_err(format!("{e:?}")))?
         }
+        Err(_) => {
+            // Kernels >= 6.6 attach with tcx links and need no qdisc; older
+            // ones need clsact (and cannot pin the result; see the docs).
+            match prog.attach(interface, TcAttachType::Ingress) {
+                Ok(id) => id,
+                Err(_) => {
+                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                    prog.attach(interface, TcAttachType::Ingress)
+                        .map_err(|e| attach_err(format!("{e:?}")))?
+                }
+            }
+        }
     };
-    links.insert(interface.to_string(), link);
+    let owned = prog
+        .take_link(link_id)
+        .map_err(|e| attach_err(format!("{e:?}")))?;
+    let fd_link =
+        FdLink::try_from(owned).map_err(|e| attach_err(format!("not a tcx link: {e:?}")))?;
+    let link = if pin.exists() {
+        fd_link
+    } else {
+        FdLink::from(
+            fd_link
+                .pin(&pin)
+                .map_err(|e| attach_err(format!("pinning: {e:?}")))?,
+        )
+    };
+    links.insert(interface.to_string(), Attached { _link: link, pin });
     Ok(())
 }
 
 fn detach_from(
-    ebpf: &mut Ebpf,
-    links: &mut HashMap<String, SchedClassifierLinkId>,
-    name: &str,
+    links: &mut HashMap<String, Attached>,
     interface: &str,
+    pin: &Path,
 ) -> Result<(), CaptureError> {
-    let Some(link) = links.remove(interface) else {
+    if let Some(attached) = links.remove(interface) {
+        // Removing the pin and closing our fd releases the link: detached.
+        release_pin(&attached.pin)?;
         return Ok(());
-    };
-    let prog = program(ebpf, name).map_err(|e| CaptureError::Attach(interface.into(), e))?;
-    prog.detach(link)
-        .map_err(|e| CaptureError::Attach(interface.to_string(), format!("{e:?}")))
+    }
+    release_pin(pin)
+}
+
+fn release_pin(pin: &Path) -> Result<(), CaptureError> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CaptureError::Attach(
+            pin.display().to_string(),
+            e.to_string(),
+        )),
+    }
+}
+
+fn map_name(name: &str) -> &'static str {
+    MAPS.into_iter().find(|m| *m == name).unwrap_or("map")
 }
 
 /// Node routing for captured packets: marked packets are delivered locally.
@@ -319,4 +464,19 @@ fn run_ip(args: &[&str]) -> Result<String, CaptureError> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Ids of the programs attached at tc ingress of `interface` (tcx), in the
+/// calling thread's namespace.
+pub fn ingress_programs(interface: &str) -> Result<Vec<u32>, CaptureError> {
+    let (_, programs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
+        .map_err(|e| CaptureError::Attach(interface.to_string(), format!("{e:?}")))?;
+    Ok(programs.iter().map(|p| p.id()).collect())
+}
+
+/// Whether a BPF program with this id is still loaded anywhere in the kernel.
+pub fn program_loaded(id: u32) -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.id() == id)
 }

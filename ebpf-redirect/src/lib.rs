@@ -9,7 +9,10 @@
 pub mod capture;
 pub mod exclusions;
 
-pub use capture::{interface_for, setup_node_routing, Capture, CaptureError, CaptureStats};
+pub use capture::{
+    ingress_programs, interface_for, program_loaded, setup_node_routing, Capture, CaptureError,
+    CaptureStats,
+};
 
 /// `skb->mark` set on every packet assigned to a ztunnel socket, routed by
 /// `ip rule add fwmark 0x539 lookup 100` to `local 0.0.0.0/0 dev lo table 100`.

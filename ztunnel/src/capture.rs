@@ -24,18 +24,13 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
         other => anyhow::bail!("capture needs an IPv4 or wildcard outbound listener, not {other}"),
     };
     setup_node_routing().context("setting up capture routing")?;
-    let mut capture = Capture::load(listener).context("loading the capture program")?;
+    let pin_dir = state.settings.bpf_pin_dir.join(state.node());
+    let mut capture = Capture::load(listener, &pin_dir).context("loading the capture program")?;
     let plaintext_port = match state.settings.inbound_plaintext() {
         crate::settings::Listen::At(a) => a.port(),
         crate::settings::Listen::Off => 0,
     };
     capture.set_inbound_ports(state.settings.hbone_port, plaintext_port)?;
-    if let Some(uplink) = &state.settings.capture_uplink {
-        capture
-            .attach_uplink(uplink)
-            .with_context(|| format!("capturing inbound on {uplink}"))?;
-        tracing::info!(interface = %uplink, "capturing inbound traffic for enrolled pods");
-    }
     reconcile(&state, &mut capture);
     tracing::info!(%listener, "capture loaded");
     let mut mesh = state.watch_mesh();
@@ -54,9 +49,9 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
             }
         }
         export(&state, &capture, last);
-        // Dropping `capture` detaches it. Pinned links that keep pods failing
-        // closed while ztunnel restarts are the next step of the eBPF issue.
-        tracing::info!("capture detached");
+        // Links and maps stay pinned: until a ztunnel is back, enrolled pods
+        // fail closed (no listener), and the next one adopts the pins.
+        tracing::info!("capture left pinned for the next ztunnel");
     });
     Ok(())
 }
@@ -77,6 +72,36 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
                     tracing::warn!(workload = %w.key(), "cannot capture: {e}");
                     state.metrics.failure("capture", "no_interface");
                 }
+            }
+        }
+    }
+    if enrolled.is_empty() {
+        // No pod of ours on this node: leave nothing of ours in the kernel.
+        match capture.remove_all() {
+            Ok(()) => tracing::info!("no enrolled workloads: capture removed"),
+            Err(e) => tracing::error!("removing capture: {e}"),
+        }
+        state.metrics.capture_interfaces.set(0);
+        return;
+    }
+    if let Some(uplink) = &state.settings.capture_uplink {
+        if !capture.has_uplink(uplink) {
+            match capture.attach_uplink(uplink) {
+                Ok(()) => {
+                    tracing::info!(interface = %uplink, "capturing inbound traffic for enrolled pods")
+                }
+                Err(e) => {
+                    tracing::error!(interface = %uplink, "inbound capture failed: {e}");
+                    state.metrics.failure("capture", "attach_failed");
+                }
+            }
+        }
+    }
+    // Links a previous ztunnel pinned for pods that are gone.
+    for ifname in capture.pinned_interfaces() {
+        if !want.contains(&ifname) {
+            if let Err(e) = capture.detach(&ifname) {
+                tracing::warn!(interface = %ifname, "removing stale capture: {e}");
             }
         }
     }

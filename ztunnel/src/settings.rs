@@ -144,6 +144,11 @@ pub struct Settings {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub preserve_source_ip: bool,
 
+    /// With --capture: where capture maps and links are pinned (bpffs), per
+    /// node name beneath it, so they outlive a ztunnel restart.
+    #[arg(long, default_value = "/sys/fs/bpf/ambit")]
+    pub bpf_pin_dir: PathBuf,
+
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

@@ -1,0 +1,155 @@
+//! Capture across ztunnel's life: while ztunnel is down enrolled pods fail
+//! closed; a restarted ztunnel takes over the pinned capture in place and
+//! traffic resumes without touching the pods; un-enrolling every pod leaves no
+//! program, link or pinned map of ours behind.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use e2e::cluster::{Cluster, Pod};
+use e2e::mesh::TempDir;
+use e2e::netns::{root_or_skip, PinDir};
+use e2e::process::Ztunnel;
+use e2e::Pki;
+use ebpf_redirect::{ingress_programs, program_loaded};
+
+fn ping(from: &Pod, to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    from.ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&to, timeout)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        anyhow::ensure!(&b == b"ping", "bad echo");
+        Ok(())
+    })
+}
+
+#[test]
+fn fail_closed_restart_and_clean_unenroll() -> anyhow::Result<()> {
+    if !root_or_skip("fail_closed_restart_and_clean_unenroll") {
+        return Ok(());
+    }
+    let cluster = Cluster::build(2, 1)?;
+    let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
+    let dir = TempDir::new("ambit-capture-life")?;
+    let config = dir.path().join("mesh.yaml");
+    let enrolled = format!(
+        "workloads:\n\
+         - {{name: client, namespace: demo, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
+         - {{name: server, namespace: demo, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
+        client.ip, server.ip
+    );
+    std::fs::write(&config, &enrolled)?;
+    let pki = Pki::new()?;
+    let pins = PinDir::new()?;
+    let pin_arg = pins.path().display().to_string();
+    let start = |n: u8, sa: &str| -> anyhow::Result<Ztunnel> {
+        let certs = dir.path().join(format!("certs{n}"));
+        pki.write_root(&certs)?;
+        pki.write_cert(&certs, &Pki::identity("demo", sa))?;
+        let node = cluster.node(n);
+        let args = [
+            "--capture",
+            "--capture-uplink",
+            node.uplink.as_str(),
+            "--bpf-pin-dir",
+            pin_arg.as_str(),
+        ];
+        let z = Ztunnel::spawn_in_netns(
+            node.ns.name(),
+            dir.path(),
+            &config,
+            &certs,
+            &format!("node{n}"),
+            node.ip.into(),
+            &args,
+        )?;
+        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+        Ok(z)
+    };
+    let mut z1 = start(1, "client")?;
+    let z2 = start(2, "server")?;
+
+    let addr = SocketAddr::new(server.ip.into(), 8080);
+    let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
+    std::thread::spawn(move || {
+        while let Ok((mut s, _)) = listener.accept() {
+            let mut b = [0u8; 4];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        }
+    });
+    ping(client, addr, Duration::from_secs(5))?;
+
+    // ztunnel on node1 stops: the client pod must not get out, neither around
+    // the mesh nor through it.
+    z1.terminate();
+    z1.wait_exit(Duration::from_secs(10))?;
+    assert!(
+        ping(client, addr, Duration::from_millis(1500)).is_err(),
+        "enrolled pod connected while its ztunnel was down"
+    );
+
+    // A new ztunnel adopts the pinned capture: the same pods work again, and
+    // the program was swapped in place, not stacked.
+    drop(z1);
+    let z1 = start(1, "client")?;
+    ping(client, addr, Duration::from_secs(5))?;
+    let host_if = client.host_if.clone();
+    let uplink1 = cluster.node(1).uplink.clone();
+    let before = cluster
+        .node(1)
+        .ns
+        .run(move || Ok((ingress_programs(&host_if)?, ingress_programs(&uplink1)?)))?;
+    assert_eq!(
+        before.0.len(),
+        1,
+        "one capture program on the pod interface: {:?}",
+        before.0
+    );
+    assert_eq!(
+        before.1.len(),
+        1,
+        "one capture program on the uplink: {:?}",
+        before.1
+    );
+    let mut ours = before.0.clone();
+    ours.extend(&before.1);
+
+    // Un-enroll everything: nothing of ours stays attached or pinned.
+    std::fs::write(&config, "workloads: []\n")?;
+    for z in [&z1, &z2] {
+        z.wait_log(
+            "no enrolled workloads: capture removed",
+            Duration::from_secs(10),
+        )?;
+    }
+    let host_if = client.host_if.clone();
+    let uplink1 = cluster.node(1).uplink.clone();
+    let after = cluster
+        .node(1)
+        .ns
+        .run(move || Ok((ingress_programs(&host_if)?, ingress_programs(&uplink1)?)))?;
+    assert!(
+        after.0.is_empty() && after.1.is_empty(),
+        "still attached: {after:?}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(pins.path())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert!(leftovers.is_empty(), "pins left behind: {leftovers:?}");
+    drop(z1);
+    drop(z2);
+    // Programs go once the last reference (ztunnel's own fds) is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ours.iter().any(|id| program_loaded(*id)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let still: Vec<_> = ours.iter().filter(|id| program_loaded(**id)).collect();
+    assert!(still.is_empty(), "programs still loaded: {still:?}");
+    Ok(())
+}
