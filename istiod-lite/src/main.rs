@@ -1,11 +1,15 @@
 //! istiod-lite: Ambit's control plane.
 //!
-//! Today it runs the mesh CA offline: `ca init` creates (or loads) the persisted
-//! root, `ca issue` signs a workload certificate into the directory layout
-//! ztunnel reads. The gRPC CA, the Kubernetes and manifest sources and the xDS
-//! server build on this (see the control-plane issue).
+//! Today: the mesh CA offline (`ca init` creates or loads the persisted root,
+//! `ca issue` signs a workload certificate into the layout ztunnel reads) and
+//! the manifests source with its translation (`render` turns a directory of
+//! Kubernetes/Istio manifests into the mesh config ztunnel reads). The gRPC
+//! CA, the Kubernetes source and the xDS server build on these.
 
 mod ca_store;
+mod istio_types;
+mod sources;
+mod translate;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +26,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Translate a manifests directory into ztunnel's mesh config (YAML on stdout).
+    Render {
+        /// Directory of multi-document YAML manifests.
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Policies here apply mesh-wide (Istio's root namespace).
+        #[arg(long, default_value = "istio-system")]
+        root_namespace: String,
+    },
     /// Certificate authority operations.
     Ca {
         #[command(subcommand)]
@@ -62,6 +77,27 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Render {
+            manifests,
+            trust_domain,
+            root_namespace,
+        } => {
+            let (state, mut rejected) = sources::manifests::load_dir(&manifests)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", manifests.display()))?;
+            let t = translate::translate(&state, &trust_domain, &root_namespace);
+            rejected.extend(t.rejected);
+            for r in &rejected {
+                eprintln!("rejected: {r}");
+            }
+            for n in &t.notes {
+                eprintln!("note: {n}");
+            }
+            let yaml = serde_yaml::to_string(&t.config)?;
+            // What ztunnel would refuse must not be rendered as if it were fine.
+            mesh_core::config::parse_mesh_config(&yaml)
+                .map_err(|e| anyhow::anyhow!("rendered config does not validate: {e}"))?;
+            print!("{yaml}");
+        }
         Command::Ca {
             op: CaOp::Init {
                 data_dir,
@@ -94,3 +130,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests_translate;

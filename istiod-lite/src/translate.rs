@@ -1,0 +1,463 @@
+//! Cluster objects → the mesh model proxies consume: which pods are in the
+//! mesh (Istio's labels), their identities and addresses, services with their
+//! endpoints, and the L4 part of authorization and peer authentication.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_core::config::{
+    Cidr, DestinationMatch, MeshConfig, MtlsMode, PeerAuthentication, Policy, PolicyAction,
+    PolicyScope, Rule, Service, ServicePort, SourceMatch, Workload,
+};
+
+use crate::istio_types::{AuthorizationPolicy, PeerAuthentication as IstioPeerAuthentication};
+use crate::sources::{ClusterState, Rejected};
+
+/// Istio's label: `ambient` on a namespace (or pod) enrolls, `none` on a pod opts out.
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+/// The model, plus what was left out and why.
+pub struct Translation {
+    pub config: MeshConfig,
+    pub rejected: Vec<Rejected>,
+    /// Objects accepted but only partly applicable at L4 (say, L7 rules).
+    pub notes: Vec<String>,
+}
+
+pub fn translate(state: &ClusterState, trust_domain: &str, root_namespace: &str) -> Translation {
+    let mut t = Translator {
+        state,
+        root_namespace,
+        rejected: Vec::new(),
+        notes: Vec::new(),
+    };
+    let mut workloads = t.workloads();
+    let services = t.services(&mut workloads);
+    let policies = t.policies(&mut workloads);
+    let peer_authentications = t.peer_authentications(&workloads);
+    let config = MeshConfig {
+        trust_domain: trust_domain.to_string(),
+        root_namespace: root_namespace.to_string(),
+        workloads: workloads.into_values().map(|(w, _)| w).collect(),
+        services,
+        policies,
+        peer_authentications,
+    };
+    Translation {
+        config,
+        rejected: t.rejected,
+        notes: t.notes,
+    }
+}
+
+struct Translator<'a> {
+    state: &'a ClusterState,
+    root_namespace: &'a str,
+    rejected: Vec<Rejected>,
+    notes: Vec<String>,
+}
+
+type Labels = BTreeMap<String, String>;
+
+/// Workloads by `namespace/name`, with their pod labels (for selectors).
+type Workloads = BTreeMap<String, (Workload, Labels)>;
+
+fn matches(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl Translator<'_> {
+    fn reject(&mut self, object: String, reason: impl Into<String>) {
+        self.rejected.push(Rejected {
+            origin: "translation".into(),
+            object,
+            reason: reason.into(),
+        });
+    }
+
+    fn enrolled(&self, pod: &Pod, namespace: &str) -> bool {
+        let pod_mode = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(DATAPLANE_MODE));
+        match pod_mode.map(String::as_str) {
+            Some("none") => false,
+            Some("ambient") => true,
+            _ => self
+                .state
+                .namespaces
+                .get(namespace)
+                .and_then(|n| n.metadata.labels.as_ref())
+                .and_then(|l| l.get(DATAPLANE_MODE))
+                .is_some_and(|m| m == "ambient"),
+        }
+    }
+
+    fn workloads(&mut self) -> Workloads {
+        let mut out = Workloads::new();
+        let mut used: HashSet<IpAddr> = HashSet::new();
+        for (key, pod) in &self.state.pods {
+            let ns = pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let object = format!("Pod {key}");
+            if !self.enrolled(pod, &ns) {
+                continue;
+            }
+            let spec = pod.spec.as_ref();
+            let Some(node) = spec.and_then(|s| s.node_name.clone()) else {
+                self.reject(
+                    object,
+                    "no spec.nodeName (manifests must place pods on a node)",
+                );
+                continue;
+            };
+            let status = pod.status.as_ref();
+            let mut ips: Vec<String> = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|v| v.iter().map(|p| p.ip.clone()).collect())
+                .unwrap_or_default();
+            if ips.is_empty() {
+                ips.extend(status.and_then(|s| s.pod_ip.clone()));
+            }
+            let mut addresses = Vec::new();
+            let mut bad = None;
+            for ip in &ips {
+                match ip.parse::<IpAddr>() {
+                    Ok(a) if used.contains(&a) => {
+                        bad = Some(format!("address {a} is already used by another pod"))
+                    }
+                    Ok(a) => addresses.push(a),
+                    Err(_) => bad = Some(format!("status.podIP {ip:?} is not an IP address")),
+                }
+            }
+            if let Some(reason) = bad {
+                self.reject(object, reason);
+                continue;
+            }
+            if addresses.is_empty() {
+                self.reject(
+                    object,
+                    "no status.podIP (manifests must give pod addresses)",
+                );
+                continue;
+            }
+            used.extend(&addresses);
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let workload = Workload {
+                name,
+                namespace: ns,
+                service_account: spec
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into()),
+                node,
+                addresses,
+                services: Vec::new(),
+                authorization_policies: Vec::new(),
+            };
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            out.insert(key.clone(), (workload, labels));
+        }
+        out
+    }
+
+    fn services(&mut self, workloads: &mut Workloads) -> Vec<Service> {
+        let mut out = Vec::new();
+        let mut used: HashSet<IpAddr> = workloads
+            .values()
+            .flat_map(|(w, _)| w.addresses.clone())
+            .collect();
+        for (key, svc) in &self.state.services {
+            let object = format!("Service {key}");
+            let ns = svc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let Some(spec) = svc.spec.as_ref() else {
+                continue;
+            };
+            let Some(selector) = spec.selector.clone().filter(|s| !s.is_empty()) else {
+                continue; // no selector: endpoints are managed elsewhere
+            };
+            let mut vips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+            if vips.is_empty() {
+                vips.extend(spec.cluster_ip.clone());
+            }
+            vips.retain(|v| v != "None" && !v.is_empty());
+            if vips.is_empty() {
+                continue; // headless: clients reach pods by their own addresses
+            }
+            let mut addresses = Vec::new();
+            let mut bad = None;
+            for v in &vips {
+                match v.parse::<IpAddr>() {
+                    Ok(a) if used.contains(&a) => {
+                        bad = Some(format!("clusterIP {a} is already in use"))
+                    }
+                    Ok(a) => addresses.push(a),
+                    Err(_) => bad = Some(format!("clusterIP {v:?} is not an IP address")),
+                }
+            }
+            if let Some(reason) = bad {
+                self.reject(object, reason);
+                continue;
+            }
+            let endpoints: Vec<String> = workloads
+                .iter()
+                .filter(|(_, (w, labels))| w.namespace == ns && matches(&selector, labels))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut ports = Vec::new();
+            let mut port_err = None;
+            for p in spec.ports.iter().flatten() {
+                let Ok(port) = u16::try_from(p.port) else {
+                    port_err = Some(format!("port {} out of range", p.port));
+                    break;
+                };
+                let target = match &p.target_port {
+                    None => Some(port),
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                    Some(IntOrString::String(name)) => self.named_port(&endpoints, name),
+                };
+                match target {
+                    Some(t) => ports.push(ServicePort {
+                        port,
+                        target_port: Some(t),
+                    }),
+                    None => {
+                        port_err = Some(format!(
+                            "targetPort of port {port} does not resolve on any endpoint"
+                        ));
+                        break;
+                    }
+                }
+            }
+            if let Some(reason) = port_err {
+                self.reject(object, reason);
+                continue;
+            }
+            if ports.is_empty() {
+                continue;
+            }
+            used.extend(&addresses);
+            let svc_key = format!("{ns}/{}", svc.metadata.name.clone().unwrap_or_default());
+            for ep in &endpoints {
+                if let Some((w, _)) = workloads.get_mut(ep) {
+                    w.services.push(svc_key.clone());
+                }
+            }
+            out.push(Service {
+                name: svc.metadata.name.clone().unwrap_or_default(),
+                namespace: ns,
+                hostname: None,
+                addresses,
+                ports,
+                load_balancing: Default::default(),
+            });
+        }
+        out
+    }
+
+    /// A named targetPort, resolved on the first endpoint that declares it.
+    fn named_port(&self, endpoints: &[String], name: &str) -> Option<u16> {
+        endpoints.iter().find_map(|ep| {
+            let pod = self.state.pods.get(ep)?;
+            pod.spec.as_ref()?.containers.iter().find_map(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name))
+                    .and_then(|p| u16::try_from(p.container_port).ok())
+            })
+        })
+    }
+
+    fn policies(&mut self, workloads: &mut Workloads) -> Vec<Policy> {
+        let mut out = Vec::new();
+        for (key, ap) in &self.state.authorization_policies {
+            let object = format!("AuthorizationPolicy {key}");
+            match self.policy(key, ap) {
+                Ok(Some(mut policy)) => {
+                    if let Some(sel) = ap
+                        .spec
+                        .selector
+                        .as_ref()
+                        .filter(|s| !s.match_labels.is_empty())
+                    {
+                        policy.scope = PolicyScope::WorkloadSelector;
+                        let everywhere = policy.namespace == self.root_namespace;
+                        for (w, labels) in workloads.values_mut() {
+                            if (everywhere || w.namespace == policy.namespace)
+                                && matches(&sel.match_labels, labels)
+                            {
+                                w.authorization_policies.push(policy.key());
+                            }
+                        }
+                    } else if policy.namespace == self.root_namespace {
+                        policy.scope = PolicyScope::Global;
+                    }
+                    out.push(policy);
+                }
+                Ok(None) => {}
+                Err(reason) => self.reject(object, reason),
+            }
+        }
+        out
+    }
+
+    fn policy(&mut self, key: &str, ap: &AuthorizationPolicy) -> Result<Option<Policy>, String> {
+        if let Some(target) = ap.spec.target_refs.first() {
+            self.notes.push(format!(
+                "AuthorizationPolicy {key}: targets {} {}/{} (a waypoint's job), not enforced by ztunnel",
+                target.kind, target.group, target.name
+            ));
+            return Ok(None);
+        }
+        let action = match ap.spec.action.as_deref().unwrap_or("ALLOW") {
+            "ALLOW" => PolicyAction::Allow,
+            "DENY" => PolicyAction::Deny,
+            other @ ("AUDIT" | "CUSTOM") => {
+                self.notes.push(format!(
+                    "AuthorizationPolicy {key}: action {other} is not enforced by ztunnel"
+                ));
+                return Ok(None);
+            }
+            other => return Err(format!("unknown action {other:?}")),
+        };
+        let mut rules = Vec::new();
+        for (i, r) in ap.spec.rules.iter().flatten().enumerate() {
+            let l7 = !r.when.is_empty()
+                || r.from.iter().any(|f| f.source.has_l7())
+                || r.to.iter().any(|t| t.operation.has_l7());
+            if l7 && action == PolicyAction::Allow {
+                // ztunnel cannot see these attributes: the rule can never be
+                // proven to match, so it allows nothing (fail safe).
+                self.notes.push(format!("AuthorizationPolicy {key} rule {i}: L7 attributes; this ALLOW rule matches nothing at L4"));
+                continue;
+            }
+            if l7 {
+                // A DENY is enforced on its L4 part alone: broader, never weaker.
+                self.notes.push(format!("AuthorizationPolicy {key} rule {i}: L7 attributes ignored; DENY applies on its L4 part"));
+            }
+            let mut from = Vec::new();
+            for f in &r.from {
+                let s = &f.source;
+                from.push(SourceMatch {
+                    principals: s.principals.clone(),
+                    not_principals: s.not_principals.clone(),
+                    namespaces: s.namespaces.clone(),
+                    not_namespaces: s.not_namespaces.clone(),
+                    // At L4 the remote address is the connection's source, so
+                    // remoteIpBlocks and ipBlocks mean the same to ztunnel.
+                    ip_blocks: cidrs(&[s.ip_blocks.clone(), s.remote_ip_blocks.clone()].concat())?,
+                    not_ip_blocks: cidrs(
+                        &[s.not_ip_blocks.clone(), s.not_remote_ip_blocks.clone()].concat(),
+                    )?,
+                });
+            }
+            let mut to = Vec::new();
+            for t in &r.to {
+                to.push(DestinationMatch {
+                    ports: ports(&t.operation.ports)?,
+                    not_ports: ports(&t.operation.not_ports)?,
+                });
+            }
+            rules.push(Rule { from, to });
+        }
+        let name = ap.metadata.name.clone().unwrap_or_default();
+        let namespace = ap
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        Ok(Some(Policy {
+            name,
+            namespace,
+            scope: PolicyScope::Namespace,
+            action,
+            rules,
+        }))
+    }
+
+    fn peer_authentications(&mut self, workloads: &Workloads) -> Vec<PeerAuthentication> {
+        let mut out = Vec::new();
+        for (key, pa) in &self.state.peer_authentications {
+            match self.peer_authentication(key, pa, workloads) {
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => {}
+                Err(reason) => self.reject(format!("PeerAuthentication {key}"), reason),
+            }
+        }
+        out
+    }
+
+    fn peer_authentication(
+        &mut self,
+        key: &str,
+        pa: &IstioPeerAuthentication,
+        workloads: &Workloads,
+    ) -> Result<Option<PeerAuthentication>, String> {
+        let mode = match pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()) {
+            None | Some("UNSET") => return Ok(None),
+            Some("STRICT") => MtlsMode::Strict,
+            Some("PERMISSIVE") => MtlsMode::Permissive,
+            Some("DISABLE") => {
+                self.notes.push(format!("PeerAuthentication {key}: DISABLE is treated as PERMISSIVE (ambient always offers mTLS)"));
+                MtlsMode::Permissive
+            }
+            Some(other) => return Err(format!("unknown mtls mode {other:?}")),
+        };
+        let namespace = pa
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let mut selected = Vec::new();
+        if let Some(sel) = pa
+            .spec
+            .selector
+            .as_ref()
+            .filter(|s| !s.match_labels.is_empty())
+        {
+            let names: BTreeSet<String> = workloads
+                .values()
+                .filter(|(w, labels)| {
+                    w.namespace == namespace && matches(&sel.match_labels, labels)
+                })
+                .map(|(w, _)| w.name.clone())
+                .collect();
+            if names.is_empty() {
+                // Selecting nothing must not widen into the whole namespace.
+                return Ok(None);
+            }
+            selected.extend(names);
+        }
+        Ok(Some(PeerAuthentication {
+            name: pa.metadata.name.clone().unwrap_or_default(),
+            namespace,
+            mode,
+            workloads: selected,
+        }))
+    }
+}
+
+fn cidrs(v: &[String]) -> Result<Vec<Cidr>, String> {
+    v.iter().map(|s| s.parse::<Cidr>()).collect()
+}
+
+fn ports(v: &[String]) -> Result<Vec<u16>, String> {
+    v.iter()
+        .map(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|n| *n != 0)
+                .ok_or_else(|| format!("port {p:?} is not a port number"))
+        })
+        .collect()
+}
