@@ -12,6 +12,8 @@ use crate::netns::{veth, Netns};
 
 pub struct Pod {
     pub ns: Netns,
+    /// `namespace/name` when built from a spec, else `n<N>p<M>`.
+    pub name: String,
     pub ip: Ipv4Addr,
     /// The node-side end of the pod's veth (where outbound capture attaches).
     pub host_if: String,
@@ -44,10 +46,41 @@ fn gateway(node: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, node, 1)
 }
 
+/// A pod to create: its name, node (1-based) and address (in 198.19.<node>.0/24).
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: u8,
+    pub ip: Ipv4Addr,
+}
+
 impl Cluster {
     /// Builds `nodes` nodes (1-based) with `pods` pods each.
     pub fn build(nodes: u8, pods: u8) -> anyhow::Result<Self> {
-        anyhow::ensure!((1..=9).contains(&nodes) && pods <= 200, "unsupported size");
+        anyhow::ensure!(pods <= 200, "unsupported size");
+        let specs = (1..=nodes)
+            .flat_map(|n| {
+                (0..pods).map(move |m| PodSpec {
+                    name: format!("n{n}p{m}"),
+                    node: n,
+                    ip: pod_ip(n, m),
+                })
+            })
+            .collect::<Vec<_>>();
+        Self::build_with(nodes, &specs)
+    }
+
+    /// Builds `nodes` nodes and exactly the pods given.
+    pub fn build_with(nodes: u8, pods: &[PodSpec]) -> anyhow::Result<Self> {
+        anyhow::ensure!((1..=9).contains(&nodes), "unsupported size");
+        for p in pods {
+            anyhow::ensure!(
+                (1..=nodes).contains(&p.node) && p.ip.octets()[..3] == [198, 19, p.node],
+                "pod {} must be on a node 1..={nodes} with an address in 198.19.{}.0/24",
+                p.name,
+                p.node
+            );
+        }
         let fabric = Netns::create("fabric")?;
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
@@ -63,10 +96,10 @@ impl Cluster {
                 Ok(())
             })?;
             let mut pod_list = Vec::new();
-            for m in 0..pods {
+            for (m, spec) in pods.iter().filter(|p| p.node == n).enumerate() {
                 let pns = Netns::create(&format!("n{n}p{m}"))?;
                 let (host_if, pod_if) = veth(&ns, &pns)?;
-                let pip = pod_ip(n, m);
+                let pip = spec.ip;
                 ns.ip(&[
                     "addr",
                     "add",
@@ -90,6 +123,7 @@ impl Cluster {
                 ])?;
                 pod_list.push(Pod {
                     ns: pns,
+                    name: spec.name.clone(),
                     ip: pip,
                     host_if,
                 });
@@ -128,5 +162,13 @@ impl Cluster {
 
     pub fn pod(&self, node: u8, pod: u8) -> &Pod {
         &self.node(node).pods[usize::from(pod)]
+    }
+
+    /// A pod by the name it was built with.
+    pub fn pod_named(&self, name: &str) -> Option<&Pod> {
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.name == name)
     }
 }

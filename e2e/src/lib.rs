@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod demo;
 pub mod loopback;
 pub mod mesh;
 pub mod netns;

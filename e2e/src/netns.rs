@@ -140,6 +140,25 @@ impl Drop for Netns {
     }
 }
 
+/// Removes pin directories left behind by processes that no longer exist.
+fn cleanup_stale_pins() {
+    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in dir.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Deletes namespaces left behind by test processes that no longer exist.
 pub fn cleanup_stale() {
     let Ok(list) = ip(&["netns", "list"]) else {
@@ -187,6 +206,7 @@ pub struct PinDir(std::path::PathBuf);
 impl PinDir {
     pub fn new() -> anyhow::Result<Self> {
         ensure_bpffs()?;
+        cleanup_stale_pins();
         let p = std::path::PathBuf::from(format!(
             "/sys/fs/bpf/{PREFIX}{}-{:06x}",
             std::process::id(),
