@@ -51,7 +51,7 @@ fn pod_tcp_is_captured_with_original_destination_and_fails_closed() -> anyhow::R
         let listener = transparent_listener("0.0.0.0:15001".parse()?)?;
         let plain = TcpListener::bind("198.19.1.1:81")?;
         let mut capture = Capture::load("0.0.0.0:15001".parse()?, &pin_dir)?;
-        capture.exclude_port(81)?;
+        capture.exclude_port(None, 81, ebpf_redirect::Direction::Outbound)?;
         capture.attach(&host_if)?;
         ready_tx.send(())?;
 

@@ -71,14 +71,34 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } enrolled_pods SEC(".maps");
 
-// Destination ports (host order) that bypass capture.
+#define DIR_OUTBOUND 0
+#define DIR_INBOUND 1
+
+// Ports that bypass capture: per pod (its address) and direction; address 0
+// applies to every pod of the node.
+struct exclusion_key {
+	__u32 pod_ip; // network order, 0 = any pod
+	__u16 port;   // host order
+	__u8 direction;
+	__u8 pad;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16);
+	__uint(max_entries, 16384);
+	__type(key, struct exclusion_key);
 	__type(value, __u8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } excluded_ports SEC(".maps");
+
+static __always_inline int excluded(__u32 pod_ip, __u16 port, __u8 direction)
+{
+	struct exclusion_key k = {.pod_ip = pod_ip, .port = port, .direction = direction};
+	if (bpf_map_lookup_elem(&excluded_ports, &k))
+		return 1;
+	k.pod_ip = 0;
+	return bpf_map_lookup_elem(&excluded_ports, &k) != 0;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -156,6 +176,10 @@ int capture_inbound(struct __sk_buff *skb)
 	struct tcphdr *tcp = (void *)ip + ihl;
 	if ((void *)(tcp + 1) > end)
 		return TC_ACT_OK;
+	if (excluded(ip->daddr, bpf_ntohs(tcp->dest), DIR_INBOUND)) {
+		count(STAT_EXCLUDED);
+		return TC_ACT_OK;
+	}
 
 	struct bpf_sock_tuple tuple = {};
 	tuple.ipv4.saddr = ip->saddr;
@@ -202,8 +226,7 @@ int capture_outbound(struct __sk_buff *skb)
 	if ((void *)(tcp + 1) > end)
 		return TC_ACT_OK;
 
-	__u16 dport = bpf_ntohs(tcp->dest);
-	if (bpf_map_lookup_elem(&excluded_ports, &dport)) {
+	if (excluded(ip->saddr, bpf_ntohs(tcp->dest), DIR_OUTBOUND)) {
 		count(STAT_EXCLUDED);
 		return TC_ACT_OK;
 	}

@@ -54,6 +54,37 @@ struct CaptureConfig {
 // (the explicit `pad` field covers them).
 unsafe impl aya::Pod for CaptureConfig {}
 
+/// Which way a connection goes, relative to the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound = 0,
+    Inbound = 1,
+}
+
+/// Mirrors `struct exclusion_key` in `bpf/capture.c`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ExclusionKey {
+    pod_ip: u32,
+    port: u16,
+    direction: u8,
+    pad: u8,
+}
+
+impl ExclusionKey {
+    fn new(pod: Option<std::net::Ipv4Addr>, port: u16, direction: Direction) -> Self {
+        ExclusionKey {
+            pod_ip: pod.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+            port,
+            direction: direction as u8,
+            pad: 0,
+        }
+    }
+}
+
+// SAFETY: C layout, no implicit padding (the explicit `pad` covers it).
+unsafe impl aya::Pod for ExclusionKey {}
+
 /// Counters kept by the program (summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CaptureStats {
@@ -255,17 +286,60 @@ impl Capture {
         BpfHashMap::try_from(map).map_err(|e| CaptureError::Map("enrolled_pods", e.to_string()))
     }
 
-    /// Lets connections to `port` bypass capture.
-    pub fn exclude_port(&mut self, port: u16) -> Result<(), CaptureError> {
+    /// Lets connections to `port` bypass capture, for `pod` (or, with
+    /// `None`, every pod of the node) in `direction`.
+    pub fn exclude_port(
+        &mut self,
+        pod: Option<std::net::Ipv4Addr>,
+        port: u16,
+        direction: Direction,
+    ) -> Result<(), CaptureError> {
+        self.exclusions()?
+            .insert(ExclusionKey::new(pod, port, direction), 1, 0)
+            .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))
+    }
+
+    /// Makes `pod`'s exclusions exactly `ports` (outbound, inbound).
+    pub fn set_exclusions(
+        &mut self,
+        pod: std::net::Ipv4Addr,
+        outbound: &[u16],
+        inbound: &[u16],
+    ) -> Result<(), CaptureError> {
+        let want: std::collections::HashSet<ExclusionKey> = outbound
+            .iter()
+            .map(|p| ExclusionKey::new(Some(pod), *p, Direction::Outbound))
+            .chain(
+                inbound
+                    .iter()
+                    .map(|p| ExclusionKey::new(Some(pod), *p, Direction::Inbound)),
+            )
+            .collect();
+        let mut map = self.exclusions()?;
+        let pod_key = u32::from_ne_bytes(pod.octets());
+        let stale: Vec<ExclusionKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_ip == pod_key && !want.contains(k))
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        for k in want {
+            map.insert(k, 1, 0)
+                .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn exclusions(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, ExclusionKey, u8>, CaptureError> {
         let map = self
             .ebpf
             .map_mut("excluded_ports")
             .ok_or_else(|| CaptureError::Map("excluded_ports", "missing".into()))?;
-        let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(map)
-            .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))?;
-        ports
-            .insert(port, 1, 0)
-            .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))
+        BpfHashMap::try_from(map).map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))
     }
 
     /// Attaches the outbound program at tc ingress of `interface` (the host

@@ -1,17 +1,14 @@
 //! eBPF capture of enrolled pods' TCP into the node's ztunnel.
 //!
-//! So far: the outbound capture program (C, `bpf/capture.c`, built by clang
-//! from `build.rs`), its aya loader ([`Capture`]), node routing for marked
-//! packets, and per-pod port exclusions read from pod annotations. Inbound
-//! capture, pinning, enrollment from the control plane and ztunnel
-//! integration arrive with the rest of the eBPF issue.
+//! The capture programs (C, `bpf/capture.c`, built by clang from `build.rs`),
+//! their aya loader ([`Capture`]: pinned maps and links, enrollment, per-pod
+//! port exclusions) and node routing for marked packets. See docs/capture.md.
 
 pub mod capture;
-pub mod exclusions;
 
 pub use capture::{
     ingress_programs, interface_for, program_loaded, setup_node_routing, Capture, CaptureError,
-    CaptureStats,
+    CaptureStats, Direction,
 };
 
 /// `skb->mark` set on every packet assigned to a ztunnel socket, routed by

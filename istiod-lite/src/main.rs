@@ -7,6 +7,7 @@
 //! CA, the Kubernetes source and the xDS server build on these.
 
 mod ca_store;
+mod exclusions;
 mod istio_types;
 mod sources;
 mod translate;

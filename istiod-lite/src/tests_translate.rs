@@ -295,3 +295,49 @@ fn bundled_demo_manifests_render() {
     let rendered = serde_yaml::to_string(&t.config).expect("serializes");
     parse_mesh_config(&rendered).expect("ztunnel accepts the rendered demo config");
 }
+
+#[test]
+fn exclusion_annotations_become_workload_ports() {
+    let annotated = |name: &str, ip: &str, annotations: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, annotations: {{{annotations}}}}}\n\
+             spec: {{nodeName: node1, containers: [{{name: app}}]}}\nstatus: {{podIP: \"{ip}\"}}\n"
+        )
+    };
+    let yaml = [
+        NAMESPACES.to_string(),
+        annotated(
+            "db",
+            "198.19.1.60",
+            "ambit.dev/exclude-ports: \"22\", traffic.sidecar.istio.io/excludeInboundPorts: \"5432\"",
+        ),
+        annotated("typo", "198.19.1.61", "ambit.dev/exclude-ports: \"ssh\""),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let db = t
+        .config
+        .workloads
+        .iter()
+        .find(|w| w.name == "db")
+        .expect("db enrolled");
+    assert_eq!(db.excluded_outbound_ports, [22]);
+    assert_eq!(db.excluded_inbound_ports, [22, 5432]);
+    let typo = t
+        .config
+        .workloads
+        .iter()
+        .find(|w| w.name == "typo")
+        .expect("still enrolled");
+    assert!(
+        typo.excluded_outbound_ports.is_empty(),
+        "a bad annotation excludes nothing"
+    );
+    assert!(
+        t.rejected
+            .iter()
+            .any(|r| r.to_string().contains("\"ssh\" is not a port number")),
+        "{:?}",
+        t.rejected
+    );
+}

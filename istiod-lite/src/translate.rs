@@ -12,6 +12,7 @@ use mesh_core::config::{
     PolicyScope, Rule, Service, ServicePort, SourceMatch, Workload,
 };
 
+use crate::exclusions::ExcludedPorts;
 use crate::istio_types::{AuthorizationPolicy, PeerAuthentication as IstioPeerAuthentication};
 use crate::sources::{ClusterState, Rejected};
 
@@ -159,7 +160,25 @@ impl Translator<'_> {
                 addresses,
                 services: Vec::new(),
                 authorization_policies: Vec::new(),
+                excluded_outbound_ports: Vec::new(),
+                excluded_inbound_ports: Vec::new(),
             };
+            let mut workload = workload;
+            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+            match ExcludedPorts::from_annotations(
+                annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ) {
+                Ok(ex) => {
+                    workload.excluded_outbound_ports = ex.outbound.into_iter().collect();
+                    workload.excluded_inbound_ports = ex.inbound.into_iter().collect();
+                }
+                // Fail safe: a bad exclusion captures everything rather than
+                // guessing which ports were meant.
+                Err(e) => self.reject(
+                    format!("Pod {key} annotation"),
+                    format!("{e}; no ports excluded"),
+                ),
+            }
             let labels = pod.metadata.labels.clone().unwrap_or_default();
             out.insert(key.clone(), (workload, labels));
         }

@@ -137,6 +137,19 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
             state.metrics.failure("capture", "enroll_failed");
         }
     }
+    for w in mesh.local_workloads(state.node()) {
+        for ip in &w.workload.addresses {
+            let IpAddr::V4(v4) = ip else { continue };
+            let (out, inb) = (
+                &w.workload.excluded_outbound_ports,
+                &w.workload.excluded_inbound_ports,
+            );
+            if let Err(e) = capture.set_exclusions(*v4, out, inb) {
+                tracing::error!(workload = %w.key(), "setting port exclusions failed: {e}");
+                state.metrics.failure("capture", "exclusions_failed");
+            }
+        }
+    }
     state
         .metrics
         .capture_interfaces

@@ -50,6 +50,13 @@ pub struct Workload {
     /// Policies of scope `WorkloadSelector` that select this workload, as `namespace/name`.
     #[serde(default)]
     pub authorization_policies: Vec<String>,
+    /// Destination ports of the workload's own connections that bypass capture
+    /// (from pod annotations; an Ambit extension of Istio's model).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_outbound_ports: Vec<u16>,
+    /// Ports of the workload that incoming connections reach without capture.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_inbound_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
