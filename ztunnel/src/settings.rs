@@ -139,8 +139,8 @@ pub struct Settings {
     #[arg(long)]
     pub capture_uplink: Option<String>,
 
-    /// With --capture: connect to local workloads from the client's own IP
-    /// (the application sees its real peer).
+    /// With --capture or --transparent: connect to local workloads from the
+    /// client's own IP (the application sees its real peer).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub preserve_source_ip: bool,
 
@@ -188,7 +188,9 @@ pub struct Settings {
 impl Settings {
     /// Source address for connections to local workloads on behalf of `client`.
     pub fn upstream_source(&self, client: std::net::IpAddr) -> Option<std::net::IpAddr> {
-        (self.capture && self.preserve_source_ip).then_some(client)
+        // Needs capture of the replies: eBPF (--capture) or an external
+        // TPROXY setup (--transparent).
+        ((self.capture || self.transparent) && self.preserve_source_ip).then_some(client)
     }
 
     /// Measured on 2-CPU nodes: one worker beats two on every benchmark figure

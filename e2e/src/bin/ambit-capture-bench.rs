@@ -1,0 +1,515 @@
+//! Capture benchmark (root): in a two-node namespace cluster, one run each of
+//! direct pod-to-pod, the mesh with eBPF capture, and the same mesh with
+//! iptables TPROXY capture (the sidecar-era mechanism). Prints throughput,
+//! connections/s, 1 KiB echo latency and machine CPU per GB with ratios.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use e2e::cluster::{Cluster, Pod};
+use e2e::mesh::TempDir;
+use e2e::netns::{is_root, PinDir};
+use e2e::process::Ztunnel;
+use e2e::Pki;
+
+#[derive(Parser)]
+#[command(
+    name = "ambit-capture-bench",
+    about = "direct vs eBPF capture vs iptables TPROXY, in namespaces"
+)]
+struct Args {
+    /// Seconds per throughput and connection-rate measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Concurrent clients for connections/s.
+    #[arg(long, default_value_t = 8)]
+    conn_clients: usize,
+    /// Round trips for the latency figures.
+    #[arg(long, default_value_t = 10_000)]
+    echo_requests: usize,
+    /// Rounds of (direct, eBPF, iptables); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    mb_s: f64,
+    conns_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_s_per_gb: f64,
+}
+
+/// Busy CPU time of the whole machine, in seconds (from /proc/stat).
+fn busy_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: f64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (total - idle) / hz.max(1.0)
+}
+
+/// Servers in the server pod: 9000 sink (replies with the byte count), 9001
+/// echo, 9002 one-byte echo then close.
+fn start_servers(server: &Pod, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    for port in [9000u16, 9001, 9002] {
+        let addr = SocketAddr::new(server.ip.into(), port);
+        let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    break;
+                };
+                std::thread::spawn(move || {
+                    let _ = s.set_nodelay(true);
+                    let mut buf = vec![0u8; 256 * 1024];
+                    match port {
+                        9000 => {
+                            let mut n = 0u64;
+                            while let Ok(k) = s.read(&mut buf) {
+                                if k == 0 {
+                                    break;
+                                }
+                                n += k as u64;
+                            }
+                            let _ = s.write_all(&n.to_be_bytes());
+                        }
+                        9001 => {
+                            while let Ok(k) = s.read(&mut buf) {
+                                if k == 0 || s.write_all(&buf[..k]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        _ => {
+                            if let Ok(k) = s.read(&mut buf[..1]) {
+                                let _ = s.write_all(&buf[..k]);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+fn measure(client: &Pod, server: &Pod, args: &Args) -> anyhow::Result<Figures> {
+    let ip = server.ip;
+    let secs = args.seconds;
+    // (a) bulk, one stream; machine CPU over the same interval.
+    let cpu0 = busy_cpu_seconds();
+    let (bytes, elapsed) = client.ns.run(move || {
+        let start = Instant::now();
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::new(ip.into(), 9000), Duration::from_secs(5))?;
+        let buf = vec![0x5au8; 256 * 1024];
+        while start.elapsed().as_secs_f64() < secs {
+            s.write_all(&buf)?;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut n = [0u8; 8];
+        s.read_exact(&mut n)?;
+        Ok((u64::from_be_bytes(n), start.elapsed().as_secs_f64()))
+    })?;
+    let cpu = busy_cpu_seconds() - cpu0;
+    let gb = bytes as f64 / 1e9;
+
+    // (c) connections per second.
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut threads = Vec::new();
+    for _ in 0..args.conn_clients {
+        let done = done.clone();
+        let path = format!("/run/netns/{}", client.ns.name());
+        threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            enter(&path)?;
+            while start.elapsed().as_secs_f64() < secs {
+                let mut s = TcpStream::connect_timeout(
+                    &SocketAddr::new(ip.into(), 9002),
+                    Duration::from_secs(5),
+                )?;
+                s.write_all(b"x")?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest)?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    let conns_s = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+
+    // (d) 1 KiB echo latency.
+    let n = args.echo_requests;
+    let (p50, p99) = client.ns.run(move || {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::new(ip.into(), 9001), Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        let req = [0xa5u8; 1024];
+        let mut resp = [0u8; 1024];
+        for _ in 0..100 {
+            s.write_all(&req)?;
+            s.read_exact(&mut resp)?;
+        }
+        let mut samples = Vec::with_capacity(n);
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        while samples.len() < n && Instant::now() < deadline {
+            let t = Instant::now();
+            s.write_all(&req)?;
+            s.read_exact(&mut resp)?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        samples.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+        Ok((pct(0.5), pct(0.99)))
+    })?;
+    Ok(Figures {
+        mb_s: bytes as f64 / elapsed / 1e6,
+        conns_s,
+        p50_us: p50,
+        p99_us: p99,
+        cpu_s_per_gb: cpu / gb.max(1e-9),
+    })
+}
+
+fn enter(path: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns affects only the calling thread.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn iptables(node: &e2e::cluster::Node, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.ns.name()))
+        .arg("--")
+        .arg("iptables")
+        .args(args)
+        .output()
+        .context("running iptables (apt-get install -y iptables)")?;
+    if !out.status.success() {
+        bail!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// TPROXY capture equivalent to the eBPF programs, for the node's pods.
+/// (`-m socket` without `--transparent`: with it, replies to ztunnel's
+/// source-preserving upstream sockets were not matched and connects timed out.)
+fn install_tproxy(node: &e2e::cluster::Node) -> anyhow::Result<()> {
+    node.ns.run(|| Ok(ebpf_redirect::setup_node_routing()?))?;
+    let mark = "0x539";
+    for pod in &node.pods {
+        let i = pod.host_if.as_str();
+        iptables(
+            node,
+            &[
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                i,
+                "-p",
+                "tcp",
+                "-m",
+                "socket",
+                "-j",
+                "MARK",
+                "--set-mark",
+                mark,
+            ],
+        )?;
+        iptables(
+            node,
+            &[
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                i,
+                "-p",
+                "tcp",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                mark,
+                "-j",
+                "TPROXY",
+                "--on-port",
+                "15001",
+                "--on-ip",
+                "0.0.0.0",
+                "--tproxy-mark",
+                mark,
+            ],
+        )?;
+        let d = pod.ip.to_string();
+        let up = node.uplink.as_str();
+        iptables(
+            node,
+            &[
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                up,
+                "-d",
+                &d,
+                "-p",
+                "tcp",
+                "-m",
+                "socket",
+                "-j",
+                "MARK",
+                "--set-mark",
+                mark,
+            ],
+        )?;
+        iptables(
+            node,
+            &[
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                up,
+                "-d",
+                &d,
+                "-p",
+                "tcp",
+                "--dport",
+                "15008",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                mark,
+                "-j",
+                "TPROXY",
+                "--on-port",
+                "15008",
+                "--on-ip",
+                "0.0.0.0",
+                "--tproxy-mark",
+                mark,
+            ],
+        )?;
+        iptables(
+            node,
+            &[
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                up,
+                "-d",
+                &d,
+                "-p",
+                "tcp",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                mark,
+                "-j",
+                "TPROXY",
+                "--on-port",
+                "15006",
+                "--on-ip",
+                "0.0.0.0",
+                "--tproxy-mark",
+                mark,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn start_mesh(
+    cluster: &Cluster,
+    dir: &TempDir,
+    config: &std::path::Path,
+    pki: &Pki,
+    extra: &dyn Fn(u8) -> Vec<String>,
+) -> anyhow::Result<Vec<Ztunnel>> {
+    let mut zs = Vec::new();
+    for (n, sa) in [(1u8, "client"), (2u8, "server")] {
+        let certs = dir.path().join(format!("certs{n}"));
+        pki.write_root(&certs)?;
+        pki.write_cert(&certs, &Pki::identity("bench", sa))?;
+        let node = cluster.node(n);
+        let args = extra(n);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        zs.push(Ztunnel::spawn_in_netns(
+            node.ns.name(),
+            dir.path(),
+            config,
+            &certs,
+            &format!("node{n}"),
+            node.ip.into(),
+            &args,
+        )?);
+    }
+    Ok(zs)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !is_root() {
+        bail!("ambit-capture-bench needs root (network namespaces, eBPF, iptables)");
+    }
+    let dir = TempDir::new("ambit-capture-bench")?;
+    let pki = Pki::new()?;
+    println!(
+        "ambit-capture-bench: 2 nodes in namespaces, {} s per case, median of {} rounds",
+        args.seconds, args.rounds
+    );
+    let mut runs: [Vec<Figures>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..args.rounds.max(1) {
+        eprint!("round {}:", round + 1);
+        for (mode, name) in ["direct", "eBPF", "iptables TPROXY"]
+            .into_iter()
+            .enumerate()
+        {
+            eprint!(" {name}...");
+            // A fresh cluster per run: no state (conntrack, routes, pins) carries over.
+            let cluster = Cluster::build(2, 1)?;
+            let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
+            let stop = Arc::new(AtomicBool::new(false));
+            start_servers(server, stop.clone())?;
+            let config = dir.path().join("mesh.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "workloads:\n\
+                     - {{name: client, namespace: bench, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
+                     - {{name: server, namespace: bench, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
+                    client.ip, server.ip
+                ),
+            )?;
+            let figures = match mode {
+                0 => measure(client, server, &args)?,
+                1 => {
+                    let pins = PinDir::new()?;
+                    let pin = pins.path().display().to_string();
+                    let extra = |n: u8| {
+                        let up = cluster.node(n).uplink.clone();
+                        vec![
+                            "--capture".into(),
+                            "--capture-uplink".into(),
+                            up,
+                            "--bpf-pin-dir".into(),
+                            pin.clone(),
+                        ]
+                    };
+                    let zs = start_mesh(&cluster, &dir, &config, &pki, &extra)?;
+                    for z in &zs {
+                        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+                    }
+                    let f = measure(client, server, &args)?;
+                    drop(zs);
+                    f
+                }
+                _ => {
+                    for n in 1..=2 {
+                        install_tproxy(cluster.node(n))?;
+                    }
+                    let extra = |_: u8| vec!["--transparent".to_string()];
+                    let zs = start_mesh(&cluster, &dir, &config, &pki, &extra)?;
+                    let f = measure(client, server, &args)?;
+                    drop(zs);
+                    f
+                }
+            };
+            stop.store(true, Ordering::Relaxed);
+            runs[mode].push(figures);
+        }
+        eprintln!();
+    }
+    let median = |v: &[Figures], f: fn(&Figures) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(|a, b| a.total_cmp(b));
+        x[x.len() / 2]
+    };
+    let pick = |v: &[Figures]| Figures {
+        mb_s: median(v, |f| f.mb_s),
+        conns_s: median(v, |f| f.conns_s),
+        p50_us: median(v, |f| f.p50_us),
+        p99_us: median(v, |f| f.p99_us),
+        cpu_s_per_gb: median(v, |f| f.cpu_s_per_gb),
+    };
+    let (direct, ebpf, tproxy) = (pick(&runs[0]), pick(&runs[1]), pick(&runs[2]));
+
+    println!(
+        "\n{:<28} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}",
+        "figure", "direct", "eBPF", "iptables", "eBPF/d", "ipt/d", "eBPF/ipt"
+    );
+    println!("{}", "-".repeat(90));
+    let row = |name: &str, d: f64, e: f64, i: f64| {
+        println!(
+            "{name:<28} {d:>10.1} {e:>10.1} {i:>10.1} {:>8.2} {:>8.2} {:>10.2}",
+            e / d,
+            i / d,
+            e / i
+        );
+    };
+    row("bulk, 1 stream (MB/s)", direct.mb_s, ebpf.mb_s, tproxy.mb_s);
+    row(
+        "connections/s",
+        direct.conns_s,
+        ebpf.conns_s,
+        tproxy.conns_s,
+    );
+    row(
+        "1 KiB echo p50 (us)",
+        direct.p50_us,
+        ebpf.p50_us,
+        tproxy.p50_us,
+    );
+    row(
+        "1 KiB echo p99 (us)",
+        direct.p99_us,
+        ebpf.p99_us,
+        tproxy.p99_us,
+    );
+    row(
+        "CPU s per GB (machine)",
+        direct.cpu_s_per_gb,
+        ebpf.cpu_s_per_gb,
+        tproxy.cpu_s_per_gb,
+    );
+    println!("\nHigher is better for MB/s and connections/s, lower for latency and CPU.");
+    Ok(())
+}
