@@ -21,6 +21,11 @@ struct Args {
     /// Use the loopback demo even as root.
     #[arg(long)]
     loopback: bool,
+    /// Build the namespace cluster from these manifests instead of
+    /// examples/demo (pods give spec.nodeName nodeN and status.podIP in
+    /// 198.19.N.0/24; the report expects the demo's client and reviews pods).
+    #[arg(long)]
+    manifests: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -29,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
     let demo = DemoArgs {
         keep: args.keep,
         requests: args.requests,
+        manifests: args.manifests,
     };
     if args.loopback {
         return loopback::run(&demo).await;

@@ -11,4 +11,6 @@ pub struct DemoArgs {
     pub keep: bool,
     /// Requests the client sends.
     pub requests: usize,
+    /// Manifests for the namespace demo (default: the bundled examples/demo).
+    pub manifests: Option<std::path::PathBuf>,
 }

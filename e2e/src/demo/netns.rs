@@ -134,7 +134,7 @@ fn curl(pod: &Pod, url: &str) -> (bool, String) {
 }
 
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    let manifests = manifests_dir();
+    let manifests = args.manifests.clone().unwrap_or_else(manifests_dir);
     println!(
         "Ambit demo: two nodes in network namespaces, eBPF capture, manifests from {}",
         manifests.display()
@@ -182,11 +182,12 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     // The cluster and one capturing ztunnel per node.
     let specs: Vec<PodSpec> = pods.iter().map(|(s, _, _)| s.clone()).collect();
-    let cluster = Cluster::build_with(2, &specs)?;
+    let nodes = specs.iter().map(|s| s.node).max().unwrap_or(1).max(2);
+    let cluster = Cluster::build_with(nodes, &specs)?;
     let pins = PinDir::new()?;
     let pin_arg = pins.path().display().to_string();
     let mut ztunnels = Vec::new();
-    for n in 1..=2u8 {
+    for n in 1..=nodes {
         let node = cluster.node(n);
         let certs = dir.path().join(format!("certs-node{n}"));
         std::fs::create_dir_all(&certs)?;
