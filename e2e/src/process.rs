@@ -79,6 +79,37 @@ impl Ztunnel {
         Self::launch(Some(netns), dir, config, certs, node, ip, &args)
     }
 
+    /// A ztunnel capturing with eBPF on `node` of a namespace cluster, inbound
+    /// (its uplink) too, pinning under `pin_dir`; returns once capture is in place.
+    pub fn spawn_capturing(
+        node: &crate::cluster::Node,
+        dir: &Path,
+        config: &Path,
+        certs: &Path,
+        pin_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let pin = pin_dir.display().to_string();
+        let args = [
+            "--capture",
+            "--capture-uplink",
+            node.uplink.as_str(),
+            "--bpf-pin-dir",
+            pin.as_str(),
+        ];
+        let name = format!("node{}", node.index);
+        let z = Self::spawn_in_netns(
+            node.ns.name(),
+            dir,
+            config,
+            certs,
+            &name,
+            node.ip.into(),
+            &args,
+        )?;
+        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+        Ok(z)
+    }
+
     fn launch(
         netns: Option<&str>,
         dir: &Path,
@@ -285,19 +316,4 @@ pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Raises the open-file soft limit to the hard limit (tests open thousands of sockets).
-pub fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }

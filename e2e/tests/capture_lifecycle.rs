@@ -44,29 +44,12 @@ fn fail_closed_restart_and_clean_unenroll() -> anyhow::Result<()> {
     std::fs::write(&config, &enrolled)?;
     let pki = Pki::new()?;
     let pins = PinDir::new()?;
-    let pin_arg = pins.path().display().to_string();
     let start = |n: u8, sa: &str| -> anyhow::Result<Ztunnel> {
         let certs = dir.path().join(format!("certs{n}"));
         pki.write_root(&certs)?;
         pki.write_cert(&certs, &Pki::identity("demo", sa))?;
         let node = cluster.node(n);
-        let args = [
-            "--capture",
-            "--capture-uplink",
-            node.uplink.as_str(),
-            "--bpf-pin-dir",
-            pin_arg.as_str(),
-        ];
-        let z = Ztunnel::spawn_in_netns(
-            node.ns.name(),
-            dir.path(),
-            &config,
-            &certs,
-            &format!("node{n}"),
-            node.ip.into(),
-            &args,
-        )?;
-        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+        let z = Ztunnel::spawn_capturing(node, dir.path(), &config, &certs, pins.path())?;
         Ok(z)
     };
     let mut z1 = start(1, "client")?;

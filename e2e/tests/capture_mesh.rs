@@ -36,30 +36,13 @@ fn pod_to_pod_across_nodes_is_mtls_and_keeps_the_client_ip() -> anyhow::Result<(
     )?;
     let pki = Pki::new()?;
     let pins = e2e::netns::PinDir::new()?;
-    let pin_arg = pins.path().display().to_string();
     let mut ztunnels = Vec::new();
     for (n, sa) in [(1u8, "client"), (2u8, "server")] {
         let certs = dir.path().join(format!("certs{n}"));
         pki.write_root(&certs)?;
         pki.write_cert(&certs, &Pki::identity("demo", sa))?;
         let node = cluster.node(n);
-        let args = [
-            "--capture",
-            "--capture-uplink",
-            node.uplink.as_str(),
-            "--bpf-pin-dir",
-            pin_arg.as_str(),
-        ];
-        let z = Ztunnel::spawn_in_netns(
-            node.ns.name(),
-            dir.path(),
-            &config,
-            &certs,
-            &format!("node{n}"),
-            node.ip.into(),
-            &args,
-        )?;
-        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+        let z = Ztunnel::spawn_capturing(node, dir.path(), &config, &certs, pins.path())?;
         ztunnels.push(z);
     }
 

@@ -79,7 +79,6 @@ peerAuthentications:
     )?;
     let pki = Pki::new()?;
     let pins = e2e::netns::PinDir::new()?;
-    let pin_arg = pins.path().display().to_string();
     let mut ztunnels = Vec::new();
     for (n, sas) in [(1u8, ["client", "web"]), (2u8, ["server", "open"])] {
         let certs = dir.path().join(format!("certs{n}"));
@@ -88,23 +87,7 @@ peerAuthentications:
             pki.write_cert(&certs, &Pki::identity("demo", sa))?;
         }
         let node = cluster.node(n);
-        let args = [
-            "--capture",
-            "--capture-uplink",
-            node.uplink.as_str(),
-            "--bpf-pin-dir",
-            pin_arg.as_str(),
-        ];
-        let z = Ztunnel::spawn_in_netns(
-            node.ns.name(),
-            dir.path(),
-            &config,
-            &certs,
-            &format!("node{n}"),
-            node.ip.into(),
-            &args,
-        )?;
-        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+        let z = Ztunnel::spawn_capturing(node, dir.path(), &config, &certs, pins.path())?;
         ztunnels.push(z);
     }
     let (z1, z2) = (&ztunnels[0], &ztunnels[1]);

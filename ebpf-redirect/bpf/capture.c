@@ -155,8 +155,9 @@ static __always_inline int to_listener(struct __sk_buff *skb, struct iphdr *ip, 
 	return assign(skb, sk, stat);
 }
 
-SEC("classifier")
-int capture_inbound(struct __sk_buff *skb)
+// Both programs: `direction` is a constant after inlining, so each program is
+// straight-line code for the verifier.
+static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -167,8 +168,10 @@ int capture_inbound(struct __sk_buff *skb)
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
 		return TC_ACT_OK;
-	__u32 daddr = ip->daddr;
-	if (!bpf_map_lookup_elem(&enrolled_pods, &daddr))
+	// Outbound: the pod is the sender (the program sits on its veth).
+	// Inbound: only traffic for enrolled pods; the node's own passes.
+	__u32 pod = direction == DIR_OUTBOUND ? ip->saddr : ip->daddr;
+	if (direction == DIR_INBOUND && !bpf_map_lookup_elem(&enrolled_pods, &pod))
 		return TC_ACT_OK;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
@@ -176,7 +179,7 @@ int capture_inbound(struct __sk_buff *skb)
 	struct tcphdr *tcp = (void *)ip + ihl;
 	if ((void *)(tcp + 1) > end)
 		return TC_ACT_OK;
-	if (excluded(ip->daddr, bpf_ntohs(tcp->dest), DIR_INBOUND)) {
+	if (excluded(pod, bpf_ntohs(tcp->dest), direction)) {
 		count(STAT_EXCLUDED);
 		return TC_ACT_OK;
 	}
@@ -186,57 +189,6 @@ int capture_inbound(struct __sk_buff *skb)
 	tuple.ipv4.daddr = ip->daddr;
 	tuple.ipv4.sport = tcp->source;
 	tuple.ipv4.dport = tcp->dest;
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	if (sk) {
-		if (sk->state != BPF_TCP_LISTEN)
-			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
-		bpf_sk_release(sk);
-	}
-	if (!(tcp->syn && !tcp->ack)) {
-		count(STAT_PASSED);
-		return TC_ACT_OK;
-	}
-	__u32 zero = 0;
-	struct capture_config *cfg = bpf_map_lookup_elem(&capture_config, &zero);
-	if (!cfg) {
-		count(STAT_DROPPED_NO_LISTENER);
-		return TC_ACT_SHOT;
-	}
-	if (cfg->hbone_port && tcp->dest == cfg->hbone_port)
-		return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->hbone_port, STAT_INBOUND_HBONE);
-	return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->plaintext_port, STAT_INBOUND_PLAINTEXT);
-}
-
-SEC("classifier")
-int capture_outbound(struct __sk_buff *skb)
-{
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
-		return TC_ACT_OK;
-	__u32 ihl = ip->ihl * 4;
-	if (ihl < sizeof(*ip))
-		return TC_ACT_OK;
-	struct tcphdr *tcp = (void *)ip + ihl;
-	if ((void *)(tcp + 1) > end)
-		return TC_ACT_OK;
-
-	if (excluded(ip->saddr, bpf_ntohs(tcp->dest), DIR_OUTBOUND)) {
-		count(STAT_EXCLUDED);
-		return TC_ACT_OK;
-	}
-
-	struct bpf_sock_tuple tuple = {};
-	tuple.ipv4.saddr = ip->saddr;
-	tuple.ipv4.daddr = ip->daddr;
-	tuple.ipv4.sport = tcp->source;
-	tuple.ipv4.dport = tcp->dest;
-
 	// Pitfall: skc (not sk) lookup, so a half-open connection finds its
 	// request socket rather than the listener; TIME_WAIT sockets too.
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
@@ -245,7 +197,6 @@ int capture_outbound(struct __sk_buff *skb)
 			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
 		bpf_sk_release(sk);
 	}
-
 	if (!(tcp->syn && !tcp->ack)) {
 		count(STAT_PASSED);
 		return TC_ACT_OK;
@@ -257,7 +208,23 @@ int capture_outbound(struct __sk_buff *skb)
 		count(STAT_DROPPED_NO_LISTENER);
 		return TC_ACT_SHOT;
 	}
-	return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->listener_port, STAT_CAPTURED_NEW);
+	if (direction == DIR_OUTBOUND)
+		return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->listener_port, STAT_CAPTURED_NEW);
+	if (cfg->hbone_port && tcp->dest == cfg->hbone_port)
+		return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->hbone_port, STAT_INBOUND_HBONE);
+	return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->plaintext_port, STAT_INBOUND_PLAINTEXT);
+}
+
+SEC("classifier")
+int capture_inbound(struct __sk_buff *skb)
+{
+	return capture(skb, DIR_INBOUND);
+}
+
+SEC("classifier")
+int capture_outbound(struct __sk_buff *skb)
+{
+	return capture(skb, DIR_OUTBOUND);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

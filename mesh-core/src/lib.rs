@@ -12,6 +12,7 @@ pub mod ca;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod sys;
 pub mod tls;
 
 pub use identity::Identity;

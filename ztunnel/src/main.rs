@@ -8,7 +8,7 @@ use ztunnel::settings::Settings;
 
 fn main() {
     let settings = Settings::parse();
-    ztunnel::socket::raise_fd_limit();
+    mesh_core::sys::raise_fd_limit();
     let filter = match EnvFilter::try_new(&settings.log_level) {
         Ok(f) => f,
         Err(e) => {

@@ -67,19 +67,3 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
         v4 => v4,
     }
 }
-
-/// Raises the open-file soft limit to the hard limit: a node proxy holds two
-/// sockets per proxied connection.
-pub fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}

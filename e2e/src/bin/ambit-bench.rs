@@ -282,7 +282,7 @@ fn server_runtime() -> anyhow::Result<tokio::runtime::Handle> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    e2e::process::raise_fd_limit();
+    mesh_core::sys::raise_fd_limit();
     let mut extra = Vec::new();
     let (w, f) = (
         args.h2_stream_window.map(|v| v.to_string()),

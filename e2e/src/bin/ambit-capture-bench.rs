@@ -225,134 +225,29 @@ fn iptables(node: &e2e::cluster::Node, args: &[&str]) -> anyhow::Result<()> {
 fn install_tproxy(node: &e2e::cluster::Node) -> anyhow::Result<()> {
     node.ns.run(|| Ok(ebpf_redirect::setup_node_routing()?))?;
     let mark = "0x539";
+    let up = node.uplink.as_str();
     for pod in &node.pods {
-        let i = pod.host_if.as_str();
-        iptables(
-            node,
-            &[
-                "-t",
-                "mangle",
-                "-A",
-                "PREROUTING",
-                "-i",
-                i,
-                "-p",
-                "tcp",
-                "-m",
-                "socket",
-                "-j",
-                "MARK",
-                "--set-mark",
-                mark,
-            ],
-        )?;
-        iptables(
-            node,
-            &[
-                "-t",
-                "mangle",
-                "-A",
-                "PREROUTING",
-                "-i",
-                i,
-                "-p",
-                "tcp",
-                "-m",
-                "mark",
-                "!",
-                "--mark",
-                mark,
-                "-j",
-                "TPROXY",
-                "--on-port",
-                "15001",
-                "--on-ip",
-                "0.0.0.0",
-                "--tproxy-mark",
-                mark,
-            ],
-        )?;
-        let d = pod.ip.to_string();
-        let up = node.uplink.as_str();
-        iptables(
-            node,
-            &[
-                "-t",
-                "mangle",
-                "-A",
-                "PREROUTING",
-                "-i",
-                up,
-                "-d",
-                &d,
-                "-p",
-                "tcp",
-                "-m",
-                "socket",
-                "-j",
-                "MARK",
-                "--set-mark",
-                mark,
-            ],
-        )?;
-        iptables(
-            node,
-            &[
-                "-t",
-                "mangle",
-                "-A",
-                "PREROUTING",
-                "-i",
-                up,
-                "-d",
-                &d,
-                "-p",
-                "tcp",
-                "--dport",
-                "15008",
-                "-m",
-                "mark",
-                "!",
-                "--mark",
-                mark,
-                "-j",
-                "TPROXY",
-                "--on-port",
-                "15008",
-                "--on-ip",
-                "0.0.0.0",
-                "--tproxy-mark",
-                mark,
-            ],
-        )?;
-        iptables(
-            node,
-            &[
-                "-t",
-                "mangle",
-                "-A",
-                "PREROUTING",
-                "-i",
-                up,
-                "-d",
-                &d,
-                "-p",
-                "tcp",
-                "-m",
-                "mark",
-                "!",
-                "--mark",
-                mark,
-                "-j",
-                "TPROXY",
-                "--on-port",
-                "15006",
-                "--on-ip",
-                "0.0.0.0",
-                "--tproxy-mark",
-                mark,
-            ],
-        )?;
+        let (i, d) = (pod.host_if.as_str(), pod.ip);
+        let to =
+            |port: u16| format!("-j TPROXY --on-port {port} --on-ip 0.0.0.0 --tproxy-mark {mark}");
+        let rules = [
+            // Packets of sockets ztunnel owns (accepted or source-preserving upstream).
+            format!("-i {i} -p tcp -m socket -j MARK --set-mark {mark}"),
+            format!("-i {i} -p tcp -m mark ! --mark {mark} {}", to(15001)),
+            format!("-i {up} -d {d} -p tcp -m socket -j MARK --set-mark {mark}"),
+            format!(
+                "-i {up} -d {d} -p tcp --dport 15008 -m mark ! --mark {mark} {}",
+                to(15008)
+            ),
+            format!(
+                "-i {up} -d {d} -p tcp -m mark ! --mark {mark} {}",
+                to(15006)
+            ),
+        ];
+        for rule in rules {
+            let full = format!("-t mangle -A PREROUTING {rule}");
+            iptables(node, &full.split_whitespace().collect::<Vec<_>>())?;
+        }
     }
     Ok(())
 }

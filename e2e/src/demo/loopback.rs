@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::DemoArgs;
+use super::{field, DemoArgs};
 use crate::mesh::TwoNodes;
 use crate::process::metric_sum;
 
@@ -56,30 +56,12 @@ async fn http_server(addr: SocketAddr) -> anyhow::Result<()> {
 
 /// Runs curl through ztunnel's SOCKS5 port from `src`; returns (ok, output).
 fn curl(socks: SocketAddr, src: std::net::IpAddr, url: &str) -> (bool, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--socks5"])
-        .arg(socks.to_string())
-        .args(["--interface", &src.to_string(), url])
-        .output();
-    match out {
-        Ok(o) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            (o.status.success(), text.trim().to_string())
-        }
-        Err(e) => (false, format!("curl not runnable: {e}")),
-    }
-}
-
-pub(super) fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let pat = format!(" {key}=");
-    line.find(&pat)
-        .map(|i| &line[i + pat.len()..])
-        .map(|rest| rest.split(' ').next().unwrap_or("").trim_matches('"'))
-        .unwrap_or("-")
+    super::run_client(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--socks5"])
+            .arg(socks.to_string())
+            .args(["--interface", &src.to_string(), url]),
+    )
 }
 
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {

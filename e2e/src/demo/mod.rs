@@ -14,3 +14,27 @@ pub struct DemoArgs {
     /// Manifests for the namespace demo (default: the bundled examples/demo).
     pub manifests: Option<std::path::PathBuf>,
 }
+
+/// Runs a command (curl, in the demos) and returns (success, stdout+stderr).
+pub(crate) fn run_client(cmd: &mut std::process::Command) -> (bool, String) {
+    match cmd.output() {
+        Ok(o) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            (o.status.success(), text.trim().to_string())
+        }
+        Err(e) => (false, format!("{cmd:?} not runnable: {e}")),
+    }
+}
+
+/// The value of `key=` in an access-log line.
+pub(crate) fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let pat = format!(" {key}=");
+    line.find(&pat)
+        .map(|i| &line[i + pat.len()..])
+        .map(|rest| rest.split(' ').next().unwrap_or("").trim_matches('"'))
+        .unwrap_or("-")
+}

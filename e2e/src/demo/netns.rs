@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::loopback::field;
-use super::DemoArgs;
+use super::{field, DemoArgs};
 use crate::cluster::{Cluster, Pod, PodSpec};
 use crate::mesh::TempDir;
 use crate::netns::PinDir;
@@ -116,21 +115,11 @@ fn http_app(pod: &Pod, port: u16, body: &'static str) -> anyhow::Result<()> {
 
 /// Unmodified curl inside a pod's namespace.
 fn curl(pod: &Pod, url: &str) -> (bool, String) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", pod.ns.name()))
-        .args(["--", "curl", "-sS", "--max-time", "3", url])
-        .output();
-    match out {
-        Ok(o) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            (o.status.success(), text.trim().to_string())
-        }
-        Err(e) => (false, format!("curl not runnable: {e}")),
-    }
+    super::run_client(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", pod.ns.name()))
+            .args(["--", "curl", "-sS", "--max-time", "3", url]),
+    )
 }
 
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
@@ -185,7 +174,6 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let nodes = specs.iter().map(|s| s.node).max().unwrap_or(1).max(2);
     let cluster = Cluster::build_with(nodes, &specs)?;
     let pins = PinDir::new()?;
-    let pin_arg = pins.path().display().to_string();
     let mut ztunnels = Vec::new();
     for n in 1..=nodes {
         let node = cluster.node(n);
@@ -194,23 +182,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         if !certs.join("root-cert.pem").exists() {
             std::fs::copy(ca_dir.join("root-cert.pem"), certs.join("root-cert.pem"))?;
         }
-        let args = [
-            "--capture",
-            "--capture-uplink",
-            node.uplink.as_str(),
-            "--bpf-pin-dir",
-            pin_arg.as_str(),
-        ];
-        let z = Ztunnel::spawn_in_netns(
-            node.ns.name(),
-            dir.path(),
-            &config,
-            &certs,
-            &format!("node{n}"),
-            node.ip.into(),
-            &args,
-        )?;
-        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+        let z = Ztunnel::spawn_capturing(node, dir.path(), &config, &certs, pins.path())?;
         println!(
             "  node{n} {}: ztunnel up, capturing {} pod(s)",
             node.ip,
