@@ -27,12 +27,20 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #define CAPTURE_MARK 0x539
+
+// tcx: hand the packet on to the next program (or the default action), so a
+// CNI's own programs still see what we do not capture.
+#define PASS TC_ACT_UNSPEC
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
 
 struct capture_config {
 	__u32 listener_ip;    // network order; 0 = the packet's destination (wildcard listeners)
@@ -51,7 +59,9 @@ enum stat {
 	STAT_DROPPED_ASSIGN_FAILED = 5,
 	STAT_INBOUND_HBONE = 6,
 	STAT_INBOUND_PLAINTEXT = 7,
-	STAT_MAX = 8,
+	STAT_DROPPED_MALFORMED = 8,
+	STAT_DROPPED_IPV6 = 9,
+	STAT_MAX = 10,
 };
 
 struct {
@@ -155,6 +165,23 @@ static __always_inline int to_listener(struct __sk_buff *skb, struct iphdr *ip, 
 	return assign(skb, sk, stat);
 }
 
+// Whether a node service listens on the packet's destination: the listener
+// the kernel would pick when a SYN meets a TIME_WAIT socket. The probe tuple's
+// source port 0 matches no connection, so only listeners can be found.
+static __always_inline int node_listener(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp)
+{
+	struct bpf_sock_tuple probe = {};
+	probe.ipv4.saddr = ip->saddr;
+	probe.ipv4.daddr = ip->daddr;
+	probe.ipv4.dport = tcp->dest;
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &probe, sizeof(probe.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	int listening = sk->state == BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return listening;
+}
+
 // Both programs: `direction` is a constant after inlining, so each program is
 // straight-line code for the verifier.
 static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
@@ -163,26 +190,61 @@ static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
 	void *end = (void *)(long)skb->data_end;
 
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+	if ((void *)(eth + 1) > end)
+		return PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		// IPv6 is not captured yet. An enrolled pod's IPv6 TCP must not leave
+		// the mesh uncaptured, so it is dropped; other IPv6 (neighbour
+		// discovery) passes.
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if (direction == DIR_OUTBOUND && (void *)(ip6 + 1) <= end && ip6->nexthdr == IPPROTO_TCP) {
+			count(STAT_DROPPED_IPV6);
+			return TC_ACT_SHOT;
+		}
+		return PASS;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return PASS;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
-		return TC_ACT_OK;
+		return PASS;
 	// Outbound: the pod is the sender (the program sits on its veth).
 	// Inbound: only traffic for enrolled pods; the node's own passes.
 	__u32 pod = direction == DIR_OUTBOUND ? ip->saddr : ip->daddr;
 	if (direction == DIR_INBOUND && !bpf_map_lookup_elem(&enrolled_pods, &pod))
-		return TC_ACT_OK;
-	__u32 ihl = ip->ihl * 4;
-	if (ihl < sizeof(*ip))
-		return TC_ACT_OK;
-	struct tcphdr *tcp = (void *)ip + ihl;
-	if ((void *)(tcp + 1) > end)
-		return TC_ACT_OK;
-	if (excluded(pod, bpf_ntohs(tcp->dest), direction)) {
-		count(STAT_EXCLUDED);
-		return TC_ACT_OK;
+		return PASS;
+
+	// From here on this is an enrolled pod's TCP: what cannot be inspected is
+	// dropped, never passed (a fragment or a split header would otherwise
+	// slip a SYN past capture).
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) {
+		count(STAT_DROPPED_MALFORMED);
+		return TC_ACT_SHOT;
 	}
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip) || ihl > 60) {
+		count(STAT_DROPPED_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	if ((void *)ip + ihl + sizeof(struct tcphdr) > end) {
+		if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + ihl + sizeof(struct tcphdr))) {
+			count(STAT_DROPPED_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		ip = data + sizeof(struct ethhdr);
+		if ((void *)(ip + 1) > end) {
+			count(STAT_DROPPED_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+	}
+	struct tcphdr *tcp = (void *)ip + ihl;
+	if ((void *)(tcp + 1) > end) {
+		count(STAT_DROPPED_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	int syn = tcp->syn && !tcp->ack;
 
 	struct bpf_sock_tuple tuple = {};
 	tuple.ipv4.saddr = ip->saddr;
@@ -193,13 +255,28 @@ static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
 	// request socket rather than the listener; TIME_WAIT sockets too.
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
-		if (sk->state != BPF_TCP_LISTEN)
+		if (sk->state == BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+		} else if (syn && sk->state == BPF_TCP_TIME_WAIT && node_listener(skb, ip, tcp)) {
+			// A SYN on a TIME_WAIT socket is handed by the kernel to whatever
+			// listens on the original destination: a node service here, which
+			// must not receive pod traffic. Treat it as a new connection.
+			bpf_sk_release(sk);
+		} else {
 			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
-		bpf_sk_release(sk);
+		}
 	}
-	if (!(tcp->syn && !tcp->ack)) {
+	if (!syn) {
 		count(STAT_PASSED);
-		return TC_ACT_OK;
+		return PASS;
+	}
+	// Exclusions apply to new connections only, never to packets of a
+	// connection ztunnel owns. An outbound exclusion never opens a way
+	// around an enrolled destination's own capture.
+	int enrolled_dst = direction == DIR_OUTBOUND && bpf_map_lookup_elem(&enrolled_pods, &ip->daddr);
+	if (!enrolled_dst && excluded(pod, bpf_ntohs(tcp->dest), direction)) {
+		count(STAT_EXCLUDED);
+		return PASS;
 	}
 
 	__u32 zero = 0;

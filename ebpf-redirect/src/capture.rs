@@ -96,6 +96,8 @@ pub struct CaptureStats {
     pub dropped_assign_failed: u64,
     pub inbound_hbone: u64,
     pub inbound_plaintext: u64,
+    pub dropped_malformed: u64,
+    pub dropped_ipv6: u64,
 }
 
 /// A tc link held open and pinned at `pin`, so it outlives the process.
@@ -394,6 +396,8 @@ impl Capture {
             dropped_assign_failed: read(5),
             inbound_hbone: read(6),
             inbound_plaintext: read(7),
+            dropped_malformed: read(8),
+            dropped_ipv6: read(9),
         })
     }
 }

@@ -185,6 +185,12 @@ fn export(state: &ProxyState, capture: &Capture, last: CaptureStats) -> CaptureS
             now.inbound_plaintext,
             last.inbound_plaintext,
         ),
+        (
+            "dropped_malformed",
+            now.dropped_malformed,
+            last.dropped_malformed,
+        ),
+        ("dropped_ipv6", now.dropped_ipv6, last.dropped_ipv6),
     ];
     for (result, n, before) in pairs {
         let labels = ResultLabels {
