@@ -152,6 +152,27 @@ peerAuthentications:
         .join()
         .map_err(|_| anyhow::anyhow!("open server panicked"))??;
     assert_eq!(peers[0].ip().to_string(), outsider.ip.to_string());
+    // 5. Passthrough: client -> a pod outside the mesh leaves ztunnel with the
+    // client's own address (its replies come back through inbound capture).
+    let plain = cluster.pod(2, 2);
+    let plain_srv = serve(plain, 8083, 1)?;
+    assert_eq!(
+        exchange(client, SocketAddr::new(plain.ip.into(), 8083))?,
+        b"ok"
+    );
+    let peers = plain_srv
+        .join()
+        .map_err(|_| anyhow::anyhow!("plain server panicked"))??;
+    assert_eq!(
+        peers[0].ip().to_string(),
+        client.ip.to_string(),
+        "passthrough keeps the client's address"
+    );
+    z1.wait_log(
+        &format!("dst.addr={}:8083", plain.ip),
+        Duration::from_secs(5),
+    )?;
+
     let log = z2.wait_log("dst.workload=demo/open", Duration::from_secs(5))?;
     assert!(
         log.lines()

@@ -250,6 +250,12 @@ impl Capture {
 
     /// Marks `ip` as an enrolled pod on this node (its inbound TCP is captured).
     pub fn enroll(&mut self, ip: std::net::Ipv4Addr) -> Result<(), CaptureError> {
+        if ip.is_unspecified() {
+            return Err(CaptureError::Map(
+                "enrolled_pods",
+                "0.0.0.0 is not a pod address".into(),
+            ));
+        }
         self.enrolled_map()?
             .insert(u32::from_ne_bytes(ip.octets()), 1, 0)
             .map_err(|e| CaptureError::Map("enrolled_pods", e.to_string()))
@@ -301,6 +307,24 @@ impl Capture {
             .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))
     }
 
+    /// Removes the exclusions of every pod not in `keep` (pods that left).
+    pub fn retain_exclusions(&mut self, keep: &[std::net::Ipv4Addr]) -> Result<(), CaptureError> {
+        let keep: Vec<u32> = keep
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        let mut map = self.exclusions()?;
+        let stale: Vec<ExclusionKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_ip != 0 && !keep.contains(&k.pod_ip))
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
     /// Makes `pod`'s exclusions exactly `ports` (outbound, inbound).
     pub fn set_exclusions(
         &mut self,
@@ -308,6 +332,13 @@ impl Capture {
         outbound: &[u16],
         inbound: &[u16],
     ) -> Result<(), CaptureError> {
+        if pod.is_unspecified() {
+            // Key 0 is the node-wide wildcard: never write it for a "pod".
+            return Err(CaptureError::Map(
+                "excluded_ports",
+                "0.0.0.0 is not a pod address".into(),
+            ));
+        }
         let want: std::collections::HashSet<ExclusionKey> = outbound
             .iter()
             .map(|p| ExclusionKey::new(Some(pod), *p, Direction::Outbound))
@@ -522,11 +553,23 @@ pub fn setup_node_routing() -> Result<(), CaptureError> {
 /// address on its node, the host side of the pod's veth.
 pub fn interface_for(ip: std::net::Ipv4Addr) -> Result<String, CaptureError> {
     let out = run_ip(&["-o", "route", "get", &ip.to_string()])?;
-    out.split_whitespace()
+    let dev = out
+        .split_whitespace()
         .skip_while(|w| *w != "dev")
         .nth(1)
         .map(str::to_string)
-        .ok_or_else(|| CaptureError::Routing(format!("no interface for {ip}: {}", out.trim())))
+        .ok_or_else(|| CaptureError::Routing(format!("no interface for {ip}: {}", out.trim())))?;
+    // A pod is reached directly over its own link. A local address, a route
+    // via a gateway or the loopback device means the address is not a pod
+    // here, and capturing that interface would take the node's traffic.
+    let first = out.split_whitespace().next().unwrap_or("");
+    if first == "local" || out.contains(" via ") || dev == "lo" {
+        return Err(CaptureError::Routing(format!(
+            "{ip} is not a pod on this node ({})",
+            out.trim()
+        )));
+    }
+    Ok(dev)
 }
 
 fn run_ip(args: &[&str]) -> Result<String, CaptureError> {

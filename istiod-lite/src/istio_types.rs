@@ -12,15 +12,26 @@ pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: AuthorizationPolicySpec,
+    /// Set when the object did not parse: it is then enforced fail-closed
+    /// (with the selector and action we could still read).
+    #[serde(skip)]
+    pub broken: Option<String>,
 }
 
+/// Unknown fields are an error here (and the policy then fails closed): a
+/// field we do not read could be the one that narrows who is allowed.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
+    /// Deprecated singular form, still accepted by Istio.
+    #[serde(default)]
+    pub target_ref: Option<TargetRef>,
     #[serde(default)]
     pub target_refs: Vec<TargetRef>,
+    #[serde(default)]
+    pub provider: Option<serde_yaml::Value>,
     #[serde(default)]
     pub action: Option<String>,
     #[serde(default)]
@@ -45,6 +56,7 @@ pub struct TargetRef {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthzRule {
     #[serde(default)]
     pub from: Vec<From>,
@@ -55,14 +67,20 @@ pub struct AuthzRule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct From {
     #[serde(default)]
     pub source: Source,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
+    /// `namespace/name` service accounts (Istio 1.24+).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
     #[serde(default)]
     pub principals: Vec<String>,
     #[serde(default)]
@@ -86,13 +104,14 @@ pub struct Source {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct To {
     #[serde(default)]
     pub operation: Operation,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
     pub ports: Vec<String>,
@@ -110,6 +129,26 @@ pub struct Operation {
     pub paths: Vec<String>,
     #[serde(default)]
     pub not_paths: Vec<String>,
+}
+
+/// What can still be read of a security object that does not parse: enough
+/// to enforce it fail-closed in the right place.
+pub fn salvage(
+    value: &serde_yaml::Value,
+) -> (ObjectMeta, Option<WorkloadSelector>, Option<String>) {
+    let meta: ObjectMeta = value
+        .get("metadata")
+        .and_then(|m| serde_yaml::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let spec = value.get("spec");
+    let selector = spec
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| serde_yaml::from_value(s.clone()).ok());
+    let action = spec
+        .and_then(|s| s.get("action"))
+        .and_then(|a| a.as_str())
+        .map(str::to_string);
+    (meta, selector, action)
 }
 
 impl Source {
@@ -135,14 +174,20 @@ pub struct PeerAuthentication {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
+    /// Set when the object did not parse: it is then enforced as STRICT.
+    #[serde(skip)]
+    pub broken: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub mtls: Option<Mtls>,
+    #[serde(default)]
+    pub port_level_mtls: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -230,6 +230,7 @@ spec: {selector: {matchLabels: {app: nothing}}, mtls: {mode: PERMISSIVE}}
 fn bad_objects_are_rejected_with_reasons_and_the_rest_flows() {
     let yaml = [
         NAMESPACES.to_string(),
+        pod("demo", "fine", "198.19.1.49", "app: fine"),
         pod("demo", "good", "198.19.1.50", "app: good"),
         pod("demo", "z-dup", "198.19.1.50", "app: dup"),
         pod("demo", "badip", "300.1.1.1", "app: x"),
@@ -260,17 +261,19 @@ metadata: {namespace: demo}
     ]
     .concat();
     let t = run(&yaml);
-    assert_eq!(t.config.workloads.len(), 1, "only the good pod");
+    let names: Vec<_> = t.config.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["fine"], "only the pod without problems");
     let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
     for want in [
-        // Conflicts resolve in name order: the first pod keeps the address.
-        "Pod demo/z-dup (translation): address 198.19.1.50 is already used by another pod",
+        // Two pods claiming one address: neither gets it.
+        "Pod demo/good (translation): address 198.19.1.50 is claimed by 2 pods",
+        "Pod demo/z-dup (translation): address 198.19.1.50 is claimed by 2 pods",
         "Pod demo/badip (translation): status.podIP \"300.1.1.1\" is not an IP address",
         "Pod demo/nowhere (translation): no spec.nodeName",
-        "ConfigMap demo/cm (test.yaml, document 7): kind ConfigMap is not supported",
-        "AuthorizationPolicy demo/wrong-group (test.yaml, document 8): apiVersion \"networking.istio.io/v1\"",
-        "AuthorizationPolicy demo/bad-port (translation): port \"http\" is not a port number",
-        "Service demo/ (test.yaml, document 10): metadata.name is missing",
+        "ConfigMap demo/cm (test.yaml, document 8): kind ConfigMap is not supported",
+        "AuthorizationPolicy demo/wrong-group (test.yaml, document 9): apiVersion \"networking.istio.io/v1\"",
+        "AuthorizationPolicy demo/bad-port (translation): port \"http\" is not a port number; enforced as deny-all",
+        "Service demo/ (test.yaml, document 11): metadata.name is missing",
     ] {
         assert!(reasons.iter().any(|r| r.starts_with(want)), "missing {want:?} in {reasons:#?}");
     }
@@ -339,5 +342,110 @@ fn exclusion_annotations_become_workload_ports() {
             .any(|r| r.to_string().contains("\"ssh\" is not a port number")),
         "{:?}",
         t.rejected
+    );
+}
+
+#[test]
+fn unreadable_or_unusual_objects_fail_closed() {
+    let yaml = [
+        NAMESPACES.to_string(),
+        pod("demo", "app", "198.19.1.70", "app: a"),
+        r#"---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: demo}
+spec: {nodeName: node1, containers: [{name: job}]}
+status: {phase: Succeeded, podIP: "198.19.1.71"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hostnet, namespace: demo}
+spec: {nodeName: node1, hostNetwork: true, containers: [{name: agent}]}
+status: {podIP: "198.18.0.1"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: loop, namespace: demo}
+spec: {nodeName: node1, containers: [{name: x}]}
+status: {podIP: "127.0.0.1"}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: future-field, namespace: demo}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {principals: ["cluster.local/ns/demo/sa/a"], futureMatcher: ["x"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-typo, namespace: demo}
+spec: {action: DENY, rules: [{to: [{operation: {ports: ["eighty"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-sa, namespace: demo}
+spec: {action: ALLOW, rules: [{from: [{source: {serviceAccounts: ["demo/client"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint-only, namespace: demo}
+spec: {targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}, action: ALLOW}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: odd, namespace: demo}
+spec: {mtls: {mode: SOMETIMES}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: per-port, namespace: demo}
+spec: {selector: {matchLabels: {app: a}}, mtls: {mode: PERMISSIVE}, portLevelMtls: {"8080": {mode: STRICT}}}
+"#
+        .to_string(),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let names: Vec<_> = t.config.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["app"],
+        "finished, host-network and loopback pods are not workloads"
+    );
+    let policy = |n: &str| t.config.policies.iter().find(|p| p.name == n);
+    let future = policy("future-field").expect("kept as a stand-in");
+    assert_eq!(
+        (future.action, future.rules.len()),
+        (PolicyAction::Allow, 0),
+        "unknown field: allows nothing"
+    );
+    let deny = policy("deny-typo").expect("kept as a stand-in");
+    assert_eq!(
+        (deny.action, deny.rules.len()),
+        (PolicyAction::Deny, 1),
+        "unreadable DENY: denies everything"
+    );
+    assert!(deny.rules[0].from.is_empty() && deny.rules[0].to.is_empty());
+    let by_sa = policy("by-sa").expect("serviceAccounts understood");
+    assert_eq!(by_sa.rules[0].from[0].principals, ["*/ns/demo/sa/client"]);
+    assert!(
+        policy("waypoint-only").is_none(),
+        "targetRef (singular) binds it to the waypoint"
+    );
+    let pa = |n: &str| {
+        t.config
+            .peer_authentications
+            .iter()
+            .find(|p| p.name == n)
+            .map(|p| p.mode)
+    };
+    assert_eq!(
+        pa("odd"),
+        Some(MtlsMode::Strict),
+        "unknown mode fails closed"
+    );
+    assert_eq!(
+        pa("per-port"),
+        Some(MtlsMode::Strict),
+        "port-level STRICT is not lost"
     );
 }

@@ -2,7 +2,7 @@
 //! mesh (Istio's labels), their identities and addresses, services with their
 //! endpoints, and the L4 part of authorization and peer authentication.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -99,7 +99,6 @@ impl Translator<'_> {
 
     fn workloads(&mut self) -> Workloads {
         let mut out = Workloads::new();
-        let mut used: HashSet<IpAddr> = HashSet::new();
         for (key, pod) in &self.state.pods {
             let ns = pod
                 .metadata
@@ -108,6 +107,20 @@ impl Translator<'_> {
                 .unwrap_or_else(|| "default".into());
             let object = format!("Pod {key}");
             if !self.enrolled(pod, &ns) {
+                continue;
+            }
+            // Finished or host-network pods are not workloads of the mesh: a
+            // finished pod's address may already belong to another pod, and a
+            // host-network pod's address is the node's.
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed"))
+                || pod.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+                self.notes
+                    .push(format!("Pod {key}: hostNetwork pods are not captured"));
                 continue;
             }
             let spec = pod.spec.as_ref();
@@ -130,8 +143,8 @@ impl Translator<'_> {
             let mut bad = None;
             for ip in &ips {
                 match ip.parse::<IpAddr>() {
-                    Ok(a) if used.contains(&a) => {
-                        bad = Some(format!("address {a} is already used by another pod"))
+                    Ok(a) if !usable(a) => {
+                        bad = Some(format!("status.podIP {a} is not a usable pod address"))
                     }
                     Ok(a) => addresses.push(a),
                     Err(_) => bad = Some(format!("status.podIP {ip:?} is not an IP address")),
@@ -148,7 +161,6 @@ impl Translator<'_> {
                 );
                 continue;
             }
-            used.extend(&addresses);
             let name = pod.metadata.name.clone().unwrap_or_default();
             let workload = Workload {
                 name,
@@ -181,6 +193,28 @@ impl Translator<'_> {
             }
             let labels = pod.metadata.labels.clone().unwrap_or_default();
             out.insert(key.clone(), (workload, labels));
+        }
+        // Two pods claiming one address: neither can be trusted with it (one
+        // may be stale), so both are left out rather than the first winning.
+        let mut claims: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        for (key, (w, _)) in &out {
+            for a in &w.addresses {
+                claims.entry(*a).or_default().push(key.clone());
+            }
+        }
+        for (addr, keys) in claims.into_iter().filter(|(_, k)| k.len() > 1) {
+            for key in &keys {
+                if out.remove(key).is_some() {
+                    self.reject(
+                        format!("Pod {key}"),
+                        format!(
+                            "address {addr} is claimed by {} pods: {}",
+                            keys.len(),
+                            keys.join(", ")
+                        ),
+                    );
+                }
+            }
         }
         out
     }
@@ -301,37 +335,46 @@ impl Translator<'_> {
         let mut out = Vec::new();
         for (key, ap) in &self.state.authorization_policies {
             let object = format!("AuthorizationPolicy {key}");
-            match self.policy(key, ap) {
-                Ok(Some(mut policy)) => {
-                    if let Some(sel) = ap
-                        .spec
-                        .selector
-                        .as_ref()
-                        .filter(|s| !s.match_labels.is_empty())
-                    {
-                        policy.scope = PolicyScope::WorkloadSelector;
-                        let everywhere = policy.namespace == self.root_namespace;
-                        for (w, labels) in workloads.values_mut() {
-                            if (everywhere || w.namespace == policy.namespace)
-                                && matches(&sel.match_labels, labels)
-                            {
-                                w.authorization_policies.push(policy.key());
-                            }
-                        }
-                    } else if policy.namespace == self.root_namespace {
-                        policy.scope = PolicyScope::Global;
-                    }
-                    out.push(policy);
+            let translated = match self.policy(key, ap) {
+                Err(reason) => {
+                    // Dropping a policy would widen access (a lost ALLOW makes
+                    // the workload allow-all, a lost DENY lets through what it
+                    // denied), so a policy we cannot read fails closed instead.
+                    self.reject(object, format!("{reason}; enforced as deny-all"));
+                    Some(fail_closed(ap))
                 }
-                Ok(None) => {}
-                Err(reason) => self.reject(object, reason),
+                Ok(p) => p,
+            };
+            if let Some(mut policy) = translated {
+                if let Some(sel) = ap
+                    .spec
+                    .selector
+                    .as_ref()
+                    .filter(|s| !s.match_labels.is_empty())
+                {
+                    policy.scope = PolicyScope::WorkloadSelector;
+                    let everywhere = policy.namespace == self.root_namespace;
+                    for (w, labels) in workloads.values_mut() {
+                        if (everywhere || w.namespace == policy.namespace)
+                            && matches(&sel.match_labels, labels)
+                        {
+                            w.authorization_policies.push(policy.key());
+                        }
+                    }
+                } else if policy.namespace == self.root_namespace {
+                    policy.scope = PolicyScope::Global;
+                }
+                out.push(policy);
             }
         }
         out
     }
 
     fn policy(&mut self, key: &str, ap: &AuthorizationPolicy) -> Result<Option<Policy>, String> {
-        if let Some(target) = ap.spec.target_refs.first() {
+        if let Some(reason) = &ap.broken {
+            return Err(reason.clone());
+        }
+        if let Some(target) = ap.spec.target_refs.first().or(ap.spec.target_ref.as_ref()) {
             self.notes.push(format!(
                 "AuthorizationPolicy {key}: targets {} {}/{} (a waypoint's job), not enforced by ztunnel",
                 target.kind, target.group, target.name
@@ -342,9 +385,13 @@ impl Translator<'_> {
             "ALLOW" => PolicyAction::Allow,
             "DENY" => PolicyAction::Deny,
             other @ ("AUDIT" | "CUSTOM") => {
-                self.notes.push(format!(
-                    "AuthorizationPolicy {key}: action {other} is not enforced by ztunnel"
-                ));
+                let provider = ap
+                    .spec
+                    .provider
+                    .as_ref()
+                    .map(|p| format!(" (provider {p:?})"))
+                    .unwrap_or_default();
+                self.notes.push(format!("AuthorizationPolicy {key}: action {other}{provider} is not enforced by ztunnel"));
                 return Ok(None);
             }
             other => return Err(format!("unknown action {other:?}")),
@@ -368,8 +415,13 @@ impl Translator<'_> {
             for f in &r.from {
                 let s = &f.source;
                 from.push(SourceMatch {
-                    principals: s.principals.clone(),
-                    not_principals: s.not_principals.clone(),
+                    principals: [s.principals.clone(), sa_principals(&s.service_accounts)?]
+                        .concat(),
+                    not_principals: [
+                        s.not_principals.clone(),
+                        sa_principals(&s.not_service_accounts)?,
+                    ]
+                    .concat(),
                     namespaces: s.namespaces.clone(),
                     not_namespaces: s.not_namespaces.clone(),
                     // At L4 the remote address is the connection's source, so
@@ -422,15 +474,38 @@ impl Translator<'_> {
         pa: &IstioPeerAuthentication,
         workloads: &Workloads,
     ) -> Result<Option<PeerAuthentication>, String> {
+        if let Some(reason) = &pa.broken {
+            self.reject(
+                format!("PeerAuthentication {key}"),
+                format!("{reason}; enforced as STRICT"),
+            );
+        }
         let mode = match pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()) {
-            None | Some("UNSET") => return Ok(None),
+            _ if pa.broken.is_some() => MtlsMode::Strict,
+            None | Some("UNSET") if pa.spec.port_level_mtls.is_none() => return Ok(None),
+            None | Some("UNSET") => MtlsMode::Permissive,
             Some("STRICT") => MtlsMode::Strict,
             Some("PERMISSIVE") => MtlsMode::Permissive,
             Some("DISABLE") => {
                 self.notes.push(format!("PeerAuthentication {key}: DISABLE is treated as PERMISSIVE (ambient always offers mTLS)"));
                 MtlsMode::Permissive
             }
-            Some(other) => return Err(format!("unknown mtls mode {other:?}")),
+            Some(other) => {
+                // Fail closed: an unreadable mode must not leave plaintext open.
+                self.reject(
+                    format!("PeerAuthentication {key}"),
+                    format!("unknown mtls mode {other:?}; enforced as STRICT"),
+                );
+                MtlsMode::Strict
+            }
+        };
+        let mode = if pa.spec.port_level_mtls.is_some() && mode != MtlsMode::Strict {
+            self.notes.push(format!(
+                "PeerAuthentication {key}: portLevelMtls is not modelled per port yet; the whole workload is STRICT"
+            ));
+            MtlsMode::Strict
+        } else {
+            mode
         };
         let namespace = pa
             .metadata
@@ -464,6 +539,54 @@ impl Translator<'_> {
             workloads: selected,
         }))
     }
+}
+
+/// Stands in for a policy that could not be translated: same name, namespace
+/// and selector, allowing nothing (as an ALLOW with no rules) or denying
+/// everything (a DENY with one empty rule).
+fn fail_closed(ap: &AuthorizationPolicy) -> Policy {
+    let deny = !matches!(ap.spec.action.as_deref(), None | Some("ALLOW"));
+    Policy {
+        name: ap.metadata.name.clone().unwrap_or_default(),
+        namespace: ap
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        scope: PolicyScope::Namespace,
+        action: if deny {
+            PolicyAction::Deny
+        } else {
+            PolicyAction::Allow
+        },
+        rules: if deny {
+            vec![Rule::default()]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// `namespace/name` service accounts as principals of any trust domain.
+fn sa_principals(v: &[String]) -> Result<Vec<String>, String> {
+    v.iter()
+        .map(|sa| match sa.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(format!("*/ns/{ns}/sa/{name}"))
+            }
+            _ => Err(format!("serviceAccount {sa:?} is not namespace/name")),
+        })
+        .collect()
+}
+
+/// An address a pod can really have (not the node's loopback, a wildcard,
+/// multicast or link-local).
+fn usable(a: IpAddr) -> bool {
+    let link_local = match a {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || link_local)
 }
 
 fn cidrs(v: &[String]) -> Result<Vec<Cidr>, String> {

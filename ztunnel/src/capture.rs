@@ -65,6 +65,10 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
             let IpAddr::V4(v4) = ip else { continue };
             enrolled.insert(*v4);
             match interface_for(*v4) {
+                Ok(ifname) if Some(&ifname) == state.settings.capture_uplink.as_ref() => {
+                    tracing::warn!(workload = %w.key(), interface = %ifname, "not capturing: the address routes via the uplink");
+                    state.metrics.failure("capture", "no_interface");
+                }
                 Ok(ifname) => {
                     want.insert(ifname);
                 }
@@ -131,12 +135,8 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
             }
         }
     }
-    for ip in &enrolled {
-        if let Err(e) = capture.enroll(*ip) {
-            tracing::error!(%ip, "enroll failed: {e}");
-            state.metrics.failure("capture", "enroll_failed");
-        }
-    }
+    // Exclusions first, so a newly enrolled pod never runs on a previous
+    // pod's exclusions for the same address; then drop those of pods gone.
     for w in mesh.local_workloads(state.node()) {
         for ip in &w.workload.addresses {
             let IpAddr::V4(v4) = ip else { continue };
@@ -148,6 +148,16 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
                 tracing::error!(workload = %w.key(), "setting port exclusions failed: {e}");
                 state.metrics.failure("capture", "exclusions_failed");
             }
+        }
+    }
+    let keep: Vec<_> = enrolled.iter().copied().collect();
+    if let Err(e) = capture.retain_exclusions(&keep) {
+        tracing::warn!("removing stale exclusions: {e}");
+    }
+    for ip in &enrolled {
+        if let Err(e) = capture.enroll(*ip) {
+            tracing::error!(%ip, "enroll failed: {e}");
+            state.metrics.failure("capture", "enroll_failed");
         }
     }
     state

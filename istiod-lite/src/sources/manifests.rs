@@ -107,15 +107,48 @@ fn add(at: &str, value: serde_yaml::Value, state: &mut ClusterState) -> Result<(
             s.metadata.namespace = Some(ns);
             state.services.insert(key, s);
         }
+        // Security objects that do not parse are kept, marked broken: dropping
+        // them would widen access, so translation enforces them fail-closed.
         "AuthorizationPolicy" => {
             check_api(&value, "security.istio.io/").map_err(reject)?;
-            let mut p: AuthorizationPolicy = serde_yaml::from_value(value).map_err(parse_err)?;
+            let mut p = match serde_yaml::from_value::<AuthorizationPolicy>(value.clone()) {
+                Ok(p) => p,
+                Err(e) => {
+                    let (metadata, selector, action) = crate::istio_types::salvage(&value);
+                    let spec = crate::istio_types::AuthorizationPolicySpec {
+                        selector,
+                        action,
+                        ..Default::default()
+                    };
+                    AuthorizationPolicy {
+                        metadata,
+                        spec,
+                        broken: Some(e.to_string()),
+                    }
+                }
+            };
+            p.metadata.name = Some(name);
             p.metadata.namespace = Some(ns);
             state.authorization_policies.insert(key, p);
         }
         "PeerAuthentication" => {
             check_api(&value, "security.istio.io/").map_err(reject)?;
-            let mut p: PeerAuthentication = serde_yaml::from_value(value).map_err(parse_err)?;
+            let mut p = match serde_yaml::from_value::<PeerAuthentication>(value.clone()) {
+                Ok(p) => p,
+                Err(e) => {
+                    let (metadata, selector, _) = crate::istio_types::salvage(&value);
+                    let spec = crate::istio_types::PeerAuthenticationSpec {
+                        selector,
+                        ..Default::default()
+                    };
+                    PeerAuthentication {
+                        metadata,
+                        spec,
+                        broken: Some(e.to_string()),
+                    }
+                }
+            };
+            p.metadata.name = Some(name);
             p.metadata.namespace = Some(ns);
             state.peer_authentications.insert(key, p);
         }

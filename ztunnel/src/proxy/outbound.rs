@@ -122,7 +122,13 @@ pub async fn establish(
             record.dst_addr = addr;
             record.via = Some(addr);
             record.security = SecurityPolicy::none;
-            match connect(addr, state.settings.connect_timeout).await {
+            // Leave with the pod's own address where replies come back through
+            // capture, so nothing that trusts node addresses trusts the pod.
+            let source = state
+                .settings
+                .passthrough_source(src.ip())
+                .filter(|_| !is_local_address(addr.ip()));
+            match connect_from(addr, source, state.settings.connect_timeout).await {
                 Ok(tcp) => Ok((record, Upstream::Direct(tcp))),
                 Err(e) => Err(refuse(record, "connect_failed", flags::UPSTREAM_FAILURE, e)),
             }
@@ -184,6 +190,13 @@ pub async fn establish(
     }
 }
 
+/// Whether `ip` is one of this node's own addresses (bindable here). Replies
+/// from the node itself would never pass capture, so such destinations are
+/// reached from the node's address.
+fn is_local_address(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// Same-node destination: authorize as the destination ztunnel would, then
 /// connect straight to the workload (from the client's address under capture).
 async fn establish_local(
@@ -195,6 +208,30 @@ async fn establish_local(
     mut record: ConnectionRecord,
 ) -> Result<(ConnectionRecord, Upstream), Box<Refusal>> {
     record.via = Some(addr);
+    // The checks the remote path gets from TLS: both identities must hold a
+    // certificate here, and the HBONE port is never a destination.
+    for id in [&src_workload.identity, &workload.identity] {
+        if state.certs.get(id).is_none() {
+            let message = format!("same-node {}: no certificate for {id}", workload.key());
+            return Err(Box::new(Refusal {
+                record,
+                reason: "no_certificate",
+                flags: flags::UPSTREAM_FAILURE,
+                message,
+                denied: false,
+            }));
+        }
+    }
+    if addr.port() == state.settings.hbone_port {
+        let message = format!("same-node {addr}: the HBONE port itself");
+        return Err(Box::new(Refusal {
+            record,
+            reason: "self_call",
+            flags: flags::NO_ROUTE,
+            message,
+            denied: false,
+        }));
+    }
     let mesh = state.mesh();
     let attrs = mesh_core::authz::ConnectionAttributes {
         source: Some(&src_workload.identity),
@@ -289,10 +326,6 @@ fn forwarded_header(src: SocketAddr) -> Vec<(HeaderName, HeaderValue)> {
         Ok(v) => vec![(HeaderName::from_static(hbone::FORWARDED), v)],
         Err(_) => Vec::new(),
     }
-}
-
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
-    connect_from(addr, None, timeout).await
 }
 
 /// Connects to `addr`, from `source` if given (IP_TRANSPARENT: the address
