@@ -186,15 +186,6 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Source address for passthrough (non-mesh) destinations: the client's own
-    /// where the replies come back through capture (eBPF with an uplink, or
-    /// external TPROXY), else the node's.
-    pub fn passthrough_source(&self, client: std::net::IpAddr) -> Option<std::net::IpAddr> {
-        let replies_captured =
-            (self.capture && self.capture_uplink.is_some()) || (self.transparent && !self.capture);
-        (replies_captured && self.preserve_source_ip).then_some(client)
-    }
-
     /// Source address for connections to local workloads on behalf of `client`.
     pub fn upstream_source(&self, client: std::net::IpAddr) -> Option<std::net::IpAddr> {
         // Needs capture of the replies: eBPF (--capture) or an external

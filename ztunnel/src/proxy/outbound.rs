@@ -122,13 +122,10 @@ pub async fn establish(
             record.dst_addr = addr;
             record.via = Some(addr);
             record.security = SecurityPolicy::none;
-            // Leave with the pod's own address where replies come back through
-            // capture, so nothing that trusts node addresses trusts the pod.
-            let source = state
-                .settings
-                .passthrough_source(src.ip())
-                .filter(|_| !is_local_address(addr.ip()));
-            match connect_from(addr, source, state.settings.connect_timeout).await {
+            // Passthrough leaves with the node's address: a non-mesh
+            // destination's replies are not guaranteed to pass capture (a
+            // non-mesh pod on this node answers straight to the client pod).
+            match connect_from(addr, None, state.settings.connect_timeout).await {
                 Ok(tcp) => Ok((record, Upstream::Direct(tcp))),
                 Err(e) => Err(refuse(record, "connect_failed", flags::UPSTREAM_FAILURE, e)),
             }
@@ -188,13 +185,6 @@ pub async fn establish(
             }
         }
     }
-}
-
-/// Whether `ip` is one of this node's own addresses (bindable here). Replies
-/// from the node itself would never pass capture, so such destinations are
-/// reached from the node's address.
-fn is_local_address(ip: std::net::IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// Same-node destination: authorize as the destination ztunnel would, then
