@@ -40,6 +40,25 @@ fn pod_tcp_is_captured_with_original_destination_and_fails_closed() -> anyhow::R
     pod.ip(&["addr", "add", "198.19.1.10/24", "dev", &pod_if])?;
     pod.ip(&["link", "set", &pod_if, "up"])?;
     pod.ip(&["route", "add", "default", "via", "198.19.1.1"])?;
+    // IPv6 on the same link: not captured yet, so it must be dropped, not pass.
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:2::1/64",
+        "dev",
+        &host_if,
+        "nodad",
+    ])?;
+    pod.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:2::10/64",
+        "dev",
+        &pod_if,
+        "nodad",
+    ])?;
 
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let (closed_tx, closed_rx) = mpsc::channel::<()>();
@@ -97,6 +116,14 @@ fn pod_tcp_is_captured_with_original_destination_and_fails_closed() -> anyhow::R
                 .is_err(),
         )
     })?;
+    // Without the drop the node would answer at once (RST: nothing listens
+    // there); dropped, the SYN gets no answer at all.
+    let ipv6 = pod.run(|| {
+        Ok(
+            TcpStream::connect_timeout(&"[2001:2::1]:80".parse()?, Duration::from_millis(1500))
+                .map_err(|e| e.kind()),
+        )
+    })?;
     done_tx.send(())?;
     let report = match node_side.join() {
         Ok(r) => r?,
@@ -126,5 +153,11 @@ fn pod_tcp_is_captured_with_original_destination_and_fails_closed() -> anyhow::R
     assert!(s.captured_established >= 2, "{s:?}");
     assert!(s.excluded >= 1, "{s:?}");
     assert!(s.dropped_no_listener >= 1, "{s:?}");
+    assert_eq!(
+        ipv6.err(),
+        Some(std::io::ErrorKind::TimedOut),
+        "an enrolled pod's IPv6 TCP must be dropped"
+    );
+    assert!(s.dropped_ipv6 >= 1, "{s:?}");
     Ok(())
 }
