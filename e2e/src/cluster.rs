@@ -42,6 +42,26 @@ pub fn pod_ip(node: u8, pod: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, node, 10 + pod)
 }
 
+/// Addresses and routes for one pod's veth pair (/32 pod, node as next hop).
+fn wire(
+    node: &Netns,
+    pod: &Netns,
+    n: u8,
+    pip: Ipv4Addr,
+    host_if: &str,
+    pod_if: &str,
+) -> anyhow::Result<()> {
+    let gw = gateway(n).to_string();
+    node.ip(&["addr", "add", &format!("{gw}/32"), "dev", host_if])?;
+    node.ip(&["link", "set", host_if, "up"])?;
+    node.ip(&["route", "add", &format!("{pip}/32"), "dev", host_if])?;
+    pod.ip(&["addr", "add", &format!("{pip}/32"), "dev", pod_if])?;
+    pod.ip(&["link", "set", pod_if, "up"])?;
+    pod.ip(&["route", "add", &gw, "dev", pod_if])?;
+    pod.ip(&["route", "add", "default", "via", &gw, "dev", pod_if])?;
+    Ok(())
+}
+
 fn gateway(node: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, node, 1)
 }
@@ -100,27 +120,7 @@ impl Cluster {
                 let pns = Netns::create(&format!("n{n}p{m}"))?;
                 let (host_if, pod_if) = veth(&ns, &pns)?;
                 let pip = spec.ip;
-                ns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{}/32", gateway(n)),
-                    "dev",
-                    &host_if,
-                ])?;
-                ns.ip(&["link", "set", &host_if, "up"])?;
-                ns.ip(&["route", "add", &format!("{pip}/32"), "dev", &host_if])?;
-                pns.ip(&["addr", "add", &format!("{pip}/32"), "dev", &pod_if])?;
-                pns.ip(&["link", "set", &pod_if, "up"])?;
-                pns.ip(&["route", "add", &gateway(n).to_string(), "dev", &pod_if])?;
-                pns.ip(&[
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &gateway(n).to_string(),
-                    "dev",
-                    &pod_if,
-                ])?;
+                wire(&ns, &pns, n, pip, &host_if, &pod_if)?;
                 pod_list.push(Pod {
                     ns: pns,
                     name: spec.name.clone(),
@@ -162,6 +162,33 @@ impl Cluster {
 
     pub fn pod(&self, node: u8, pod: u8) -> &Pod {
         &self.node(node).pods[usize::from(pod)]
+    }
+
+    /// Replaces `pod`'s veth pair with a new one of the same names, as a
+    /// pod sandbox restart does (the interface index changes).
+    pub fn recreate_veth(&self, pod: &Pod) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.pods.iter().any(|p| p.host_if == pod.host_if))
+            .ok_or_else(|| anyhow::anyhow!("pod {} not in this cluster", pod.name))?;
+        let pod_if = format!("vb{}", &pod.host_if[2..]);
+        node.ns.ip(&["link", "del", &pod.host_if])?;
+        crate::netns::ip(&[
+            "link",
+            "add",
+            &pod.host_if,
+            "netns",
+            node.ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod_if,
+            "netns",
+            pod.ns.name(),
+        ])?;
+        wire(&node.ns, &pod.ns, node.index, pod.ip, &pod.host_if, &pod_if)
     }
 
     /// A pod by the name it was built with.

@@ -102,6 +102,32 @@ fn fail_closed_restart_and_clean_unenroll() -> anyhow::Result<()> {
     let mut ours = before.0.clone();
     ours.extend(&before.1);
 
+    // The pod's sandbox restarts: a new veth with the same name (a new
+    // interface index). ztunnel notices without a config change and captures it
+    // again.
+    cluster.recreate_veth(client)?;
+    z1.wait_log("interface replaced or gone", Duration::from_secs(10))?;
+    let captured_before = z1.log().matches(" access: ").count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = ping(client, addr, Duration::from_secs(2));
+        if z1.log().matches(" access: ").count() > captured_before {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the recreated veth was never captured again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let host_if = client.host_if.clone();
+    let reattached = cluster
+        .node(1)
+        .ns
+        .run(move || Ok(ingress_programs(&host_if)?))?;
+    assert_eq!(reattached.len(), 1, "{reattached:?}");
+    ours.extend(&reattached);
+
     // Un-enroll everything: nothing of ours stays attached or pinned.
     std::fs::write(&config, "workloads: []\n")?;
     for z in [&z1, &z2] {

@@ -104,6 +104,17 @@ pub struct CaptureStats {
 struct Attached {
     _link: FdLink,
     pin: PathBuf,
+    /// The interface it was attached to: a same-named interface created later
+    /// (a restarted pod's new veth) has another index and needs a new link.
+    ifindex: u32,
+}
+
+fn ifindex(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: a valid NUL-terminated string; the call only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 /// The loaded capture programs, their pinned maps and pinned links.
@@ -402,6 +413,31 @@ impl Capture {
         detach_from(&mut self.uplinks, interface, &pin)
     }
 
+    /// Forgets (and unpins) links whose interface is gone or was replaced by a
+    /// same-named one, so the next attach makes a fresh link. Returns their names.
+    pub fn drop_stale_links(&mut self) -> Vec<String> {
+        let mut gone = Vec::new();
+        for links in [&mut self.links, &mut self.uplinks] {
+            let stale: Vec<String> = links
+                .iter()
+                .filter(|(name, a)| ifindex(name) != a.ifindex)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in stale {
+                if let Some(a) = links.remove(&name) {
+                    let _ = release_pin(&a.pin);
+                }
+                gone.push(name);
+            }
+        }
+        gone
+    }
+
+    /// Whether anything of ours is pinned (so [`Capture::remove_all`] has work).
+    pub fn is_installed(&self) -> bool {
+        self.pin_dir.exists()
+    }
+
     pub fn has_uplink(&self, interface: &str) -> bool {
         self.uplinks.contains_key(interface)
     }
@@ -487,7 +523,14 @@ fn attach_to(
                 .map_err(|e| attach_err(format!("pinning: {e:?}")))?,
         )
     };
-    links.insert(interface.to_string(), Attached { _link: link, pin });
+    links.insert(
+        interface.to_string(),
+        Attached {
+            _link: link,
+            pin,
+            ifindex: ifindex(interface),
+        },
+    );
     Ok(())
 }
 

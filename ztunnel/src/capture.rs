@@ -37,6 +37,9 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
     let mut drain = state.drain.watch();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Interfaces come and go without config changes (a pod sandbox
+        // restart recreates its veth; an attach can fail transiently).
+        let mut recheck = tokio::time::interval(Duration::from_secs(2));
         let mut last = CaptureStats::default();
         loop {
             tokio::select! {
@@ -45,6 +48,7 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
                     reconcile(&state, &mut capture);
                 }
                 _ = tick.tick() => last = export(&state, &capture, last),
+                _ = recheck.tick() => reconcile(&state, &mut capture),
                 _ = drain.changed() => break,
             }
         }
@@ -81,12 +85,18 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
     }
     if enrolled.is_empty() {
         // No pod of ours on this node: leave nothing of ours in the kernel.
+        if !capture.is_installed() {
+            return;
+        }
         match capture.remove_all() {
             Ok(()) => tracing::info!("no enrolled workloads: capture removed"),
             Err(e) => tracing::error!("removing capture: {e}"),
         }
         state.metrics.capture_interfaces.set(0);
         return;
+    }
+    for ifname in capture.drop_stale_links() {
+        tracing::info!(interface = %ifname, "interface replaced or gone: capture will re-attach");
     }
     if let Some(uplink) = &state.settings.capture_uplink {
         if !capture.has_uplink(uplink) {
