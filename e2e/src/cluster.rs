@@ -66,6 +66,57 @@ fn gateway(node: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, node, 1)
 }
 
+/// Echo server and client used by tests to see who a pod's peer is.
+pub type PeersHandle = std::thread::JoinHandle<anyhow::Result<Vec<std::net::SocketAddr>>>;
+
+impl Pod {
+    /// Serves `connections` connections on this pod's `port`, echoing one
+    /// `len`-byte message on each; the handle returns the peers, in order.
+    pub fn echo_peers(
+        &self,
+        port: u16,
+        connections: usize,
+        len: usize,
+    ) -> anyhow::Result<PeersHandle> {
+        use std::io::{Read, Write};
+        let addr = std::net::SocketAddr::new(self.ip.into(), port);
+        let listener = self
+            .ns
+            .run(move || Ok(std::net::TcpListener::bind(addr)?))?;
+        Ok(std::thread::spawn(move || {
+            let mut peers = Vec::new();
+            for _ in 0..connections {
+                let (mut s, peer) = listener.accept()?;
+                let mut b = vec![0u8; len];
+                s.read_exact(&mut b)?;
+                s.write_all(&b)?;
+                peers.push(peer);
+            }
+            Ok(peers)
+        }))
+    }
+
+    /// From this pod, sends `msg` to `to` and checks it comes back.
+    pub fn echo_to(&self, to: std::net::SocketAddr, msg: &'static [u8]) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        self.ns.run(move || {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))?;
+            s.write_all(msg)?;
+            let mut b = vec![0u8; msg.len()];
+            s.read_exact(&mut b)?;
+            anyhow::ensure!(b == msg, "echo mismatch from {to}");
+            Ok(())
+        })
+    }
+}
+
+/// Waits for an echo server's peers.
+pub fn join_peers(h: PeersHandle) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    h.join()
+        .map_err(|_| anyhow::anyhow!("echo server thread panicked"))?
+}
+
 /// A pod to create: its name, node (1-based) and address (in 198.19.<node>.0/24).
 #[derive(Clone, Debug)]
 pub struct PodSpec {

@@ -2,12 +2,11 @@
 //! namespace is captured, one labelled istio.io/dataplane-mode=none is not,
 //! and a port excluded by annotation bypasses capture.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::cluster::{Cluster, Pod, PodSpec};
+use e2e::cluster::{join_peers, Cluster, Pod, PodSpec};
 use e2e::mesh::TempDir;
 use e2e::netns::{root_or_skip, PinDir};
 use e2e::process::{bin_path, Ztunnel};
@@ -45,25 +44,9 @@ status: {podIP: 198.19.2.10}
 
 /// Who did the server see? One connection per call.
 fn peer_seen(from: &Pod, server: &Pod, port: u16) -> anyhow::Result<String> {
-    let addr = SocketAddr::new(server.ip.into(), port);
-    let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
-    let accepted = std::thread::spawn(move || -> anyhow::Result<String> {
-        let (mut s, peer) = listener.accept()?;
-        let mut b = [0u8; 2];
-        s.read_exact(&mut b)?;
-        s.write_all(&b)?;
-        Ok(peer.ip().to_string())
-    });
-    from.ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.write_all(b"hi")?;
-        let mut b = [0u8; 2];
-        s.read_exact(&mut b)?;
-        Ok(())
-    })?;
-    accepted
-        .join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))?
+    let accepted = server.echo_peers(port, 1, 2)?;
+    from.echo_to(SocketAddr::new(server.ip.into(), port), b"hi")?;
+    Ok(join_peers(accepted)?[0].ip().to_string())
 }
 
 #[test]

@@ -2,11 +2,10 @@
 //! unmodified TCP client is captured into ztunnel (original destination and
 //! source workload identity known); a pod not in the mesh is not captured.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use e2e::cluster::Cluster;
+use e2e::cluster::{join_peers, Cluster};
 use e2e::mesh::TempDir;
 use e2e::netns::root_or_skip;
 use e2e::process::{metric_sum, Ztunnel};
@@ -50,31 +49,11 @@ fn enrolled_pod_is_captured_and_others_are_not() -> anyhow::Result<()> {
     z1.wait_log("capturing", Duration::from_secs(10))?;
 
     let addr = SocketAddr::new(server.ip.into(), 8080);
-    let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
-    let accept = std::thread::spawn(move || -> anyhow::Result<Vec<SocketAddr>> {
-        let mut peers = Vec::new();
-        for _ in 0..2 {
-            let (mut s, peer) = listener.accept()?;
-            let mut b = [0u8; 5];
-            s.read_exact(&mut b)?;
-            s.write_all(&b)?;
-            peers.push(peer);
-        }
-        Ok(peers)
-    });
+    let accept = server.echo_peers(8080, 2, 5)?;
     for pod in [client, bystander] {
-        pod.ns.run(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.write_all(b"hello")?;
-            let mut b = [0u8; 5];
-            s.read_exact(&mut b)?;
-            anyhow::ensure!(&b == b"hello");
-            Ok(())
-        })?;
+        pod.echo_to(addr, b"hello")?;
     }
-    let peers = accept
-        .join()
-        .map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
+    let peers = join_peers(accept)?;
     // The captured connection left through ztunnel (node address); the
     // bystander's went straight out (its own address).
     assert_eq!(peers[0].ip().to_string(), node1.ip.to_string(), "{peers:?}");

@@ -209,13 +209,17 @@ async fn bad_peers_are_refused_and_others_keep_working() -> anyhow::Result<()> {
     echo_roundtrip(mesh.z1.socks5(), mesh.client, mesh.server_addr()).await?;
 
     // 6. A valid peer asking ztunnel 2 to CONNECT somewhere that is not on node2.
-    let good = tls::client_config(
-        &cert(&mesh.pki, &client_id, false),
-        &roots,
-        vec![server_id.clone()],
-    )?;
+    // A valid client of ztunnel 2: right CA, right identity, unexpired.
+    let good = || {
+        tls::client_config(
+            &cert(&mesh.pki, &client_id, false),
+            &roots,
+            vec![server_id.clone()],
+        )
+    };
+
     let elsewhere = SocketAddr::new(mesh.client, 9000);
-    match hbone_attempt(hbone2, good, elsewhere).await {
+    match hbone_attempt(hbone2, good()?, elsewhere).await {
         Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::BAD_REQUEST),
         other => panic!("CONNECT to a non-local destination: {other:?}"),
     }
@@ -231,16 +235,12 @@ async fn bad_peers_are_refused_and_others_keep_working() -> anyhow::Result<()> {
     echo_roundtrip(mesh.z1.socks5(), mesh.client, mesh.server_addr()).await?;
 
     // 7. A valid peer claiming someone else's address (to get past ipBlocks).
-    let good = tls::client_config(
-        &cert(&mesh.pki, &client_id, false),
-        &roots,
-        vec![server_id.clone()],
-    )?;
+
     let spoof = [(
         http::HeaderName::from_static(mesh_core::hbone::FORWARDED),
         http::HeaderValue::from_str(&mesh_core::hbone::forwarded_for(mesh.intruder))?,
     )];
-    match hbone_attempt_with(hbone2, good, mesh.server_addr(), &spoof).await {
+    match hbone_attempt_with(hbone2, good()?, mesh.server_addr(), &spoof).await {
         Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::BAD_REQUEST),
         other => panic!("spoofed Forwarded: {other:?}"),
     }
@@ -250,12 +250,8 @@ async fn bad_peers_are_refused_and_others_keep_working() -> anyhow::Result<()> {
     )?;
 
     // 8. A tunnel into the HBONE port itself (would hide the real source).
-    let good = tls::client_config(
-        &cert(&mesh.pki, &client_id, false),
-        &roots,
-        vec![server_id.clone()],
-    )?;
-    match hbone_attempt(hbone2, good, hbone2).await {
+
+    match hbone_attempt(hbone2, good()?, hbone2).await {
         Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::BAD_REQUEST),
         other => panic!("CONNECT to the HBONE port: {other:?}"),
     }
