@@ -2,7 +2,7 @@
 # Idempotent: packages already present are not reinstalled, and `apt-get update`
 # runs at most once per invocation.
 
-AMBIT_PACKAGES=(clang llvm libbpf-dev protobuf-compiler iproute2 iptables curl ca-certificates)
+AMBIT_PACKAGES=(clang llvm libbpf-dev protobuf-compiler libprotobuf-dev iproute2 iptables curl ca-certificates)
 
 ambit_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -6,12 +6,17 @@
 //! * [`hbone`]: HTTP/2 CONNECT tunnels over mTLS (client, pool, server, copy).
 //! * [`config`]: the mesh data model (workloads, services, policies) and its YAML form.
 //! * [`authz`]: L4 authorization decisions.
+//! * [`grpc`]: channels from proxies to the control plane (TLS, bearer token).
+//! * [`proto`]: generated xDS, Istio workload/authorization and CA types.
+//! * [`xds`]: the mesh model as Istio's xDS resources, and back.
 
 pub mod authz;
 pub mod ca;
 pub mod config;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod proto;
 pub mod sys;
 pub mod tls;
 

@@ -1,0 +1,23 @@
+//! Compiles the protobuf definitions under `proto/` (xDS transport, Istio's
+//! workload/authorization/CA types) with protoc.
+
+fn main() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let files = [
+        "envoy/discovery.proto",
+        "istio/workload.proto",
+        "istio/authorization.proto",
+        "istio/ca.proto",
+    ]
+    .map(|f| root.join(f));
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    if let Err(e) = tonic_prost_build::configure().compile_protos(&files, &[root.clone()]) {
+        panic!(
+            "compiling {}: {e}\nprotoc and the well-known types come from the Debian packages \
+             protobuf-compiler and libprotobuf-dev (scripts/setup.sh installs them)",
+            root.display()
+        );
+    }
+}

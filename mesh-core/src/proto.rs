@@ -1,0 +1,25 @@
+//! Generated protobuf types and gRPC stubs (see `proto/`).
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+pub mod envoy {
+    pub mod discovery {
+        tonic::include_proto!("envoy.service.discovery.v3");
+    }
+}
+
+pub mod istio {
+    pub mod workload {
+        tonic::include_proto!("istio.workload");
+    }
+    pub mod security {
+        tonic::include_proto!("istio.security");
+    }
+    pub mod ca {
+        tonic::include_proto!("istio.v1.auth");
+    }
+}
+
+/// `type_url` of Istio's ambient address resources (workloads and services).
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+/// `type_url` of Istio's ambient L4 authorization resources.
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
