@@ -8,12 +8,13 @@ fn main() {
         "istio/workload.proto",
         "istio/authorization.proto",
         "istio/ca.proto",
+        "ambit/extensions.proto",
     ]
     .map(|f| root.join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
-    if let Err(e) = tonic_prost_build::configure().compile_protos(&files, &[root.clone()]) {
+    if let Err(e) = tonic_prost_build::configure().compile_protos(&files, std::slice::from_ref(&root)) {
         panic!(
             "compiling {}: {e}\nprotoc and the well-known types come from the Debian packages \
              protobuf-compiler and libprotobuf-dev (scripts/setup.sh installs them)",

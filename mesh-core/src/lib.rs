@@ -19,5 +19,6 @@ pub mod identity;
 pub mod proto;
 pub mod sys;
 pub mod tls;
+pub mod xds;
 
 pub use identity::Identity;

@@ -19,6 +19,12 @@ pub mod istio {
     }
 }
 
+pub mod ambit {
+    pub mod extensions {
+        tonic::include_proto!("ambit.extensions.v1");
+    }
+}
+
 /// `type_url` of Istio's ambient address resources (workloads and services).
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// `type_url` of Istio's ambient L4 authorization resources.

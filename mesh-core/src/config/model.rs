@@ -35,6 +35,26 @@ pub struct MeshConfig {
     pub peer_authentications: Vec<PeerAuthentication>,
 }
 
+impl MeshConfig {
+    /// The effective mTLS mode of a workload: workload-level beats
+    /// namespace-level beats mesh-wide (root namespace).
+    pub fn mtls_mode(&self, namespace: &str, name: &str) -> MtlsMode {
+        let pas = &self.peer_authentications;
+        pas.iter()
+            .find(|p| p.namespace == namespace && p.workloads.iter().any(|w| w == name))
+            .or_else(|| {
+                pas.iter()
+                    .find(|p| p.namespace == namespace && p.workloads.is_empty())
+            })
+            .or_else(|| {
+                pas.iter()
+                    .find(|p| p.namespace == self.root_namespace && p.workloads.is_empty())
+            })
+            .map(|p| p.mode)
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workload {
@@ -71,6 +91,19 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+}
+
+impl Service {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The explicit hostname, or `<name>.<namespace>.svc.<trust domain>`.
+    pub fn hostname_in(&self, trust_domain: &str) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.{trust_domain}", self.name, self.namespace))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize)]

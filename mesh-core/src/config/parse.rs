@@ -39,6 +39,11 @@ pub fn parse_mesh_config(src: &str) -> Result<MeshConfig, ConfigError> {
     Ok(config)
 }
 
+/// Validates a config built in memory (from xDS); errors carry no line numbers.
+pub fn validate_mesh_config(config: &MeshConfig) -> Result<(), ConfigError> {
+    Validator { src: "", config }.run()
+}
+
 struct Validator<'a> {
     src: &'a str,
     config: &'a MeshConfig,

@@ -96,16 +96,14 @@ impl MeshState {
         let mut services_by_ip = HashMap::new();
         let mut services_by_host = HashMap::new();
         for s in &config.services {
-            let key = format!("{}/{}", s.namespace, s.name);
+            let key = s.key();
             let mut endpoints: Vec<_> = by_key
                 .values()
                 .filter(|w| w.workload.services.contains(&key))
                 .cloned()
                 .collect();
             endpoints.sort_by_key(|w| w.key());
-            let hostname = s.hostname.clone().unwrap_or_else(|| {
-                format!("{}.{}.svc.{}", s.name, s.namespace, config.trust_domain)
-            });
+            let hostname = s.hostname_in(&config.trust_domain);
             let info = Arc::new(ServiceInfo {
                 service: s.clone(),
                 hostname: hostname.clone(),
@@ -233,22 +231,10 @@ impl MeshState {
         global.chain(selected)
     }
 
-    /// The effective mTLS mode for `w`: workload-level beats namespace-level beats mesh-wide.
+    /// The effective mTLS mode for `w` (see [`MeshConfig::mtls_mode`]).
     pub fn mtls_mode(&self, w: &WorkloadInfo) -> MtlsMode {
-        let pas = &self.config.peer_authentications;
-        let ns = &w.workload.namespace;
-        pas.iter()
-            .find(|p| &p.namespace == ns && p.workloads.contains(&w.workload.name))
-            .or_else(|| {
-                pas.iter()
-                    .find(|p| &p.namespace == ns && p.workloads.is_empty())
-            })
-            .or_else(|| {
-                pas.iter()
-                    .find(|p| p.namespace == self.config.root_namespace && p.workloads.is_empty())
-            })
-            .map(|p| p.mode)
-            .unwrap_or_default()
+        self.config
+            .mtls_mode(&w.workload.namespace, &w.workload.name)
     }
 }
 
