@@ -1,0 +1,374 @@
+//! The gRPC CA end to end: a real tonic server on loopback, called through
+//! mesh-core's control-plane client (plaintext and TLS).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use istiod_lite::ca_service::{CaService, IMPERSONATED_IDENTITY};
+use istiod_lite::metrics::Metrics;
+use istiod_lite::node_auth::NodeAuthenticator;
+use istiod_lite::tls_serve::{server_config, tls_incoming};
+use mesh_core::ca::{generate_csr, CertificateAuthority};
+use mesh_core::config::{MeshConfig, Workload};
+use mesh_core::grpc::ControlPlane;
+use mesh_core::proto::istio::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use mesh_core::proto::istio::ca::IstioCertificateRequest;
+use mesh_core::tls::WorkloadCertificate;
+use mesh_core::Identity;
+use rustls::pki_types::UnixTime;
+use tokio::sync::watch;
+use tonic::Code;
+
+fn workload(name: &str, sa: &str, node: &str, ip: &str) -> Workload {
+    serde_yaml::from_str(&format!(
+        "{{name: {name}, namespace: demo, serviceAccount: {sa}, node: {node}, addresses: [{ip}]}}"
+    ))
+    .unwrap()
+}
+
+fn mesh(workloads: Vec<Workload>) -> Arc<MeshConfig> {
+    Arc::new(MeshConfig {
+        trust_domain: "cluster.local".into(),
+        workloads,
+        ..Default::default()
+    })
+}
+
+fn id(sa: &str) -> Identity {
+    format!("spiffe://cluster.local/ns/demo/sa/{sa}")
+        .parse()
+        .unwrap()
+}
+
+struct Harness {
+    ca: Arc<CertificateAuthority>,
+    mesh: watch::Sender<Arc<MeshConfig>>,
+    metrics: Arc<Metrics>,
+    dir: PathBuf,
+    service: CaService,
+}
+
+impl Harness {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ambit-ca-svc-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("tokens.yaml"),
+            "node-a: token-a\nnode-b: token-b\n",
+        )
+        .unwrap();
+        for (file, token) in [("a", "token-a"), ("b", "token-b"), ("bogus", "token-x")] {
+            std::fs::write(dir.join(file), format!("{token}\n")).unwrap();
+        }
+        let auth = NodeAuthenticator::from_file(dir.join("tokens.yaml")).unwrap();
+        let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
+        let (mesh, rx) = watch::channel(mesh(vec![
+            workload("web-1", "web", "node-a", "10.0.0.1"),
+            workload("db-1", "db", "node-b", "10.0.0.2"),
+        ]));
+        let metrics = Arc::new(Metrics::new());
+        let service = CaService::new(
+            ca.clone(),
+            Arc::new(auth),
+            rx,
+            Duration::from_secs(24 * 3600),
+            Duration::from_secs(48 * 3600),
+        )
+        .with_metrics(metrics.clone());
+        Harness {
+            ca,
+            mesh,
+            metrics,
+            dir,
+            service,
+        }
+    }
+
+    async fn serve_plaintext(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = self.service.clone().into_server();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    fn control_plane(&self, addr: SocketAddr, token: Option<&str>) -> ControlPlane {
+        ControlPlane {
+            token_file: token.map(|t| self.dir.join(t)),
+            ..ControlPlane::plaintext(format!("http://{addr}"))
+        }
+    }
+}
+
+fn request(csr: &str, identity: Option<&str>, validity: i64) -> IstioCertificateRequest {
+    let metadata = identity.map(|i| prost_types::Struct {
+        fields: BTreeMap::from([(
+            IMPERSONATED_IDENTITY.to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(i.to_string())),
+            },
+        )]),
+    });
+    IstioCertificateRequest {
+        csr: csr.to_string(),
+        validity_duration: validity,
+        metadata,
+    }
+}
+
+async fn call(
+    cp: &ControlPlane,
+    req: IstioCertificateRequest,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut client =
+        IstioCertificateServiceClient::with_interceptor(cp.channel().unwrap(), cp.auth());
+    Ok(client
+        .create_certificate(req)
+        .await?
+        .into_inner()
+        .cert_chain)
+}
+
+fn verify_chain(ca: &CertificateAuthority, cert: &WorkloadCertificate) {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        ca.trust_roots().unwrap().store(),
+        mesh_core::tls::provider(),
+    )
+    .build()
+    .unwrap();
+    verifier
+        .verify_client_cert(&cert.chain()[0], &cert.chain()[1..], UnixTime::now())
+        .unwrap();
+}
+
+#[tokio::test]
+async fn local_workload_identity_is_signed() {
+    let h = Harness::new("local");
+    let addr = h.serve_plaintext().await;
+    let cp = h.control_plane(addr, Some("a"));
+    let web = id("web");
+    let (csr, key) = generate_csr(&web).unwrap();
+
+    let chain = call(&cp, request(&csr, Some(&web.to_string()), 3600))
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 2, "leaf and root as separate strings");
+    assert_eq!(chain[1], h.ca.root_pem());
+    let cert = WorkloadCertificate::from_pem(chain.concat().as_bytes(), key.as_bytes()).unwrap();
+    assert_eq!(cert.identity(), &web);
+    verify_chain(&h.ca, &cert);
+    let left = cert.not_after().duration_since(SystemTime::now()).unwrap();
+    assert!(
+        left <= Duration::from_secs(3600) && left > Duration::from_secs(3500),
+        "{left:?}"
+    );
+
+    // No validity asked: the default; too much asked: the maximum.
+    for (asked, want) in [(0, 24), (-5, 24), (365 * 24 * 3600, 48)] {
+        let (csr, key) = generate_csr(&web).unwrap();
+        let chain = call(&cp, request(&csr, Some(&web.to_string()), asked))
+            .await
+            .unwrap();
+        let cert =
+            WorkloadCertificate::from_pem(chain.concat().as_bytes(), key.as_bytes()).unwrap();
+        let left = cert.not_after().duration_since(SystemTime::now()).unwrap();
+        let want = Duration::from_secs(want * 3600);
+        assert!(
+            left <= want && left > want - Duration::from_secs(60),
+            "{asked}: {left:?}"
+        );
+    }
+    let text = h.metrics.encode();
+    assert!(
+        text.contains("istiod_ca_requests_total{result=\"issued\"} 4"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn identity_of_another_node_is_denied_until_it_moves_here() {
+    let h = Harness::new("other-node");
+    let addr = h.serve_plaintext().await;
+    let cp = h.control_plane(addr, Some("a"));
+    let db = id("db");
+    let (csr, _) = generate_csr(&db).unwrap();
+
+    let err = call(&cp, request(&csr, Some(&db.to_string()), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "identity spiffe://cluster.local/ns/demo/sa/db has no workload on node node-a"
+    );
+    // An identity no workload has at all, and one of a foreign trust domain.
+    for other in [
+        "spiffe://cluster.local/ns/demo/sa/nobody",
+        "spiffe://other.domain/ns/demo/sa/web",
+    ] {
+        let (csr, _) = generate_csr(&other.parse().unwrap()).unwrap();
+        let err = call(&cp, request(&csr, Some(other), 0)).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{other}: {err:?}");
+    }
+
+    // The CA follows the live mesh config: a db replica scheduled on node-a.
+    h.mesh.send_modify(|m| {
+        let mut next = (**m).clone();
+        next.workloads
+            .push(workload("db-2", "db", "node-a", "10.0.0.3"));
+        *m = Arc::new(next);
+    });
+    let chain = call(&cp, request(&csr, Some(&db.to_string()), 0))
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 2);
+    let text = h.metrics.encode();
+    assert!(
+        text.contains("istiod_ca_requests_total{result=\"denied\"} 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn missing_wrong_or_unknown_tokens_are_unauthenticated() {
+    let h = Harness::new("tokens");
+    let addr = h.serve_plaintext().await;
+    let web = id("web");
+    let (csr, _) = generate_csr(&web).unwrap();
+    let req = || request(&csr, Some("spiffe://cluster.local/ns/demo/sa/web"), 0);
+
+    let err = call(&h.control_plane(addr, None), req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("missing node token"), "{err:?}");
+
+    let err = call(&h.control_plane(addr, Some("bogus")), req())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("unknown node token"), "{err:?}");
+
+    // Not a bearer token at all.
+    let cp = h.control_plane(addr, None);
+    let mut client = IstioCertificateServiceClient::new(cp.channel().unwrap());
+    let mut r = tonic::Request::new(req());
+    r.metadata_mut()
+        .insert("authorization", "Basic dG9rZW4tYQ==".parse().unwrap());
+    let err = client.create_certificate(r).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // The right token of another node is still the other node.
+    let err = call(&h.control_plane(addr, Some("b")), req())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let text = h.metrics.encode();
+    assert!(
+        text.contains("istiod_ca_requests_total{result=\"unauthenticated\"} 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_invalid_argument_not_panics() {
+    let h = Harness::new("bad");
+    let addr = h.serve_plaintext().await;
+    let cp = h.control_plane(addr, Some("a"));
+    let web = "spiffe://cluster.local/ns/demo/sa/web";
+
+    // CSR for another identity than the one impersonated.
+    let (db_csr, _) = generate_csr(&id("db")).unwrap();
+    let err = call(&cp, request(&db_csr, Some(web), 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("must name exactly"), "{err:?}");
+
+    for garbage in [
+        "",
+        "not a csr",
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    ] {
+        let err = call(&cp, request(garbage, Some(web), 0)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{garbage:?}");
+        assert!(err.message().contains("CSR"), "{err:?}");
+    }
+
+    let (csr, _) = generate_csr(&id("web")).unwrap();
+    let err = call(&cp, request(&csr, None, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("no identity of its own"), "{err:?}");
+
+    let err = call(&cp, request(&csr, Some("web"), 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("spiffe://"), "{err:?}");
+
+    // The server is still fine afterwards.
+    assert!(call(&cp, request(&csr, Some(web), 0)).await.is_ok());
+}
+
+#[tokio::test]
+async fn serves_over_tls_with_its_own_serving_certificate() {
+    let h = Harness::new("tls");
+    let serving =
+        h.ca.issue_server(
+            &[mesh_core::grpc::CONTROL_PLANE_NAME.to_string()],
+            &["127.0.0.1".parse::<IpAddr>().unwrap()],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let config = server_config(&serving.chain_pem, &serving.key_pem).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(h.service.clone().into_server())
+            .serve_with_incoming(tls_incoming(listener, config)),
+    );
+
+    // A client that connects and never says anything must not block others,
+    // and one that speaks plaintext gets a failed handshake, not a crash.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+    }
+
+    let cp = ControlPlane {
+        address: format!("https://127.0.0.1:{}", addr.port()),
+        roots: Some(h.ca.trust_roots().unwrap()),
+        server_name: mesh_core::grpc::CONTROL_PLANE_NAME.to_string(),
+        token_file: Some(h.dir.join("a")),
+    };
+    let web = id("web");
+    let (csr, key) = generate_csr(&web).unwrap();
+    let chain = tokio::time::timeout(
+        Duration::from_secs(5),
+        call(&cp, request(&csr, Some(&web.to_string()), 0)),
+    )
+    .await
+    .expect("a silent client blocked the accept loop")
+    .unwrap();
+    let cert = WorkloadCertificate::from_pem(chain.concat().as_bytes(), key.as_bytes()).unwrap();
+    assert_eq!(cert.identity(), &web);
+    verify_chain(&h.ca, &cert);
+
+    // A client trusting another root refuses the server.
+    let other = CertificateAuthority::generate("cluster.local").unwrap();
+    let cp = ControlPlane {
+        roots: Some(other.trust_roots().unwrap()),
+        ..cp
+    };
+    let err = call(&cp, request(&csr, Some(&web.to_string()), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
