@@ -26,7 +26,6 @@ use crate::node_auth::Authenticator;
 /// Metadata field naming the identity a node proxy requests for a workload.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
-
 #[derive(Clone)]
 pub struct CaService {
     ca: Arc<CertificateAuthority>,

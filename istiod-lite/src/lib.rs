@@ -1,7 +1,25 @@
-//! istiod-lite's servers as a library, so the binary and the integration tests
-//! share them: the gRPC CA, node authentication, TLS serving and metrics.
+//! istiod-lite, Ambit's control plane, as a library: the binary (`main.rs`)
+//! is only its command line, and integration tests drive the same code.
+//!
+//! * [`sources`] → [`translate`] → [`pipeline`]: cluster objects become the
+//!   mesh model and versioned [`xds::Snapshot`]s.
+//! * [`xds`]: the delta ADS server; [`ca_service`]: the gRPC CA;
+//!   [`node_auth`]: who is calling; [`tls_serve`]: TLS for both.
+//! * [`serve`]: the running process; [`monitoring`] and [`metrics`]: 15014.
 
 pub mod ca_service;
+pub mod ca_store;
+pub mod exclusions;
+pub mod istio_types;
 pub mod metrics;
+pub mod monitoring;
 pub mod node_auth;
+pub mod pipeline;
+pub mod serve;
+pub mod sources;
 pub mod tls_serve;
+pub mod translate;
+pub mod xds;
+
+#[cfg(test)]
+mod tests_translate;

@@ -1,21 +1,16 @@
 //! istiod-lite: Ambit's control plane.
 //!
-//! Today: the mesh CA offline (`ca init` creates or loads the persisted root,
-//! `ca issue` signs a workload certificate into the layout ztunnel reads) and
-//! the manifests source with its translation (`render` turns a directory of
-//! Kubernetes/Istio manifests into the mesh config ztunnel reads). The gRPC
-//! CA, the Kubernetes source and the xDS server build on these.
+//! * `serve`: the control plane proper: follows a manifests directory and
+//!   serves delta ADS and the CA (see [`serve`]).
+//! * `render`: the same translation, once, as the static YAML ztunnel can read.
+//! * `ca init|issue`: offline CA operations.
 
-mod ca_store;
-mod exclusions;
-mod istio_types;
-mod sources;
-mod translate;
-
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use istiod_lite::{ca_store, pipeline, serve, sources, translate};
 use mesh_core::Identity;
 
 #[derive(Parser)]
@@ -27,6 +22,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the control plane: follow a manifests directory, serve xDS and the CA.
+    Serve {
+        /// Directory of multi-document YAML manifests (re-read when it changes).
+        #[arg(long, env = "AMBIT_MANIFESTS")]
+        manifests: PathBuf,
+        /// Where the CA root lives (generated on first start).
+        #[arg(long, default_value = "/var/lib/ambit/ca")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(long, default_value = "istio-system")]
+        root_namespace: String,
+        /// xDS and CA over TLS, bearer token required.
+        #[arg(long, default_value = "[::]:15012")]
+        grpc_addr: SocketAddr,
+        /// Plaintext, unauthenticated xDS: for tests only; off unless given.
+        #[arg(long)]
+        xds_plaintext_addr: Option<SocketAddr>,
+        /// Metrics and debug views.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        monitoring_addr: SocketAddr,
+        /// YAML map of node name to bootstrap token; a ztunnel presents its
+        /// node's token as `authorization: Bearer <token>`.
+        #[arg(long)]
+        bootstrap_tokens: PathBuf,
+        /// Default workload certificate lifetime in seconds.
+        #[arg(long, default_value_t = 24 * 3600)]
+        cert_ttl_secs: u64,
+        /// Longest lifetime a client may ask for, in seconds.
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
+        max_cert_ttl_secs: u64,
+        /// DNS names on the serving certificate (clients verify one of them).
+        #[arg(long, default_values_t = vec![mesh_core::grpc::CONTROL_PLANE_NAME.to_string(), "istiod".to_string(), "localhost".to_string()])]
+        serving_dns: Vec<String>,
+        /// IP addresses on the serving certificate.
+        #[arg(long, default_values_t = vec![IpAddr::from([127, 0, 0, 1])])]
+        serving_ip: Vec<IpAddr>,
+        /// How often the manifests directory is checked for changes, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        poll_ms: u64,
+        /// Log filter (tracing's EnvFilter syntax).
+        #[arg(long, env = "AMBIT_LOG", default_value = "info")]
+        log_level: String,
+    },
     /// Translate a manifests directory into ztunnel's mesh config (YAML on stdout).
     Render {
         /// Directory of multi-document YAML manifests.
@@ -78,6 +117,47 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve {
+            manifests,
+            data_dir,
+            trust_domain,
+            root_namespace,
+            grpc_addr,
+            xds_plaintext_addr,
+            monitoring_addr,
+            bootstrap_tokens,
+            cert_ttl_secs,
+            max_cert_ttl_secs,
+            serving_dns,
+            serving_ip,
+            poll_ms,
+            log_level,
+        } => {
+            let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
+                .map_err(|e| anyhow::anyhow!("bad log level {log_level:?}: {e}"))?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .init();
+            serve::run(serve::ServeOptions {
+                manifests,
+                data_dir,
+                mesh: pipeline::MeshOptions {
+                    trust_domain,
+                    root_namespace,
+                },
+                grpc_addr,
+                xds_plaintext_addr,
+                monitoring_addr,
+                bootstrap_tokens,
+                cert_ttl: Duration::from_secs(cert_ttl_secs),
+                max_cert_ttl: Duration::from_secs(max_cert_ttl_secs),
+                serving_dns,
+                serving_ips: serving_ip,
+                poll_interval: Duration::from_millis(poll_ms.max(10)),
+            })?;
+        }
         Command::Render {
             manifests,
             trust_domain,
@@ -131,6 +211,3 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests_translate;

@@ -1,0 +1,208 @@
+//! From a source to what is served: read the manifests directory when it
+//! changes, translate, validate, encode, and publish a new snapshot (for xDS)
+//! and the model (for the CA's node checks). A read or validation failure
+//! keeps the last good state in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mesh_core::config::{validate_mesh_config, MeshConfig};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::sources::{manifests, Rejected};
+use crate::translate::translate;
+use crate::xds::Snapshot;
+
+/// What the translation settles on, beyond the source objects.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub trust_domain: String,
+    pub root_namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Default)]
+pub struct PipelineMetrics {
+    builds: Family<ResultLabels, Counter>,
+    rejected_objects: Gauge,
+    snapshot_version: Gauge,
+}
+
+impl PipelineMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = PipelineMetrics::default();
+        registry.register(
+            "model_builds",
+            "Rebuilds of the mesh model from the source, by result",
+            m.builds.clone(),
+        );
+        registry.register(
+            "rejected_objects",
+            "Source objects currently rejected (see the log or /debug/rejected)",
+            m.rejected_objects.clone(),
+        );
+        registry.register(
+            "snapshot_version",
+            "Version of the snapshot being served",
+            m.snapshot_version.clone(),
+        );
+        m
+    }
+
+    fn build(&self, result: &str) {
+        self.builds
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// The published state: subscribe to the senders' receivers.
+pub struct Outputs {
+    pub snapshots: watch::Sender<Arc<Snapshot>>,
+    pub mesh: watch::Sender<Arc<MeshConfig>>,
+    pub rejected: watch::Sender<Arc<Vec<Rejected>>>,
+}
+
+impl Default for Outputs {
+    fn default() -> Self {
+        Outputs {
+            snapshots: watch::channel(Arc::new(Snapshot::default())).0,
+            mesh: watch::channel(Arc::new(MeshConfig::default())).0,
+            rejected: watch::channel(Arc::new(Vec::new())).0,
+        }
+    }
+}
+
+/// One rebuild from the directory. Errors leave `outputs` untouched.
+pub fn rebuild(
+    dir: &Path,
+    options: &MeshOptions,
+    outputs: &Outputs,
+    metrics: &PipelineMetrics,
+) -> Result<(), String> {
+    let result = build(dir, options);
+    let (config, rejected) = match result {
+        Ok(built) => built,
+        Err(e) => {
+            metrics.build("failed");
+            return Err(e);
+        }
+    };
+    for r in &rejected {
+        tracing::warn!(object = %r.object, origin = %r.origin, "rejected: {}", r.reason);
+    }
+    metrics.rejected_objects.set(rejected.len() as i64);
+    outputs.rejected.send_replace(Arc::new(rejected));
+    let encoded = mesh_core::xds::encode(&config);
+    let current = outputs.snapshots.borrow().clone();
+    match current.next(encoded) {
+        Some(next) => {
+            let changed: usize = next.changed.values().map(Vec::len).sum();
+            tracing::info!(
+                version = next.version,
+                workloads = config.workloads.len(),
+                services = config.services.len(),
+                policies = config.policies.len(),
+                changed,
+                "publishing mesh snapshot"
+            );
+            metrics.snapshot_version.set(next.version as i64);
+            outputs.mesh.send_replace(Arc::new(config));
+            outputs.snapshots.send_replace(Arc::new(next));
+            metrics.build("published");
+        }
+        None => metrics.build("unchanged"),
+    }
+    Ok(())
+}
+
+fn build(dir: &Path, options: &MeshOptions) -> Result<(MeshConfig, Vec<Rejected>), String> {
+    let (state, mut rejected) =
+        manifests::load_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    let t = translate(&state, &options.trust_domain, &options.root_namespace);
+    rejected.extend(t.rejected);
+    for n in &t.notes {
+        tracing::debug!("note: {n}");
+    }
+    // A translation bug must not reach the proxies, which would refuse it anyway.
+    validate_mesh_config(&t.config)
+        .map_err(|e| format!("translated config does not validate (bug): {e}"))?;
+    Ok((t.config, rejected))
+}
+
+type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+/// Modification times and sizes of the manifest files: cheap to poll.
+fn stamp(dir: &Path) -> Option<Stamp> {
+    let mut out: Stamp = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let mtime = meta.as_ref().and_then(|m| m.modified().ok());
+            (p, mtime, meta.map_or(0, |m| m.len()))
+        })
+        .collect();
+    out.sort();
+    Some(out)
+}
+
+/// Follows `dir` forever: polls every `interval`, waits for a burst of
+/// writes to settle (debounce), then rebuilds.
+pub async fn follow_manifests(
+    dir: PathBuf,
+    options: MeshOptions,
+    outputs: Arc<Outputs>,
+    metrics: PipelineMetrics,
+    interval: Duration,
+) {
+    let mut last = stamp(&dir);
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = stamp(&dir);
+        if now == last {
+            continue;
+        }
+        // Debounce: an editor or `kubectl apply`-like tool writes in bursts.
+        let mut settled = now;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let again = stamp(&dir);
+            if again == settled {
+                break;
+            }
+            settled = again;
+        }
+        last = settled;
+        let (dir2, options2, outputs2, metrics2) = (
+            dir.clone(),
+            options.clone(),
+            outputs.clone(),
+            metrics.clone(),
+        );
+        let done =
+            tokio::task::spawn_blocking(move || rebuild(&dir2, &options2, &outputs2, &metrics2))
+                .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("manifests not applied, keeping the last good state: {e}")
+            }
+            Err(e) => tracing::error!("rebuild task failed, keeping the last good state: {e}"),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! `istiod-lite serve`: the running control plane. One process serves
+//! delta ADS and the CA over TLS (15012, bearer token required), delta ADS in
+//! plaintext for tests (15010, off by default), and monitoring (15014).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_core::proto::envoy::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::ca_service::CaService;
+use crate::ca_store::CaStore;
+use crate::metrics::Metrics;
+use crate::node_auth::{Authenticator, NodeAuthenticator};
+use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
+use crate::xds::{XdsMetrics, XdsServer};
+
+pub struct ServeOptions {
+    pub manifests: PathBuf,
+    pub data_dir: PathBuf,
+    pub mesh: MeshOptions,
+    pub grpc_addr: SocketAddr,
+    pub xds_plaintext_addr: Option<SocketAddr>,
+    pub monitoring_addr: SocketAddr,
+    pub bootstrap_tokens: PathBuf,
+    pub cert_ttl: Duration,
+    pub max_cert_ttl: Duration,
+    pub serving_dns: Vec<String>,
+    pub serving_ips: Vec<IpAddr>,
+    pub poll_interval: Duration,
+}
+
+/// How long the serving certificate lives; it is re-issued at every start.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("istiod")
+        .enable_all()
+        .build()
+        .context("building runtime")?;
+    rt.block_on(serve(opts))
+}
+
+async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let (ca, created) = CaStore::new(&opts.data_dir).load_or_create(&opts.mesh.trust_domain)?;
+    tracing::info!(
+        dir = %opts.data_dir.display(),
+        "{} root CA",
+        if created { "created" } else { "loaded" }
+    );
+    let ca = Arc::new(ca);
+    let auth: Arc<dyn Authenticator> = Arc::new(
+        NodeAuthenticator::from_file(&opts.bootstrap_tokens)
+            .with_context(|| format!("bootstrap tokens {}", opts.bootstrap_tokens.display()))?,
+    );
+
+    let mut metrics = Metrics::new();
+    let xds_metrics = XdsMetrics::register(&mut metrics.registry);
+    let pipeline_metrics = PipelineMetrics::register(&mut metrics.registry);
+    let metrics = Arc::new(metrics);
+
+    let outputs = Arc::new(Outputs::default());
+    // The first build must succeed: serving an empty mesh would look like
+    // every workload had left.
+    pipeline::rebuild(&opts.manifests, &opts.mesh, &outputs, &pipeline_metrics)
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(pipeline::follow_manifests(
+        opts.manifests.clone(),
+        opts.mesh.clone(),
+        outputs.clone(),
+        pipeline_metrics,
+        opts.poll_interval,
+    ));
+
+    let serving = ca
+        .issue_server(&opts.serving_dns, &opts.serving_ips, SERVING_CERT_TTL)
+        .context("issuing the serving certificate")?;
+    let tls = crate::tls_serve::server_config(&serving.chain_pem, &serving.key_pem)?;
+
+    let grpc = tokio::net::TcpListener::bind(opts.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", opts.grpc_addr))?;
+    let xds = XdsServer::new(
+        outputs.snapshots.subscribe(),
+        Some(auth.clone()),
+        xds_metrics.clone(),
+    );
+    let ca_service = CaService::new(
+        ca.clone(),
+        auth,
+        outputs.mesh.subscribe(),
+        opts.cert_ttl,
+        opts.max_cert_ttl,
+    )
+    .with_metrics(metrics.clone());
+    let secure = tonic::transport::Server::builder()
+        .add_service(AggregatedDiscoveryServiceServer::new(xds))
+        .add_service(ca_service.into_server())
+        .serve_with_incoming(crate::tls_serve::tls_incoming(grpc, tls));
+    tracing::info!(addr = %opts.grpc_addr, "xDS and CA over TLS");
+    let secure = tokio::spawn(secure);
+
+    let plaintext = match opts.xds_plaintext_addr {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            tracing::warn!(%addr, "plaintext, unauthenticated xDS (for tests only)");
+            let xds = XdsServer::new(outputs.snapshots.subscribe(), None, xds_metrics);
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(AggregatedDiscoveryServiceServer::new(xds))
+                    .serve_with_incoming(TcpListenerStream::new(l)),
+            ))
+        }
+        None => None,
+    };
+
+    let monitoring = tokio::net::TcpListener::bind(opts.monitoring_addr)
+        .await
+        .with_context(|| format!("binding {}", opts.monitoring_addr))?;
+    tokio::spawn(crate::monitoring::serve(
+        monitoring,
+        metrics,
+        outputs.clone(),
+    ));
+    tracing::info!(addr = %opts.monitoring_addr, "istiod-lite ready");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        r = secure => anyhow::bail!("TLS gRPC server stopped: {r:?}"),
+        r = async { match plaintext { Some(p) => p.await, None => std::future::pending().await } } => {
+            anyhow::bail!("plaintext xDS server stopped: {r:?}")
+        }
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
