@@ -14,7 +14,9 @@ fn main() {
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
-    if let Err(e) = tonic_prost_build::configure().compile_protos(&files, std::slice::from_ref(&root)) {
+    if let Err(e) =
+        tonic_prost_build::configure().compile_protos(&files, std::slice::from_ref(&root))
+    {
         panic!(
             "compiling {}: {e}\nprotoc and the well-known types come from the Debian packages \
              protobuf-compiler and libprotobuf-dev (scripts/setup.sh installs them)",

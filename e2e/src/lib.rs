@@ -4,6 +4,7 @@
 pub mod client;
 pub mod cluster;
 pub mod demo;
+pub mod istiod;
 pub mod loopback;
 pub mod mesh;
 pub mod netns;
@@ -14,4 +15,4 @@ pub mod sniff;
 
 pub use loopback::Subnet;
 pub use pki::Pki;
-pub use process::Ztunnel;
+pub use process::{Source, Ztunnel};

@@ -31,6 +31,22 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Where a ztunnel gets its mesh view and certificates: command-line flags.
+#[derive(Clone, Debug)]
+pub struct Source(pub Vec<std::ffi::OsString>);
+
+impl Source {
+    /// A static config file and a certificate directory.
+    pub fn static_files(config: &Path, certs: &Path) -> Self {
+        Source(vec![
+            "--config".into(),
+            config.into(),
+            "--certs".into(),
+            certs.into(),
+        ])
+    }
+}
+
 pub struct Ztunnel {
     child: Option<Child>,
     pub node: String,
@@ -50,10 +66,21 @@ impl Ztunnel {
         ip: IpAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::spawn_from(dir, &Source::static_files(config, certs), node, ip, extra)
+    }
+
+    /// As [`Ztunnel::spawn`], with the mesh and certificates from `source`.
+    pub fn spawn_from(
+        dir: &Path,
+        source: &Source,
+        node: &str,
+        ip: IpAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let ip_s = ip.to_string();
         let mut args = vec!["--bind-ip", ip_s.as_str(), "--hbone-addr", "per-workload"];
         args.extend_from_slice(extra);
-        Self::launch(None, dir, config, certs, node, ip, &args)
+        Self::launch(None, dir, source, node, ip, &args)
     }
 
     /// Starts a ztunnel inside network namespace `netns` (a cluster node), with
@@ -76,7 +103,8 @@ impl Ztunnel {
         ];
         args.extend_from_slice(&["--readiness-addr", "0.0.0.0:15021"]);
         args.extend_from_slice(extra);
-        Self::launch(Some(netns), dir, config, certs, node, ip, &args)
+        let source = Source::static_files(config, certs);
+        Self::launch(Some(netns), dir, &source, node, ip, &args)
     }
 
     /// A ztunnel capturing with eBPF on `node` of a namespace cluster, inbound
@@ -113,8 +141,7 @@ impl Ztunnel {
     fn launch(
         netns: Option<&str>,
         dir: &Path,
-        config: &Path,
-        certs: &Path,
+        source: &Source,
         node: &str,
         ip: IpAddr,
         args: &[&str],
@@ -133,10 +160,7 @@ impl Ztunnel {
             None => Command::new(&bin),
         };
         let child = cmd
-            .arg("--config")
-            .arg(config)
-            .arg("--certs")
-            .arg(certs)
+            .args(&source.0)
             .args(["--node", node])
             .args(["--reload-interval", "200ms", "--drain-timeout", "5s"])
             .args(args)

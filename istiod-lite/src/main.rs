@@ -65,6 +65,9 @@ enum Command {
         /// Log filter (tracing's EnvFilter syntax).
         #[arg(long, env = "AMBIT_LOG", default_value = "info")]
         log_level: String,
+        /// Accept pods on loopback addresses (single-host test meshes only).
+        #[arg(long, hide = true)]
+        allow_loopback_pods: bool,
     },
     /// Translate a manifests directory into ztunnel's mesh config (YAML on stdout).
     Render {
@@ -132,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             serving_ip,
             poll_ms,
             log_level,
+            allow_loopback_pods,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
                 .map_err(|e| anyhow::anyhow!("bad log level {log_level:?}: {e}"))?;
@@ -146,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mesh: pipeline::MeshOptions {
                     trust_domain,
                     root_namespace,
+                    allow_loopback_pods,
                 },
                 grpc_addr,
                 xds_plaintext_addr,
@@ -165,7 +170,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (state, mut rejected) = sources::manifests::load_dir(&manifests)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", manifests.display()))?;
-            let t = translate::translate(&state, &trust_domain, &root_namespace);
+            let t = translate::translate(
+                &state,
+                &translate::MeshOptions::new(&trust_domain, &root_namespace),
+            );
             rejected.extend(t.rejected);
             for r in &rejected {
                 eprintln!("rejected: {r}");

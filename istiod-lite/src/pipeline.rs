@@ -17,14 +17,8 @@ use tokio::sync::watch;
 
 use crate::sources::{manifests, Rejected};
 use crate::translate::translate;
+pub use crate::translate::MeshOptions;
 use crate::xds::Snapshot;
-
-/// What the translation settles on, beyond the source objects.
-#[derive(Clone, Debug)]
-pub struct MeshOptions {
-    pub trust_domain: String,
-    pub root_namespace: String,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
@@ -131,7 +125,7 @@ pub fn rebuild(
 fn build(dir: &Path, options: &MeshOptions) -> Result<(MeshConfig, Vec<Rejected>), String> {
     let (state, mut rejected) =
         manifests::load_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
-    let t = translate(&state, &options.trust_domain, &options.root_namespace);
+    let t = translate(&state, options);
     rejected.extend(t.rejected);
     for n in &t.notes {
         tracing::debug!("note: {n}");

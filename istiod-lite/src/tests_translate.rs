@@ -2,14 +2,14 @@
 
 use crate::sources::manifests::load_str;
 use crate::sources::ClusterState;
-use crate::translate::{translate, Translation};
+use crate::translate::{translate, MeshOptions, Translation};
 use mesh_core::config::{parse_mesh_config, MtlsMode, PolicyAction, PolicyScope};
 
 fn run(yaml: &str) -> Translation {
     let mut state = ClusterState::default();
     let mut rejected = Vec::new();
     load_str("test.yaml", yaml, &mut state, &mut rejected);
-    let mut t = translate(&state, "cluster.local", "istio-system");
+    let mut t = translate(&state, &MeshOptions::new("cluster.local", "istio-system"));
     rejected.extend(t.rejected);
     t.rejected = rejected;
     // Whatever is rendered must be a config ztunnel accepts.
@@ -285,7 +285,7 @@ fn bundled_demo_manifests_render() {
     let (state, rejected) =
         crate::sources::manifests::load_dir(&dir).expect("examples/demo readable");
     assert!(rejected.is_empty(), "{rejected:?}");
-    let t = translate(&state, "cluster.local", "istio-system");
+    let t = translate(&state, &MeshOptions::new("cluster.local", "istio-system"));
     assert!(t.rejected.is_empty(), "{:?}", t.rejected);
     let names: Vec<_> = t.config.workloads.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(

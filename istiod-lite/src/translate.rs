@@ -27,10 +27,33 @@ pub struct Translation {
     pub notes: Vec<String>,
 }
 
-pub fn translate(state: &ClusterState, trust_domain: &str, root_namespace: &str) -> Translation {
+/// What the translation settles on, beyond the source objects.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub trust_domain: String,
+    /// Policies here apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
+    /// Accept loopback pod addresses: a single-host test mesh puts every
+    /// pod on 127.0.0.0/8. Never in a real cluster.
+    pub allow_loopback_pods: bool,
+}
+
+impl MeshOptions {
+    pub fn new(trust_domain: &str, root_namespace: &str) -> Self {
+        MeshOptions {
+            trust_domain: trust_domain.to_string(),
+            root_namespace: root_namespace.to_string(),
+            allow_loopback_pods: false,
+        }
+    }
+}
+
+pub fn translate(state: &ClusterState, options: &MeshOptions) -> Translation {
+    let (trust_domain, root_namespace) = (&options.trust_domain, &options.root_namespace);
     let mut t = Translator {
         state,
         root_namespace,
+        allow_loopback_pods: options.allow_loopback_pods,
         rejected: Vec::new(),
         notes: Vec::new(),
     };
@@ -56,6 +79,7 @@ pub fn translate(state: &ClusterState, trust_domain: &str, root_namespace: &str)
 struct Translator<'a> {
     state: &'a ClusterState,
     root_namespace: &'a str,
+    allow_loopback_pods: bool,
     rejected: Vec<Rejected>,
     notes: Vec<String>,
 }
@@ -143,7 +167,7 @@ impl Translator<'_> {
             let mut bad = None;
             for ip in &ips {
                 match ip.parse::<IpAddr>() {
-                    Ok(a) if !usable(a) => {
+                    Ok(a) if !usable(a, self.allow_loopback_pods) => {
                         bad = Some(format!("status.podIP {a} is not a usable pod address"))
                     }
                     Ok(a) => addresses.push(a),
@@ -581,12 +605,12 @@ fn sa_principals(v: &[String]) -> Result<Vec<String>, String> {
 
 /// An address a pod can really have (not the node's loopback, a wildcard,
 /// multicast or link-local).
-fn usable(a: IpAddr) -> bool {
+fn usable(a: IpAddr, allow_loopback: bool) -> bool {
     let link_local = match a {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => v6.is_unicast_link_local(),
     };
-    !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || link_local)
+    !(a.is_unspecified() || (a.is_loopback() && !allow_loopback) || a.is_multicast() || link_local)
 }
 
 fn cidrs(v: &[String]) -> Result<Vec<Cidr>, String> {

@@ -2,7 +2,6 @@
 //! their own single-thread runtime so a slow scrape never competes with traffic.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -65,7 +64,7 @@ fn route(
     let path = req.uri().path();
     match (kind, req.method(), path) {
         (Endpoint::Readiness, &Method::GET, "/healthz/ready") => {
-            if state.ready.load(Ordering::Acquire) && !state.drain.is_draining() {
+            if state.is_ready() && !state.drain.is_draining() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -174,6 +173,11 @@ fn config_dump(state: &ProxyState) -> serde_json::Value {
         "localWorkloads": local,
         "certificates": certs,
         "hbonePool": pool,
+        "configSource": match (&state.settings.xds_address, &state.settings.config) {
+            (Some(addr), _) => json!({"xds": addr, "status": state.xds_status()}),
+            (None, Some(path)) => json!({"file": path}),
+            (None, None) => json!(null),
+        },
         "config": mesh.config(),
     })
 }

@@ -6,6 +6,7 @@
 //! delivered; captured plaintext (15006) is admitted only where policy allows.
 
 pub mod admin;
+pub mod ca_client;
 pub mod capture;
 pub mod certs;
 pub mod drain;
@@ -15,14 +16,15 @@ pub mod reload;
 pub mod settings;
 pub mod socket;
 pub mod state;
+pub mod xds;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
-use mesh_core::config::MeshState;
+use mesh_core::config::{MeshConfig, MeshState};
 use mesh_core::hbone::{Pool, PoolConfig};
-use mesh_core::tls::CertificateStore;
+use mesh_core::tls::{CertificateStore, TrustRoots};
 
 use crate::admin::{Endpoint, LogControl};
 use crate::settings::{Listen, Settings};
@@ -30,11 +32,56 @@ use crate::state::ProxyState;
 
 /// Runs a ztunnel until SIGTERM/SIGINT, then drains.
 pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
-    let config = reload::load_config(&settings.config).map_err(anyhow::Error::msg)?;
+    settings.validate().map_err(anyhow::Error::msg)?;
+    let config = match &settings.config {
+        Some(path) => reload::load_config(path).map_err(anyhow::Error::msg)?,
+        // Empty until the control plane's first push; readiness waits for it.
+        None => MeshConfig {
+            trust_domain: settings.trust_domain.clone(),
+            ..MeshConfig::default()
+        },
+    };
     let store = CertificateStore::default();
-    certs::apply(&store, certs::load_dir(&settings.certs)?);
+    match (&settings.certs, &settings.ca_root_cert) {
+        (Some(dir), _) => certs::apply(&store, certs::load_dir(dir)?),
+        (None, Some(root)) => {
+            let pem = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
+            store.set_roots(
+                TrustRoots::from_pem(&pem)
+                    .with_context(|| format!("parsing {}", root.display()))?,
+            );
+        }
+        (None, None) => {}
+    }
     let state = Arc::new(ProxyState::new(settings, MeshState::new(config), store));
-    warn_missing_certs(&state);
+    if state.settings.certs.is_some() {
+        warn_missing_certs(&state);
+    }
+    // Control-plane work (xDS, CA) and the admin servers share one small
+    // runtime off the data path. It is built here so the clients, built up
+    // front, make a bad address fail the start.
+    let admin_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the admin runtime")?;
+    let xds_address = state.settings.xds_address.clone();
+    let ca_client = match (
+        &state.settings.certs,
+        &state.settings.ca_address,
+        &xds_address,
+    ) {
+        (None, Some(addr), _) | (None, None, Some(addr)) => {
+            let cp = state.settings.control_plane(addr)?;
+            let _in_runtime = admin_rt.enter();
+            Some(ca_client::CaClient::new(
+                &cp,
+                state.settings.node.clone(),
+                state.certs.clone(),
+                state.settings.cert_ttl,
+            )?)
+        }
+        _ => None,
+    };
 
     // Bind everything up front so a port clash fails the start, not a later request.
     let s = &state.settings;
@@ -66,17 +113,7 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("admin runtime failed to start: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
+            admin_rt.block_on(async move {
                 for (listener, kind) in admin_listeners {
                     let Some(l) = listener else { continue };
                     match tokio::net::TcpListener::from_std(l) {
@@ -86,7 +123,20 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
                         Err(e) => tracing::error!(?kind, "admin listener: {e}"),
                     }
                 }
+                if let Some(addr) = xds_address {
+                    let st = admin_state.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = xds::run(st, addr).await {
+                            tracing::error!("xDS client stopped: {e:#}");
+                        }
+                    });
+                }
+                if let Some(ca) = ca_client {
+                    tokio::spawn(ca.run(admin_state.watch_mesh()));
+                }
                 reload::watch(admin_state).await;
+                // Control-plane clients and admin servers keep running.
+                std::future::pending::<()>().await;
             });
         })
         .context("spawning admin thread")?;

@@ -22,32 +22,42 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Polls the static sources that are configured (config file, certificate
+/// directory); returns at once when neither is.
 pub async fn watch(state: Arc<ProxyState>) {
     let settings = &state.settings;
-    let mut config_stamp = file_stamp(&settings.config);
-    let mut config_bytes = std::fs::read(&settings.config).ok();
-    let mut cert_stamp = certs::stamp(&settings.certs);
+    let (config, certs_dir) = (settings.config.clone(), settings.certs.clone());
+    if config.is_none() && certs_dir.is_none() {
+        return;
+    }
+    let mut config_stamp = config.as_deref().and_then(file_stamp);
+    let mut config_bytes = config.as_deref().and_then(|p| std::fs::read(p).ok());
+    let mut cert_stamp = certs_dir.as_deref().map(certs::stamp);
     let mut tick = tokio::time::interval(settings.reload_interval);
     loop {
         tick.tick().await;
-        let stamp = file_stamp(&settings.config);
-        if stamp != config_stamp {
-            config_stamp = stamp;
-            let bytes = std::fs::read(&settings.config).ok();
-            if bytes != config_bytes {
-                config_bytes = bytes;
-                reload_config(&state);
+        if let Some(path) = &config {
+            let stamp = file_stamp(path);
+            if stamp != config_stamp {
+                config_stamp = stamp;
+                let bytes = std::fs::read(path).ok();
+                if bytes != config_bytes {
+                    config_bytes = bytes;
+                    reload_config(&state, path);
+                }
             }
         }
-        let stamp = certs::stamp(&settings.certs);
-        if stamp != cert_stamp {
-            cert_stamp = stamp;
-            reload_certs(&state);
+        if let Some(dir) = &certs_dir {
+            let stamp = Some(certs::stamp(dir));
+            if stamp != cert_stamp {
+                cert_stamp = stamp;
+                reload_certs(&state, dir);
+            }
         }
     }
 }
 
-fn count(state: &ProxyState, what: &str, ok: bool) {
+pub(crate) fn count(state: &ProxyState, what: &str, ok: bool) {
     let result = format!("{what}_{}", if ok { "ok" } else { "rejected" });
     state
         .metrics
@@ -56,11 +66,10 @@ fn count(state: &ProxyState, what: &str, ok: bool) {
         .inc();
 }
 
-fn reload_config(state: &ProxyState) {
+fn reload_config(state: &ProxyState, path: &Path) {
     // Belt and braces: a parser bug must cost one rejected reload, not the
     // admin thread (and with it metrics, readiness and every later reload).
-    let path = state.settings.config.clone();
-    let loaded = std::panic::catch_unwind(move || load_config(&path))
+    let loaded = std::panic::catch_unwind(move || load_config(path))
         .unwrap_or_else(|_| Err("internal error while parsing (bug); file ignored".into()));
     match loaded {
         Ok(config) => {
@@ -80,8 +89,8 @@ fn reload_config(state: &ProxyState) {
     }
 }
 
-fn reload_certs(state: &ProxyState) {
-    match certs::load_dir(&state.settings.certs) {
+fn reload_certs(state: &ProxyState, dir: &Path) {
+    match certs::load_dir(dir) {
         Ok(loaded) => {
             let n = loaded.certs.len();
             certs::apply(&state.certs, loaded);

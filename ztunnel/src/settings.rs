@@ -76,17 +76,55 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "ztunnel", version)]
 pub struct Settings {
-    /// Mesh config file (workloads, services, policies); reloaded when it changes.
-    #[arg(long, env = "AMBIT_MESH_CONFIG")]
-    pub config: PathBuf,
+    /// Static mesh config file (workloads, services, policies), reloaded when
+    /// it changes; the alternative to --xds-address.
+    #[arg(
+        long,
+        env = "AMBIT_MESH_CONFIG",
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// The control plane's delta ADS endpoint: https://HOST:15012 (or
+    /// http://HOST:15010 for tests).
+    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// The CA endpoint [default: the xDS address]; certificates come from
+    /// here unless --certs is given.
+    #[arg(long, env = "AMBIT_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// The mesh root certificate: trust anchor for workload certificates and
+    /// for the control plane's serving certificate.
+    #[arg(long, env = "AMBIT_CA_ROOT_CERT")]
+    pub ca_root_cert: Option<PathBuf>,
+
+    /// File with this node's bearer token for the control plane (re-read per call).
+    #[arg(long, env = "AMBIT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// DNS name the control plane's certificate must carry.
+    #[arg(long, default_value = mesh_core::grpc::CONTROL_PLANE_NAME)]
+    pub control_plane_name: String,
+
+    /// Trust domain of the mesh (xDS mode; a static config names its own).
+    #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime asked of the CA for workload certificates.
+    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
+    pub cert_ttl: Duration,
 
     /// Name of the node this ztunnel serves.
     #[arg(long, env = "AMBIT_NODE_NAME")]
     pub node: String,
 
-    /// Directory with root-cert.pem and <namespace>/<service-account>/{cert-chain,key}.pem.
+    /// Static certificates: a directory with root-cert.pem and
+    /// <namespace>/<service-account>/{cert-chain,key}.pem [default: from the CA].
     #[arg(long, env = "AMBIT_CERTS_DIR")]
-    pub certs: PathBuf,
+    pub certs: Option<PathBuf>,
 
     /// Default IP for every listener not given explicitly (admin stays on loopback
     /// unless this is a loopback address too).
@@ -186,6 +224,45 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Checks combinations clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.certs.is_none() {
+            if self.ca_root_cert.is_none() {
+                return Err(
+                    "without --certs, certificates come from the CA: --ca-root-cert is needed"
+                        .into(),
+                );
+            }
+            if self.ca_address.is_none() && self.xds_address.is_none() {
+                return Err(
+                    "without --certs, a CA is needed: give --ca-address or --xds-address".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The control plane at `address`, trusted through --ca-root-cert.
+    pub fn control_plane(&self, address: &str) -> anyhow::Result<mesh_core::grpc::ControlPlane> {
+        let roots = match &self.ca_root_cert {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                Some(
+                    mesh_core::tls::TrustRoots::from_pem(&pem)
+                        .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        Ok(mesh_core::grpc::ControlPlane {
+            address: address.to_string(),
+            roots,
+            server_name: self.control_plane_name.clone(),
+            token_file: self.token_file.clone(),
+        })
+    }
+
     /// Source address for connections to local workloads on behalf of `client`.
     pub fn upstream_source(&self, client: std::net::IpAddr) -> Option<std::net::IpAddr> {
         // Needs capture of the replies: eBPF (--capture) or an external

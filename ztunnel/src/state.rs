@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use mesh_core::config::{MeshState, WorkloadInfo};
 use mesh_core::hbone::{HboneError, Pool};
 use mesh_core::tls::{self, CertificateStore, TrustRoots, WorkloadCertificate};
+use mesh_core::xds::client::ClientStatus;
 use mesh_core::Identity;
 use tokio::sync::watch;
 
@@ -32,6 +33,8 @@ pub struct ProxyState {
     pool: OnceLock<Pool>,
     /// Server TLS configs per local identity, rebuilt when the certificate changes.
     server_tls: Mutex<HashMap<Identity, ServerTls>>,
+    /// The xDS client's view, when the mesh comes from a control plane.
+    xds: OnceLock<Arc<Mutex<ClientStatus>>>,
 }
 
 impl ProxyState {
@@ -45,6 +48,7 @@ impl ProxyState {
             ready: AtomicBool::new(false),
             pool: OnceLock::new(),
             server_tls: Mutex::new(HashMap::new()),
+            xds: OnceLock::new(),
         }
     }
 
@@ -58,6 +62,23 @@ impl ProxyState {
 
     pub fn watch_mesh(&self) -> watch::Receiver<Arc<MeshState>> {
         self.mesh.subscribe()
+    }
+
+    pub fn set_xds_status(&self, status: Arc<Mutex<ClientStatus>>) {
+        let _ = self.xds.set(status);
+    }
+
+    /// A copy of the xDS client's status, if the mesh comes from a control plane.
+    pub fn xds_status(&self) -> Option<ClientStatus> {
+        self.xds
+            .get()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Ready: listeners up and, with a control plane, its first full config applied.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+            && (self.settings.xds_address.is_none() || self.xds_status().is_some_and(|s| s.synced))
     }
 
     pub fn node(&self) -> &str {
