@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::sources::{manifests, Rejected};
+use crate::sources::{manifests, ClusterState, Rejected};
 use crate::translate::translate;
 pub use crate::translate::MeshOptions;
 use crate::xds::Snapshot;
@@ -86,14 +86,35 @@ pub fn rebuild(
     outputs: &Outputs,
     metrics: &PipelineMetrics,
 ) -> Result<(), String> {
-    let result = build(dir, options);
-    let (config, rejected) = match result {
-        Ok(built) => built,
+    match manifests::load_dir(dir) {
+        Ok((state, rejected)) => publish(&state, rejected, options, outputs, metrics),
         Err(e) => {
             metrics.build("failed");
-            return Err(e);
+            Err(format!("reading {}: {e}", dir.display()))
         }
-    };
+    }
+}
+
+/// Translates a source's view of the cluster and publishes it: the shared
+/// back half of every source. Errors leave `outputs` untouched.
+pub fn publish(
+    state: &ClusterState,
+    mut rejected: Vec<Rejected>,
+    options: &MeshOptions,
+    outputs: &Outputs,
+    metrics: &PipelineMetrics,
+) -> Result<(), String> {
+    let t = translate(state, options);
+    rejected.extend(t.rejected);
+    for n in &t.notes {
+        tracing::debug!("note: {n}");
+    }
+    // A translation bug must not reach the proxies, which would refuse it anyway.
+    if let Err(e) = validate_mesh_config(&t.config) {
+        metrics.build("failed");
+        return Err(format!("translated config does not validate (bug): {e}"));
+    }
+    let config = t.config;
     for r in &rejected {
         tracing::warn!(object = %r.object, origin = %r.origin, "rejected: {}", r.reason);
     }
@@ -120,20 +141,6 @@ pub fn rebuild(
         None => metrics.build("unchanged"),
     }
     Ok(())
-}
-
-fn build(dir: &Path, options: &MeshOptions) -> Result<(MeshConfig, Vec<Rejected>), String> {
-    let (state, mut rejected) =
-        manifests::load_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
-    let t = translate(&state, options);
-    rejected.extend(t.rejected);
-    for n in &t.notes {
-        tracing::debug!("note: {n}");
-    }
-    // A translation bug must not reach the proxies, which would refuse it anyway.
-    validate_mesh_config(&t.config)
-        .map_err(|e| format!("translated config does not validate (bug): {e}"))?;
-    Ok((t.config, rejected))
 }
 
 type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
