@@ -156,6 +156,11 @@ async fn ztunnels_follow_istiod_lite_for_config_and_certificates() -> anyhow::Re
         "{dump1:#}"
     );
     assert_eq!(dump1["configSource"]["status"]["synced"], true, "{dump1:#}");
+    let m = z1.metrics()?;
+    assert!(
+        m.contains("ambit_certificate_fetches_total{result=\"issued\"} 1"),
+        "{m}"
+    );
 
     let server_addr = SocketAddr::new(server, SERVER_PORT);
     let _echo = servers::echo(server_addr).await?;

@@ -73,12 +73,28 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
         (None, Some(addr), _) | (None, None, Some(addr)) => {
             let cp = state.settings.control_plane(addr)?;
             let _in_runtime = admin_rt.enter();
-            Some(ca_client::CaClient::new(
-                &cp,
-                state.settings.node.clone(),
-                state.certs.clone(),
-                state.settings.cert_ttl,
-            )?)
+            let observed = state.clone();
+            Some(
+                ca_client::CaClient::new(
+                    &cp,
+                    state.settings.node.clone(),
+                    state.certs.clone(),
+                    state.settings.cert_ttl,
+                )?
+                .with_observer(move |_, outcome| {
+                    let result = match outcome {
+                        Ok(()) => "issued",
+                        Err(e) => e.label(),
+                    };
+                    observed
+                        .metrics
+                        .certificate_fetches
+                        .get_or_create(&metrics::ResultLabels {
+                            result: result.to_string(),
+                        })
+                        .inc();
+                }),
+            )
         }
         _ => None,
     };

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub capture_packets: Family<ResultLabels, Counter>,
     pub capture_interfaces: Gauge,
+    pub certificate_fetches: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,6 +75,7 @@ impl Default for Metrics {
             active_connections: Gauge::default(),
             capture_packets: Family::default(),
             capture_interfaces: Gauge::default(),
+            certificate_fetches: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +122,11 @@ impl Default for Metrics {
             "ambit_capture_interfaces",
             "Pod interfaces the capture program is attached to",
             m.capture_interfaces.clone(),
+        );
+        registry.register(
+            "ambit_certificate_fetches",
+            "Workload certificate requests to the CA, by result",
+            m.certificate_fetches.clone(),
         );
         Metrics { registry, ..m }
     }
