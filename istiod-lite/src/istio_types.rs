@@ -151,6 +151,49 @@ pub fn salvage(
     (meta, selector, action)
 }
 
+impl AuthorizationPolicy {
+    /// Parses one object. Security objects that do not parse are kept, marked
+    /// broken: dropping them would widen access, so translation enforces them
+    /// fail-closed. Every source goes through here so they agree.
+    pub fn parse_or_broken(value: &serde_yaml::Value) -> Self {
+        match serde_yaml::from_value::<AuthorizationPolicy>(value.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                let (metadata, selector, action) = salvage(value);
+                AuthorizationPolicy {
+                    metadata,
+                    spec: AuthorizationPolicySpec {
+                        selector,
+                        action,
+                        ..Default::default()
+                    },
+                    broken: Some(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+impl PeerAuthentication {
+    /// As [`AuthorizationPolicy::parse_or_broken`]; a broken one is STRICT.
+    pub fn parse_or_broken(value: &serde_yaml::Value) -> Self {
+        match serde_yaml::from_value::<PeerAuthentication>(value.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                let (metadata, selector, _) = salvage(value);
+                PeerAuthentication {
+                    metadata,
+                    spec: PeerAuthenticationSpec {
+                        selector,
+                        ..Default::default()
+                    },
+                    broken: Some(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
 impl Source {
     /// Attributes ztunnel cannot see at L4 (they need a waypoint).
     pub fn has_l7(&self) -> bool {

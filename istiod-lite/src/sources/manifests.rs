@@ -111,43 +111,14 @@ fn add(at: &str, value: serde_yaml::Value, state: &mut ClusterState) -> Result<(
         // them would widen access, so translation enforces them fail-closed.
         "AuthorizationPolicy" => {
             check_api(&value, "security.istio.io/").map_err(reject)?;
-            let mut p = match serde_yaml::from_value::<AuthorizationPolicy>(value.clone()) {
-                Ok(p) => p,
-                Err(e) => {
-                    let (metadata, selector, action) = crate::istio_types::salvage(&value);
-                    let spec = crate::istio_types::AuthorizationPolicySpec {
-                        selector,
-                        action,
-                        ..Default::default()
-                    };
-                    AuthorizationPolicy {
-                        metadata,
-                        spec,
-                        broken: Some(e.to_string()),
-                    }
-                }
-            };
+            let mut p = AuthorizationPolicy::parse_or_broken(&value);
             p.metadata.name = Some(name);
             p.metadata.namespace = Some(ns);
             state.authorization_policies.insert(key, p);
         }
         "PeerAuthentication" => {
             check_api(&value, "security.istio.io/").map_err(reject)?;
-            let mut p = match serde_yaml::from_value::<PeerAuthentication>(value.clone()) {
-                Ok(p) => p,
-                Err(e) => {
-                    let (metadata, selector, _) = crate::istio_types::salvage(&value);
-                    let spec = crate::istio_types::PeerAuthenticationSpec {
-                        selector,
-                        ..Default::default()
-                    };
-                    PeerAuthentication {
-                        metadata,
-                        spec,
-                        broken: Some(e.to_string()),
-                    }
-                }
-            };
+            let mut p = PeerAuthentication::parse_or_broken(&value);
             p.metadata.name = Some(name);
             p.metadata.namespace = Some(ns);
             state.peer_authentications.insert(key, p);

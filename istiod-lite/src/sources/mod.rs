@@ -1,7 +1,10 @@
 //! Where istiod-lite learns about the cluster. The manifests directory is the
-//! embedded default; the Kubernetes API source (kube-rs watchers) comes next
-//! and fills the same [`ClusterState`].
+//! embedded default; the Kubernetes API source ([`kubernetes`], kube-rs
+//! watchers) fills the same [`ClusterState`].
 
+#[cfg(test)]
+pub mod fake_apiserver;
+pub mod kubernetes;
 pub mod manifests;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,603 @@
+//! An in-process Kubernetes API server for tests: real HTTP/1.1, real
+//! list/watch semantics, just the resources istiod-lite watches.
+//!
+//! What it does like the real one, because kube-rs's watcher depends on it:
+//! one global, monotonically increasing resourceVersion; lists carry it in
+//! `metadata.resourceVersion`; a watch resumes after a given version and
+//! streams every later change as JSON lines; a resume from before the retained
+//! history gets a `410 Expired` ERROR event (HTTP 200, as the real server
+//! answers watches), so the client re-lists; BOOKMARK events carry the
+//! current version; `timeoutSeconds` ends a watch.
+//!
+//! What it does not: pagination (`limit` is ignored, which the real server
+//! also does when serving from its watch cache, so no `continue` token is
+//! ever returned), label/field selectors (refused with 400: istiod-lite sends
+//! none, so a request with one is a test bug), writes over HTTP, validation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+/// A served resource type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Resource {
+    kind: &'static str,
+    api_version: &'static str,
+    /// The list URL, cluster-wide.
+    path: &'static str,
+    namespaced: bool,
+}
+
+const RESOURCES: &[Resource] = &[
+    Resource {
+        kind: "Namespace",
+        api_version: "v1",
+        path: "/api/v1/namespaces",
+        namespaced: false,
+    },
+    Resource {
+        kind: "Pod",
+        api_version: "v1",
+        path: "/api/v1/pods",
+        namespaced: true,
+    },
+    Resource {
+        kind: "Service",
+        api_version: "v1",
+        path: "/api/v1/services",
+        namespaced: true,
+    },
+    Resource {
+        kind: "AuthorizationPolicy",
+        api_version: "security.istio.io/v1",
+        path: "/apis/security.istio.io/v1/authorizationpolicies",
+        namespaced: true,
+    },
+    Resource {
+        kind: "PeerAuthentication",
+        api_version: "security.istio.io/v1",
+        path: "/apis/security.istio.io/v1/peerauthentications",
+        namespaced: true,
+    },
+];
+
+fn resource_of_kind(kind: &str) -> Option<Resource> {
+    RESOURCES.iter().copied().find(|r| r.kind == kind)
+}
+
+struct Change {
+    rv: u64,
+    resource: Resource,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    /// Resumes from before this version get 410.
+    oldest: u64,
+    objects: BTreeMap<Resource, BTreeMap<(String, String), Value>>,
+    /// Every change since `oldest`, in order (tests are small: kept whole).
+    history: Vec<Change>,
+    next_uid: u64,
+    requests: HashMap<String, u64>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// The current resourceVersion; watch tasks wake on it.
+    changed: watch::Sender<u64>,
+    /// Bumped by `close_watches`: every open watch ends.
+    generation: watch::Sender<u64>,
+    /// While true, open watches deliver nothing (a partitioned client).
+    paused: watch::Sender<bool>,
+    bookmark_interval: Duration,
+}
+
+/// The running fake. Dropping it does not stop the server task (tests end
+/// with their runtime).
+#[derive(Clone)]
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl FakeApiServer {
+    /// Listens on 127.0.0.1:0 with a 1 s bookmark interval.
+    pub async fn start() -> FakeApiServer {
+        Self::start_with(Duration::from_secs(1)).await
+    }
+
+    pub async fn start_with(bookmark_interval: Duration) -> FakeApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local address");
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                // Real clusters never start at 0, and "0" means "any" to a
+                // list: keep the two apart.
+                rv: 100,
+                oldest: 100,
+                ..Default::default()
+            }),
+            changed: watch::channel(100).0,
+            generation: watch::channel(0).0,
+            paused: watch::channel(false).0,
+            bookmark_interval,
+        });
+        let s = shared.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(&s, req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeApiServer { addr, shared }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A kube client for this server, over plain HTTP.
+    pub fn client(&self) -> kube::Client {
+        let url = format!("http://{}", self.addr)
+            .parse()
+            .expect("a valid URL");
+        kube::Client::try_from(kube::Config::new(url)).expect("a kube client")
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared.inner.lock().expect("fake API server lock")
+    }
+
+    /// Creates or replaces an object (by kind, namespace and name), like
+    /// `kubectl apply` of a whole object; returns its new resourceVersion.
+    pub fn apply(&self, mut obj: Value) -> u64 {
+        let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+        let resource = resource_of_kind(&kind)
+            .unwrap_or_else(|| panic!("fake API server does not serve kind {kind:?}"));
+        assert_eq!(
+            obj["apiVersion"], resource.api_version,
+            "apiVersion of {kind}"
+        );
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_string();
+        let ns = if resource.namespaced {
+            let ns = obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            obj["metadata"]["namespace"] = json!(ns);
+            ns
+        } else {
+            String::new()
+        };
+        let rv = {
+            let mut inner = self.lock();
+            inner.rv += 1;
+            let rv = inner.rv;
+            let previous = inner
+                .objects
+                .get(&resource)
+                .and_then(|m| m.get(&(ns.clone(), name.clone())))
+                .map(|o| o["metadata"]["uid"].clone());
+            let uid = match previous {
+                Some(uid) => uid,
+                None => {
+                    inner.next_uid += 1;
+                    json!(format!("00000000-0000-0000-0000-{:012}", inner.next_uid))
+                }
+            };
+            let event = if inner
+                .objects
+                .get(&resource)
+                .is_some_and(|m| m.contains_key(&(ns.clone(), name.clone())))
+            {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            obj["metadata"]["uid"] = uid;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            inner
+                .objects
+                .entry(resource)
+                .or_default()
+                .insert((ns, name), obj.clone());
+            inner.history.push(Change {
+                rv,
+                resource,
+                kind: event,
+                object: obj,
+            });
+            rv
+        };
+        self.shared.changed.send_replace(rv);
+        rv
+    }
+
+    /// Applies every document of a multi-document YAML string.
+    pub fn apply_yaml(&self, yaml: &str) {
+        use serde::Deserialize;
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v = serde_json::Value::deserialize(doc).expect("YAML document");
+            if !v.is_null() {
+                self.apply(v);
+            }
+        }
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&self, kind: &str, ns: &str, name: &str) -> bool {
+        let resource = resource_of_kind(kind)
+            .unwrap_or_else(|| panic!("fake API server does not serve {kind}"));
+        let ns = if resource.namespaced { ns } else { "" };
+        let rv = {
+            let mut inner = self.lock();
+            let Some(mut obj) = inner
+                .objects
+                .get_mut(&resource)
+                .and_then(|m| m.remove(&(ns.to_string(), name.to_string())))
+            else {
+                return false;
+            };
+            inner.rv += 1;
+            let rv = inner.rv;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            inner.history.push(Change {
+                rv,
+                resource,
+                kind: "DELETED",
+                object: obj,
+            });
+            rv
+        };
+        self.shared.changed.send_replace(rv);
+        true
+    }
+
+    /// Forgets the change history, as etcd compaction does: any watch resuming
+    /// from an earlier version gets 410 Gone. Open watches are ended (so they
+    /// resume, and get 410) and un-paused.
+    pub fn compact(&self) {
+        {
+            let mut inner = self.lock();
+            // A version of its own, so even a client that had seen everything
+            // (bookmarks keep it current) holds one that is now too old.
+            inner.rv += 1;
+            inner.oldest = inner.rv;
+            inner.history.clear();
+        }
+        self.close_watches();
+        self.shared.paused.send_replace(false);
+    }
+
+    /// Ends every open watch stream, as an API server restart or a load
+    /// balancer would.
+    pub fn close_watches(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Open watches stop delivering (events and bookmarks) until `resume` or
+    /// `compact`: changes made meanwhile reach clients only by re-listing.
+    pub fn pause_watches(&self) {
+        self.shared.paused.send_replace(true);
+    }
+
+    pub fn resume_watches(&self) {
+        self.shared.paused.send_replace(false);
+    }
+
+    /// How many requests of each sort were served: `list <path>`,
+    /// `watch <path>`, `expired <path>` (410s sent).
+    pub fn requests(&self, what: &str) -> u64 {
+        self.lock().requests.get(what).copied().unwrap_or(0)
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != hyper::Method::GET {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "read-only fake",
+        );
+    }
+    let path = req.uri().path();
+    let Some(resource) = RESOURCES.iter().copied().find(|r| r.path == path) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("no route {path}"),
+        );
+    };
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| {
+            url_decode_pairs(q)
+                .into_iter()
+                .collect::<HashMap<String, String>>()
+        })
+        .unwrap_or_default();
+    for selector in ["labelSelector", "fieldSelector"] {
+        if query.get(selector).is_some_and(|s| !s.is_empty()) {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("the fake API server does not implement {selector}"),
+            );
+        }
+    }
+    if query.get("watch").map(String::as_str) == Some("true")
+        || query.get("watch").map(String::as_str) == Some("1")
+    {
+        watch(shared, resource, &query)
+    } else {
+        list(shared, resource)
+    }
+}
+
+fn count(inner: &mut Inner, what: String) {
+    *inner.requests.entry(what).or_default() += 1;
+}
+
+fn list(shared: &Shared, resource: Resource) -> Response<Body> {
+    let mut inner = shared.inner.lock().expect("fake API server lock");
+    count(&mut inner, format!("list {}", resource.path));
+    let items: Vec<Value> = inner
+        .objects
+        .get(&resource)
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let body = json!({
+        "kind": format!("{}List", resource.kind),
+        "apiVersion": resource.api_version,
+        "metadata": {"resourceVersion": inner.rv.to_string()},
+        "items": items,
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+fn watch(
+    shared: &Arc<Shared>,
+    resource: Resource,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map_or(Duration::from_secs(290), Duration::from_secs);
+    let since: Option<u64> = query
+        .get("resourceVersion")
+        .filter(|v| !v.is_empty() && v.as_str() != "0")
+        .map(|v| v.parse().unwrap_or(0));
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let shared = shared.clone();
+    {
+        let mut inner = shared.inner.lock().expect("fake API server lock");
+        count(&mut inner, format!("watch {}", resource.path));
+    }
+    tokio::spawn(async move {
+        let _ = stream_watch(&shared, resource, since, timeout, tx).await;
+    });
+    let body =
+        StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(body))
+        .unwrap_or_else(|_| Response::new(empty()))
+}
+
+fn line(event: &Value) -> Bytes {
+    let mut s = event.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+/// Streams changes of `resource` after `since` (everything current when
+/// `None`, as "watch from any version" does) until the timeout, a
+/// `close_watches`, or the client going away.
+async fn stream_watch(
+    shared: &Shared,
+    resource: Resource,
+    since: Option<u64>,
+    timeout: Duration,
+    tx: mpsc::Sender<Bytes>,
+) -> Result<(), mpsc::error::SendError<Bytes>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut generation = shared.generation.subscribe();
+    let mut changed = shared.changed.subscribe();
+    let mut paused = shared.paused.subscribe();
+    let mut bookmarks = tokio::time::interval(shared.bookmark_interval);
+    bookmarks.tick().await;
+
+    let mut last = match since {
+        Some(rv) => {
+            let expired = {
+                let mut inner = shared.inner.lock().expect("fake API server lock");
+                let expired = rv < inner.oldest;
+                if expired {
+                    count(&mut inner, format!("expired {}", resource.path));
+                }
+                expired
+            };
+            if expired {
+                tx.send(line(&json!({
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Failure",
+                        "message": format!("too old resource version: {rv}"),
+                        "reason": "Expired",
+                        "code": 410,
+                    },
+                })))
+                .await?;
+                return Ok(());
+            }
+            rv
+        }
+        None => {
+            let (rv, objects) = {
+                let inner = shared.inner.lock().expect("fake API server lock");
+                let objects: Vec<Value> = inner
+                    .objects
+                    .get(&resource)
+                    .map(|m| m.values().cloned().collect())
+                    .unwrap_or_default();
+                (inner.rv, objects)
+            };
+            for object in objects {
+                tx.send(line(&json!({"type": "ADDED", "object": object})))
+                    .await?;
+            }
+            rv
+        }
+    };
+
+    loop {
+        if !*paused.borrow_and_update() {
+            let pending: Vec<Value> = {
+                let inner = shared.inner.lock().expect("fake API server lock");
+                inner
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > last && c.resource == resource)
+                    .map(|c| json!({"type": c.kind, "object": c.object}))
+                    .collect()
+            };
+            for event in pending {
+                if let Some(rv) = event["object"]["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                {
+                    last = rv;
+                }
+                tx.send(line(&event)).await?;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            _ = generation.changed() => return Ok(()),
+            _ = tx.closed() => return Ok(()),
+            r = changed.changed() => if r.is_err() { return Ok(()) },
+            r = paused.changed() => if r.is_err() { return Ok(()) },
+            _ = bookmarks.tick() => {
+                if *paused.borrow() {
+                    continue;
+                }
+                // Only versions whose changes were all delivered may be
+                // bookmarked, or the client would skip them on resume.
+                let rv = {
+                    let inner = shared.inner.lock().expect("fake API server lock");
+                    let undelivered = inner.history.iter().any(|c| c.rv > last && c.resource == resource);
+                    if undelivered { None } else { Some(inner.rv) }
+                };
+                if let Some(rv) = rv {
+                    last = last.max(rv);
+                    tx.send(line(&json!({
+                        "type": "BOOKMARK",
+                        "object": {
+                            "kind": resource.kind,
+                            "apiVersion": resource.api_version,
+                            "metadata": {"resourceVersion": rv.to_string()},
+                        },
+                    })))
+                    .await?;
+                }
+            }
+        }
+    }
+}
+
+fn empty() -> Body {
+    BodyExt::boxed(Full::new(Bytes::new()))
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(Full::new(Bytes::from(body.to_string()))))
+        .unwrap_or_else(|_| Response::new(empty()))
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    json_response(
+        code,
+        &json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code.as_u16(),
+        }),
+    )
+}
+
+/// `a=b&c=d%2Fe` → pairs; enough for the parameters kube sends.
+fn url_decode_pairs(q: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                    match u8::from_str_radix(hex, 16) {
+                        Ok(b) => {
+                            out.push(b);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}

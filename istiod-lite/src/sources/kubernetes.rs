@@ -1,0 +1,377 @@
+//! The Kubernetes API source: kube-rs watchers feed reflector stores, and a
+//! debounced loop turns the stores into a [`ClusterState`] for
+//! [`pipeline::publish`], the same back half the manifests directory uses.
+//!
+//! * Namespaces, Pods and Services are watched typed: the API server validates
+//!   them, so one that does not deserialize would be a client bug.
+//! * AuthorizationPolicy and PeerAuthentication are watched as
+//!   [`DynamicObject`]s and converted one by one: CRD schemas are loose, and a
+//!   typed watcher fails a whole list on one bad object. A policy that does not
+//!   parse is kept, marked broken, and enforced fail-closed (as the manifests
+//!   source does), and translation reports it as rejected.
+//! * Watch errors back off (kube's default), are logged and counted; a 410
+//!   Gone makes kube's watcher re-list, and the reflector swaps the new list
+//!   in whole, so objects deleted while we were away go too.
+//! * Memory: the reflector stores and one merged stream; nothing queues
+//!   events (a burst only marks the state dirty).
+//!
+//! Not watched yet: EndpointSlices (translation derives endpoints from pod
+//! selectors), ServiceAccounts (identity comes from the pod spec), and the
+//! Gateway API kinds (`Gateway`, `HTTPRoute`), which arrive with waypoints.
+//! The Istio CRDs must be installed: without them their watchers keep
+//! failing (counted in `istiod_kubernetes_watch_errors_total`) and nothing is
+//! published, since publishing without policies would widen access.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{BoxStream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{ClusterState, Rejected};
+use crate::istio_types::{AuthorizationPolicy, PeerAuthentication};
+use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+/// `istiod_kubernetes_watch_errors_total{kind}`.
+#[derive(Clone, Default)]
+pub struct KubernetesMetrics {
+    watch_errors: Family<KindLabels, Counter>,
+}
+
+impl KubernetesMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = KubernetesMetrics::default();
+        registry.register(
+            "kubernetes_watch_errors",
+            "Kubernetes list/watch errors by kind (each is retried with backoff)",
+            m.watch_errors.clone(),
+        );
+        m
+    }
+
+    fn watch_error(&self, kind: Kind) {
+        self.watch_errors
+            .get_or_create(&KindLabels {
+                kind: kind.name().to_string(),
+            })
+            .inc();
+    }
+}
+
+/// How the Kubernetes source behaves; `Default` is what `serve` uses.
+pub struct KubernetesConfig {
+    /// Publish once no event has arrived for this long...
+    pub debounce: Duration,
+    /// ...or this long after the first unpublished event, whichever is first.
+    pub max_delay: Duration,
+    /// Server-side timeout of each watch request, in seconds (kube's 290 s
+    /// when `None`); tests shorten it to exercise resumes.
+    pub watch_timeout_secs: Option<u32>,
+    pub metrics: KubernetesMetrics,
+    /// Sent once every kind has been listed and the first state published
+    /// (or failed to publish), so a caller can hold its servers until then.
+    pub synced: Option<oneshot::Sender<()>>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            debounce: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            watch_timeout_secs: None,
+            metrics: KubernetesMetrics::default(),
+            synced: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+const KINDS: usize = 5;
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+fn istio_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// What the merged watch streams tell the loop: never the objects themselves
+/// (those are in the stores), so a burst costs no memory.
+enum Signal {
+    Changed { kind: Kind, listed: bool },
+    Error { kind: Kind, error: watcher::Error },
+}
+
+fn signal<K>(kind: Kind, item: Result<watcher::Event<K>, watcher::Error>) -> Signal {
+    match item {
+        Ok(event) => Signal::Changed {
+            kind,
+            listed: matches!(event, watcher::Event::InitDone),
+        },
+        Err(error) => Signal::Error { kind, error },
+    }
+}
+
+/// A reflector-backed watch of every `K` in the cluster.
+fn watch<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    config: &watcher::Config,
+    kind: Kind,
+) -> BoxStream<'static, Signal>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Default + Eq + std::hash::Hash + Send + Sync,
+{
+    watcher(api, config.clone())
+        .default_backoff()
+        // Server-side-apply bookkeeping is often the bulk of an object and
+        // nothing here reads it.
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .map(move |item| signal(kind, item))
+        .boxed()
+}
+
+fn watch_dynamic(
+    client: &Client,
+    resource: &ApiResource,
+    config: &watcher::Config,
+    kind: Kind,
+) -> (Store<DynamicObject>, BoxStream<'static, Signal>) {
+    let writer = reflector::store::Writer::new(resource.clone());
+    let reader = writer.as_reader();
+    let api = Api::<DynamicObject>::all_with(client.clone(), resource);
+    let stream = watcher(api, config.clone())
+        .default_backoff()
+        .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .map(move |item| signal(kind, item))
+        .boxed();
+    (reader, stream)
+}
+
+/// The reflector stores, readable from any thread.
+#[derive(Clone)]
+struct Stores {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    authorization_policies: Store<DynamicObject>,
+    peer_authentications: Store<DynamicObject>,
+}
+
+fn key<K: Resource>(o: &K) -> String {
+    format!(
+        "{}/{}",
+        o.meta().namespace.as_deref().unwrap_or_default(),
+        o.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// A CRD object as the manifests source would see the same document.
+fn as_yaml(o: &DynamicObject, kind: Kind) -> Result<serde_yaml::Value, Rejected> {
+    let reject = |reason: String| Rejected {
+        origin: "kubernetes".into(),
+        object: format!("{} {}", kind.name(), key(o)),
+        reason,
+    };
+    let json = serde_json::to_value(o).map_err(|e| reject(e.to_string()))?;
+    serde_yaml::to_value(json).map_err(|e| reject(e.to_string()))
+}
+
+impl Stores {
+    /// A consistent-enough copy: each store is read atomically; a change
+    /// racing between two reads is picked up by the next publish.
+    fn snapshot(&self) -> (ClusterState, Vec<Rejected>) {
+        let mut state = ClusterState::default();
+        let mut rejected = Vec::new();
+        for n in self.namespaces.state() {
+            state.namespaces.insert(n.name_any(), (*n).clone());
+        }
+        for p in self.pods.state() {
+            state.pods.insert(key(&*p), (*p).clone());
+        }
+        for s in self.services.state() {
+            state.services.insert(key(&*s), (*s).clone());
+        }
+        for o in self.authorization_policies.state() {
+            match as_yaml(&o, Kind::AuthorizationPolicy) {
+                Ok(v) => {
+                    let mut p = AuthorizationPolicy::parse_or_broken(&v);
+                    // Even a broken object's identity is known here; it
+                    // decides where the fail-closed policy applies.
+                    p.metadata.name = o.metadata.name.clone();
+                    p.metadata.namespace = o.metadata.namespace.clone();
+                    state.authorization_policies.insert(key(&*o), p);
+                }
+                Err(r) => rejected.push(r),
+            }
+        }
+        for o in self.peer_authentications.state() {
+            match as_yaml(&o, Kind::PeerAuthentication) {
+                Ok(v) => {
+                    let mut p = PeerAuthentication::parse_or_broken(&v);
+                    p.metadata.name = o.metadata.name.clone();
+                    p.metadata.namespace = o.metadata.namespace.clone();
+                    state.peer_authentications.insert(key(&*o), p);
+                }
+                Err(r) => rejected.push(r),
+            }
+        }
+        (state, rejected)
+    }
+}
+
+/// Follows the cluster forever: watches, and publishes a new snapshot after
+/// every settled burst of changes. Nothing is published until every kind has
+/// been listed once: a partial view would look like workloads leaving.
+pub async fn follow_kubernetes(
+    client: Client,
+    options: MeshOptions,
+    outputs: Arc<Outputs>,
+    metrics: PipelineMetrics,
+    mut config: KubernetesConfig,
+) {
+    let mut wc = watcher::Config::default();
+    if let Some(t) = config.watch_timeout_secs {
+        wc = wc.timeout(t);
+    }
+    let (namespaces, ns_writer) = reflector::store::<Namespace>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (services, svc_writer) = reflector::store::<Service>();
+    let (authorization_policies, ap_stream) = watch_dynamic(
+        &client,
+        &istio_resource("AuthorizationPolicy", "authorizationpolicies"),
+        &wc,
+        Kind::AuthorizationPolicy,
+    );
+    let (peer_authentications, pa_stream) = watch_dynamic(
+        &client,
+        &istio_resource("PeerAuthentication", "peerauthentications"),
+        &wc,
+        Kind::PeerAuthentication,
+    );
+    let stores = Stores {
+        namespaces,
+        pods,
+        services,
+        authorization_policies,
+        peer_authentications,
+    };
+    let mut events = futures::stream::select_all([
+        watch(Api::all(client.clone()), ns_writer, &wc, Kind::Namespace),
+        watch(Api::all(client.clone()), pod_writer, &wc, Kind::Pod),
+        watch(Api::all(client), svc_writer, &wc, Kind::Service),
+        ap_stream,
+        pa_stream,
+    ]);
+
+    let mut listed = [false; KINDS];
+    // Set while changes wait to be published: (first change, latest change).
+    let mut dirty: Option<(Instant, Instant)> = None;
+    loop {
+        let deadline =
+            dirty.map(|(first, last)| (last + config.debounce).min(first + config.max_delay));
+        tokio::select! {
+            item = events.next() => match item {
+                Some(Signal::Changed { kind, listed: done }) => {
+                    if done && !listed[kind.index()] {
+                        tracing::info!(kind = kind.name(), "listed");
+                        listed[kind.index()] = true;
+                    }
+                    let now = Instant::now();
+                    dirty = Some(dirty.map_or((now, now), |(first, _)| (first, now)));
+                }
+                Some(Signal::Error { kind, error }) => {
+                    config.metrics.watch_error(kind);
+                    tracing::warn!(kind = kind.name(), "watch error (retrying with backoff): {error}");
+                }
+                None => {
+                    // Watchers retry forever; this is unreachable short of a
+                    // kube bug, and silence would be worse than a loud exit.
+                    tracing::error!("every Kubernetes watch stream ended; no longer following the cluster");
+                    return;
+                }
+            },
+            _ = sleep_until(deadline) => {
+                if !listed.iter().all(|l| *l) {
+                    // Stores keep the changes; the last first list marks dirty again.
+                    dirty = None;
+                    continue;
+                }
+                dirty = None;
+                let (stores, options, outputs, metrics) =
+                    (stores.clone(), options.clone(), outputs.clone(), metrics.clone());
+                let done = tokio::task::spawn_blocking(move || {
+                    let (state, rejected) = stores.snapshot();
+                    pipeline::publish(&state, rejected, &options, &outputs, &metrics)
+                })
+                .await;
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("cluster state not applied, keeping the last good state: {e}"),
+                    Err(e) => tracing::error!("publish task failed, keeping the last good state: {e}"),
+                }
+                if let Some(tx) = config.synced.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+#[path = "kubernetes_tests.rs"]
+mod tests;
