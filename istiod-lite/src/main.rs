@@ -1,6 +1,7 @@
 //! istiod-lite: Ambit's control plane.
 //!
-//! * `serve`: the control plane proper: follows a manifests directory and
+//! * `serve`: the control plane proper: follows a manifests directory (or,
+//!   with `--source kubernetes`, the Kubernetes API) and
 //!   serves delta ADS and the CA (see [`serve`]).
 //! * `render`: the same translation, once, as the static YAML ztunnel can read.
 //! * `ca init|issue`: offline CA operations.
@@ -22,11 +23,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane: follow a manifests directory, serve xDS and the CA.
+    /// Run the control plane: follow a manifests directory or the Kubernetes
+    /// API, serve xDS and the CA.
     Serve {
-        /// Directory of multi-document YAML manifests (re-read when it changes).
+        /// Where cluster objects come from: a manifests directory, or the
+        /// Kubernetes API (kubeconfig, or the in-cluster service account).
+        #[arg(long, value_enum, default_value_t = Source::Manifests)]
+        source: Source,
+        /// Directory of multi-document YAML manifests (re-read when it
+        /// changes); required with `--source manifests`.
         #[arg(long, env = "AMBIT_MANIFESTS")]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
         /// Where the CA root lives (generated on first start).
         #[arg(long, default_value = "/var/lib/ambit/ca")]
         data_dir: PathBuf,
@@ -87,6 +94,12 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Source {
+    Manifests,
+    Kubernetes,
+}
+
 #[derive(Subcommand)]
 enum CaOp {
     /// Create the root in DATA_DIR if absent; print its location.
@@ -121,6 +134,7 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
+            source,
             manifests,
             data_dir,
             trust_domain,
@@ -145,6 +159,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_ansi(false)
                 .init();
             serve::run(serve::ServeOptions {
+                source: match source {
+                    Source::Manifests => serve::SourceKind::Manifests,
+                    Source::Kubernetes => serve::SourceKind::Kubernetes,
+                },
                 manifests,
                 data_dir,
                 mesh: pipeline::MeshOptions {

@@ -16,10 +16,23 @@ use crate::ca_store::CaStore;
 use crate::metrics::Metrics;
 use crate::node_auth::{Authenticator, NodeAuthenticator};
 use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
+use crate::sources::kubernetes::{follow_kubernetes, KubernetesConfig, KubernetesMetrics};
 use crate::xds::{XdsMetrics, XdsServer};
 
+/// Where the cluster objects come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A directory of YAML manifests ([`ServeOptions::manifests`]).
+    #[default]
+    Manifests,
+    /// The Kubernetes API: kubeconfig, or the in-cluster service account.
+    Kubernetes,
+}
+
 pub struct ServeOptions {
-    pub manifests: PathBuf,
+    pub source: SourceKind,
+    /// Required with [`SourceKind::Manifests`], ignored otherwise.
+    pub manifests: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub mesh: MeshOptions,
     pub grpc_addr: SocketAddr,
@@ -47,6 +60,9 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
 }
 
 async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    if opts.source == SourceKind::Manifests && opts.manifests.is_none() {
+        anyhow::bail!("--manifests is required with --source manifests");
+    }
     let (ca, created) = CaStore::new(&opts.data_dir).load_or_create(&opts.mesh.trust_domain)?;
     tracing::info!(
         dir = %opts.data_dir.display(),
@@ -62,20 +78,51 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut metrics = Metrics::new();
     let xds_metrics = XdsMetrics::register(&mut metrics.registry);
     let pipeline_metrics = PipelineMetrics::register(&mut metrics.registry);
+    let kubernetes_metrics = KubernetesMetrics::register(&mut metrics.registry);
     let metrics = Arc::new(metrics);
 
     let outputs = Arc::new(Outputs::default());
-    // The first build must succeed: serving an empty mesh would look like
-    // every workload had left.
-    pipeline::rebuild(&opts.manifests, &opts.mesh, &outputs, &pipeline_metrics)
-        .map_err(anyhow::Error::msg)?;
-    tokio::spawn(pipeline::follow_manifests(
-        opts.manifests.clone(),
-        opts.mesh.clone(),
-        outputs.clone(),
-        pipeline_metrics,
-        opts.poll_interval,
-    ));
+    // The first build must succeed (or, from Kubernetes, every kind be listed)
+    // before anything is served: an empty mesh would look like every workload
+    // had left.
+    match opts.source {
+        SourceKind::Manifests => {
+            let dir = opts
+                .manifests
+                .clone()
+                .context("--manifests is required with --source manifests")?;
+            pipeline::rebuild(&dir, &opts.mesh, &outputs, &pipeline_metrics)
+                .map_err(anyhow::Error::msg)?;
+            tokio::spawn(pipeline::follow_manifests(
+                dir,
+                opts.mesh.clone(),
+                outputs.clone(),
+                pipeline_metrics,
+                opts.poll_interval,
+            ));
+        }
+        SourceKind::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client (kubeconfig or in-cluster config)")?;
+            let (synced, is_synced) = tokio::sync::oneshot::channel();
+            tokio::spawn(follow_kubernetes(
+                client,
+                opts.mesh.clone(),
+                outputs.clone(),
+                pipeline_metrics,
+                KubernetesConfig {
+                    metrics: kubernetes_metrics,
+                    synced: Some(synced),
+                    ..Default::default()
+                },
+            ));
+            tracing::info!("waiting for the first list of every watched kind");
+            is_synced
+                .await
+                .context("the Kubernetes source stopped before its first sync")?;
+        }
+    }
 
     let serving = ca
         .issue_server(&opts.serving_dns, &opts.serving_ips, SERVING_CERT_TTL)
