@@ -134,8 +134,12 @@ pub fn publish(
                 "publishing mesh snapshot"
             );
             metrics.snapshot_version.set(next.version as i64);
-            outputs.mesh.send_replace(Arc::new(config));
-            outputs.snapshots.send_replace(Arc::new(next));
+            // The model before the snapshot, so a proxy that sees a new pod
+            // can already get its certificate; the old ones (10k pods:
+            // milliseconds to free) are dropped once the push is on its way.
+            let old_mesh = outputs.mesh.send_replace(Arc::new(config));
+            let old_snapshot = outputs.snapshots.send_replace(Arc::new(next));
+            drop((old_snapshot, old_mesh));
             metrics.build("published");
         }
         None => metrics.build("unchanged"),

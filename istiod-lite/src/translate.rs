@@ -89,6 +89,18 @@ type Labels = BTreeMap<String, String>;
 /// Workloads by `namespace/name`, with their pod labels (for selectors).
 type Workloads = BTreeMap<String, (Workload, Labels)>;
 
+/// The workloads of namespace `ns`: a key range, so selecting is O(pods in
+/// the namespace) rather than O(pods in the mesh).
+fn in_namespace<'w>(
+    workloads: &'w Workloads,
+    ns: &str,
+) -> impl Iterator<Item = (&'w String, &'w (Workload, Labels))> + 'w {
+    let prefix = format!("{ns}/");
+    workloads
+        .range(prefix.clone()..)
+        .take_while(move |(k, _)| k.starts_with(&prefix))
+}
+
 fn matches(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
@@ -129,7 +141,6 @@ impl Translator<'_> {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into());
-            let object = format!("Pod {key}");
             if !self.enrolled(pod, &ns) {
                 continue;
             }
@@ -150,7 +161,7 @@ impl Translator<'_> {
             let spec = pod.spec.as_ref();
             let Some(node) = spec.and_then(|s| s.node_name.clone()) else {
                 self.reject(
-                    object,
+                    format!("Pod {key}"),
                     "no spec.nodeName (manifests must place pods on a node)",
                 );
                 continue;
@@ -175,12 +186,12 @@ impl Translator<'_> {
                 }
             }
             if let Some(reason) = bad {
-                self.reject(object, reason);
+                self.reject(format!("Pod {key}"), reason);
                 continue;
             }
             if addresses.is_empty() {
                 self.reject(
-                    object,
+                    format!("Pod {key}"),
                     "no status.podIP (manifests must give pod addresses)",
                 );
                 continue;
@@ -200,9 +211,12 @@ impl Translator<'_> {
                 excluded_inbound_ports: Vec::new(),
             };
             let mut workload = workload;
-            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
             match ExcludedPorts::from_annotations(
-                annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                pod.metadata
+                    .annotations
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
             ) {
                 Ok(ex) => {
                     workload.excluded_outbound_ports = ex.outbound.into_iter().collect();
@@ -220,13 +234,18 @@ impl Translator<'_> {
         }
         // Two pods claiming one address: neither can be trusted with it (one
         // may be stale), so both are left out rather than the first winning.
-        let mut claims: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        let mut claims: HashMap<IpAddr, Vec<&str>> = HashMap::with_capacity(out.len());
         for (key, (w, _)) in &out {
             for a in &w.addresses {
-                claims.entry(*a).or_default().push(key.clone());
+                claims.entry(*a).or_default().push(key);
             }
         }
-        for (addr, keys) in claims.into_iter().filter(|(_, k)| k.len() > 1) {
+        let conflicts: Vec<(IpAddr, Vec<String>)> = claims
+            .into_iter()
+            .filter(|(_, k)| k.len() > 1)
+            .map(|(a, k)| (a, k.into_iter().map(str::to_string).collect()))
+            .collect();
+        for (addr, keys) in conflicts {
             for key in &keys {
                 if out.remove(key).is_some() {
                     self.reject(
@@ -285,9 +304,8 @@ impl Translator<'_> {
                 self.reject(object, reason);
                 continue;
             }
-            let endpoints: Vec<String> = workloads
-                .iter()
-                .filter(|(_, (w, labels))| w.namespace == ns && matches(&selector, labels))
+            let endpoints: Vec<String> = in_namespace(workloads, &ns)
+                .filter(|(_, (_, labels))| matches(&selector, labels))
                 .map(|(k, _)| k.clone())
                 .collect();
             let mut ports = Vec::new();
@@ -378,10 +396,20 @@ impl Translator<'_> {
                 {
                     policy.scope = PolicyScope::WorkloadSelector;
                     let everywhere = policy.namespace == self.root_namespace;
-                    for (w, labels) in workloads.values_mut() {
-                        if (everywhere || w.namespace == policy.namespace)
-                            && matches(&sel.match_labels, labels)
-                        {
+                    let selected: Vec<String> = if everywhere {
+                        workloads
+                            .iter()
+                            .filter(|(_, (_, labels))| matches(&sel.match_labels, labels))
+                            .map(|(k, _)| k.clone())
+                            .collect()
+                    } else {
+                        in_namespace(workloads, &policy.namespace)
+                            .filter(|(_, (_, labels))| matches(&sel.match_labels, labels))
+                            .map(|(k, _)| k.clone())
+                            .collect()
+                    };
+                    for k in selected {
+                        if let Some((w, _)) = workloads.get_mut(&k) {
                             w.authorization_policies.push(policy.key());
                         }
                     }

@@ -87,7 +87,10 @@ fn manifests(a: &Args) -> String {
     for i in 0..a.policies {
         let ns = i % NAMESPACES;
         let selector = if i % 2 == 0 {
-            format!("selector: {{matchLabels: {{app: svc-{}}}}}, ", (i / NAMESPACES) % per_ns_services)
+            format!(
+                "selector: {{matchLabels: {{app: svc-{}}}}}, ",
+                (i / NAMESPACES) % per_ns_services
+            )
         } else {
             String::new()
         };
@@ -195,9 +198,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !rejected.is_empty() {
         bail!("synthetic manifests rejected: {}", rejected[0]);
     }
-    println!("{:<44} {:>10.1} ms", "parse manifests (YAML, not timed below)", ms(t.elapsed()));
+    println!(
+        "{:<44} {:>10.1} ms",
+        "parse manifests (YAML, not timed below)",
+        ms(t.elapsed())
+    );
 
     let options = MeshOptions::new("cluster.local", "istio-system");
+    if std::env::var_os("AMBIT_BENCH_PHASES").is_some() {
+        let t = Instant::now();
+        let tr = istiod_lite::translate::translate(&state, &options);
+        let t1 = t.elapsed();
+        mesh_core::config::validate_mesh_config(&tr.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t2 = t.elapsed();
+        let enc = mesh_core::xds::encode(&tr.config);
+        let t3 = t.elapsed();
+        let snap = istiod_lite::xds::Snapshot::default().next(enc);
+        let t4 = t.elapsed();
+        println!("phases: translate {:.1} ms, validate {:.1} ms, encode {:.1} ms, snapshot {:.1} ms ({})", ms(t1), ms(t2 - t1), ms(t3 - t2), ms(t4 - t3), snap.is_some());
+    }
     let outputs = Arc::new(Outputs::default());
     let mut registry = prometheus_client::registry::Registry::default();
     let pm = PipelineMetrics::register(&mut registry);
@@ -208,7 +227,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let snapshot = outputs.snapshots.borrow().clone();
     let (n_addr, n_authz) = (
         snapshot.resources.get(ADDRESS_TYPE).map_or(0, |m| m.len()),
-        snapshot.resources.get(AUTHORIZATION_TYPE).map_or(0, |m| m.len()),
+        snapshot
+            .resources
+            .get(AUTHORIZATION_TYPE)
+            .map_or(0, |m| m.len()),
     );
     println!(
         "{:<44} {:>10.1} ms   ({n_addr} addresses, {n_authz} authorizations)",
@@ -221,7 +243,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server = XdsServer::new(outputs.snapshots.subscribe(), None, xm);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(server).max_encoding_message_size(usize::MAX))
+            .add_service(
+                AggregatedDiscoveryServiceServer::new(server).max_encoding_message_size(usize::MAX),
+            )
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
 
@@ -229,16 +253,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // First full push to one client.
     let t = Instant::now();
     tokio::spawn(client(0, addr, report.clone()));
+    let full = n_addr + n_authz;
     let mut first_bytes = 0;
     let mut seen = 0;
-    while seen < 2 {
+    let mut responses = 0;
+    while seen < full {
         let r = next(&mut reports).await?;
         first_bytes += r.bytes;
-        seen += 1;
+        seen += r.response.resources.len();
+        responses += 1;
     }
     let first = t.elapsed();
     println!(
-        "{:<44} {:>10.1} ms   ({:.1} MiB)",
+        "{:<44} {:>10.1} ms   ({:.1} MiB in {responses} responses)",
         "first full push to one client",
         ms(first),
         first_bytes as f64 / (1 << 20) as f64
@@ -250,9 +277,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(client(id, addr, report.clone()));
     }
     let mut synced = 0;
-    while synced < 2 * (args.clients - 1) {
-        next(&mut reports).await?;
-        synced += 1;
+    while synced < full * (args.clients - 1) {
+        synced += next(&mut reports).await?.response.resources.len();
     }
     println!(
         "{:<44} {:>10.1} ms",
@@ -272,7 +298,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             status.pod_ips = None;
         }
         let t = Instant::now();
-        pipeline::publish(&state, Vec::new(), &options, &outputs, &pm).map_err(anyhow::Error::msg)?;
+        pipeline::publish(&state, Vec::new(), &options, &outputs, &pm)
+            .map_err(anyhow::Error::msg)?;
         build_times.push(t.elapsed());
         if let Some(r) = outputs.rejected.borrow().first() {
             bail!("synthetic change rejected: {r}");
@@ -319,26 +346,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "bytes per client for one pod change",
         bytes_per_client.iter().max().unwrap_or(&0)
     );
-    let goal_ok = median < Duration::from_millis(100) && *bytes_per_client.iter().max().unwrap_or(&0) < 2048;
+    let goal_ok =
+        median < Duration::from_millis(100) && *bytes_per_client.iter().max().unwrap_or(&0) < 2048;
     println!(
         "goal (<100 ms to all clients, <2 KiB per client): {}",
         if goal_ok { "met" } else { "NOT met" }
     );
 
     if !args.no_rss {
-        rss_phase(&args, &yaml).await?;
+        rss_phase(&args, &yaml, full).await?;
     }
     Ok(())
 }
 
 /// Runs the real binary on the same cluster and measures its RSS with the
 /// clients connected and synced.
-async fn rss_phase(args: &Args, yaml: &str) -> anyhow::Result<()> {
+async fn rss_phase(args: &Args, yaml: &str, full: usize) -> anyhow::Result<()> {
     let dir = e2e::mesh::TempDir::new("ambit-xds-bench")?;
     let manifests_dir = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests_dir)?;
     std::fs::write(manifests_dir.join("cluster.yaml"), yaml)?;
-    std::fs::write(dir.path().join("tokens.yaml"), "bench: not-used-on-plaintext\n")?;
+    std::fs::write(
+        dir.path().join("tokens.yaml"),
+        "bench: not-used-on-plaintext\n",
+    )?;
     let port = |p: u16| -> anyhow::Result<SocketAddr> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let a = l.local_addr()?;
@@ -361,6 +392,7 @@ async fn rss_phase(args: &Args, yaml: &str) -> anyhow::Result<()> {
         .arg("--bootstrap-tokens")
         .arg(dir.path().join("tokens.yaml"))
         .args(["--log-level", "warn"])
+        .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
         .stderr(log)
         .spawn()
         .context("spawning istiod-lite")?;
@@ -382,9 +414,8 @@ async fn rss_phase(args: &Args, yaml: &str) -> anyhow::Result<()> {
             tokio::spawn(client(id, xds, report.clone()));
         }
         let mut synced = 0;
-        while synced < 2 * args.clients {
-            next(&mut reports).await?;
-            synced += 1;
+        while synced < full * args.clients {
+            synced += next(&mut reports).await?.response.resources.len();
         }
         // Let freed buffers settle before reading.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -399,7 +430,11 @@ async fn rss_phase(args: &Args, yaml: &str) -> anyhow::Result<()> {
             format!("istiod-lite RSS, {} clients synced", args.clients),
             loaded as f64 / 1024.0,
             idle as f64 / 1024.0,
-            if loaded < 300 * 1024 { "met" } else { "NOT met" }
+            if loaded < 300 * 1024 {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
         Ok(())
     }

@@ -7,19 +7,23 @@
 //! up its own task, never the others, and since the task always diffs
 //! against the newest snapshot, pushes it could not send coalesce.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use mesh_core::proto::envoy::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use mesh_core::proto::envoy::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use prost_types::value::Kind;
-use tokio::sync::{mpsc, watch};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use mesh_core::proto::ADDRESS_TYPE;
+
 use super::metrics::XdsMetrics;
-use super::snapshot::{Snapshot, TYPES};
+use super::snapshot::{Entry, Snapshot, TYPES};
 use crate::node_auth::Authenticator;
 
 #[derive(Clone)]
@@ -28,6 +32,7 @@ pub struct XdsServer {
     /// `None` on the plaintext test port: the node is taken from its metadata.
     auth: Option<Arc<dyn Authenticator>>,
     metrics: XdsMetrics,
+    full_pushes: Arc<Semaphore>,
 }
 
 impl XdsServer {
@@ -40,6 +45,7 @@ impl XdsServer {
             snapshots,
             auth,
             metrics,
+            full_pushes: Arc::new(Semaphore::new(CONCURRENT_FULL_PUSHES)),
         }
     }
 }
@@ -79,6 +85,8 @@ impl AggregatedDiscoveryService for XdsServer {
             peer,
             subscriptions: HashMap::new(),
             nonce: 0,
+            full_pushes: self.full_pushes.clone(),
+            in_flight: None,
         };
         tokio::spawn(stream.run());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -90,19 +98,16 @@ impl AggregatedDiscoveryService for XdsServer {
 struct Subscription {
     wildcard: bool,
     names: HashSet<String>,
-    /// What the client holds: name → version.
+    /// What the client holds, name → version: for named subscriptions, and
+    /// for a wildcard one until its first push (from `initial_resource_versions`).
     sent: HashMap<String, String>,
-    /// The snapshot version `sent` reflects, if it reflects one fully.
-    synced_to: Option<u64>,
+    /// What a wildcard client holds after its first push: exactly this snapshot.
+    held: Option<Arc<Snapshot>>,
+    /// Names to send again on the next push (newly named by the client).
+    resend: Vec<String>,
     /// Whether a response of this type went out: the first one is sent even
     /// when empty, so the client knows it has the (empty) state.
     answered: bool,
-}
-
-impl Subscription {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
-    }
 }
 
 struct Stream {
@@ -115,7 +120,22 @@ struct Stream {
     peer: String,
     subscriptions: HashMap<String, Subscription>,
     nonce: u64,
+    full_pushes: Arc<Semaphore>,
+    /// A full push in flight: its nonce and permit, held until the client
+    /// answers it (or the deadline passes).
+    in_flight: Option<(String, OwnedSemaphorePermit, Instant)>,
 }
+
+/// Full pushes (a new client, or one that fell behind) under way at once.
+/// Each holds a copy of the whole state in encode and socket buffers until
+/// the client answers; bounding them bounds that memory in a reconnect storm.
+pub const CONCURRENT_FULL_PUSHES: usize = 8;
+
+/// Address resources per response (about 250 KB at Istio's sizes).
+pub const RESOURCES_PER_RESPONSE: usize = 1000;
+
+/// How long a full push may hold its slot without an answer from the client.
+const FULL_PUSH_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Stream {
     async fn run(mut self) {
@@ -144,6 +164,10 @@ impl Stream {
                         return Err("control plane shutting down".into());
                     }
                     self.push_all().await?;
+                }
+                _ = deadline(&self.in_flight) => {
+                    tracing::warn!(peer = %self.peer, "client did not answer a full push in time");
+                    self.in_flight = None;
                 }
             }
         }
@@ -180,6 +204,13 @@ impl Stream {
                 .await;
         }
         if !r.response_nonce.is_empty() {
+            if self
+                .in_flight
+                .as_ref()
+                .is_some_and(|(n, _, _)| *n == r.response_nonce)
+            {
+                self.in_flight = None;
+            }
             match &r.error_detail {
                 Some(e) => {
                     self.metrics.count_nack(&type_url);
@@ -217,12 +248,26 @@ impl Stream {
             }
             sub.sent.remove(&name);
         }
+        if !sub.wildcard {
+            if let Some(held) = sub.held.take() {
+                // Leaving wildcard mode: track by name from what it holds.
+                sub.sent = held
+                    .resources
+                    .get(type_url.as_str())
+                    .map(|m| {
+                        m.iter()
+                            .map(|(n, e)| (n.clone(), e.version.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+        }
         // Named subscriptions must be answered even if the client had them.
         for name in &newly_named {
             sub.sent.remove(name);
         }
+        sub.resend.extend(newly_named.iter().cloned());
         if first || !newly_named.is_empty() {
-            sub.synced_to = None;
             let snapshot = self.snapshots.borrow().clone();
             self.push(&type_url, &snapshot).await?;
         }
@@ -239,67 +284,105 @@ impl Stream {
         Ok(())
     }
 
-    async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), String> {
+    async fn push(&mut self, type_url: &str, snapshot: &Arc<Snapshot>) -> Result<(), String> {
         let Some(sub) = self.subscriptions.get_mut(type_url) else {
             return Ok(());
         };
         let Some(current) = snapshot.resources.get(type_url) else {
             return Ok(());
         };
-        // Only the names changed since the previous snapshot need a look
-        // when the client is known to hold exactly that one.
-        let candidates: Vec<&String> = match (sub.synced_to, snapshot.changed.get(type_url)) {
-            (Some(v), Some(changed)) if v + 1 == snapshot.version => changed.iter().collect(),
-            (Some(v), _) if v == snapshot.version => Vec::new(),
-            _ => current.keys().chain(sub.sent.keys()).collect(),
+        let full = match &sub.held {
+            Some(held) => held.version + 1 < snapshot.version,
+            None => true,
         };
-        let mut resources = Vec::new();
-        let mut removed = Vec::new();
-        let mut seen = HashSet::new();
-        for name in candidates {
-            if !seen.insert(name.as_str()) {
-                continue;
+        let mut permit = None;
+        if full {
+            // Wait for a slot before building the copy the slot accounts for;
+            // our own previous full push's slot is released first.
+            self.in_flight = None;
+            permit = self.full_pushes.clone().acquire_owned().await.ok();
+        }
+        let Some(sub) = self.subscriptions.get_mut(type_url) else {
+            return Ok(());
+        };
+        let mut diff = Diff::default();
+        if sub.wildcard {
+            match &sub.held {
+                Some(held) => diff.between(held, snapshot, type_url),
+                None => diff.against_versions(&sub.sent, current, |_| true),
             }
-            match current.get(name) {
-                Some(entry) if sub.wants(name) => {
-                    if sub.sent.get(name) != Some(&entry.version) {
-                        resources.push(Resource {
-                            name: name.clone(),
-                            version: entry.version.clone(),
-                            resource: Some(entry.resource.clone()),
-                            ..Default::default()
-                        });
+            for name in std::mem::take(&mut sub.resend) {
+                if !diff.resources.iter().any(|r| r.name == name) {
+                    if let Some(entry) = current.get(&name) {
+                        diff.send(&name, entry);
                     }
                 }
-                _ => {
-                    if sub.sent.contains_key(name) {
-                        removed.push(name.clone());
-                    }
-                }
+            }
+            // From here on the client holds exactly this snapshot: a
+            // reference to it replaces a per-name map of what was sent.
+            sub.sent = HashMap::new();
+            sub.held = Some(snapshot.clone());
+        } else {
+            sub.resend.clear();
+            let names = &sub.names;
+            diff.against_versions(&sub.sent, current, |n| names.contains(n));
+            for r in &diff.resources {
+                sub.sent.insert(r.name.clone(), r.version.clone());
+            }
+            for name in &diff.removed {
+                sub.sent.remove(name);
             }
         }
-        for r in &resources {
-            sub.sent.insert(r.name.clone(), r.version.clone());
-        }
-        for name in &removed {
-            sub.sent.remove(name);
-        }
-        sub.synced_to = Some(snapshot.version);
-        if resources.is_empty() && removed.is_empty() && sub.answered {
+        if diff.resources.is_empty() && diff.removed.is_empty() && sub.answered {
             return Ok(());
         }
         sub.answered = true;
-        let count = resources.len() + removed.len();
-        let nonce = self.next_nonce();
-        let response = DeltaDiscoveryResponse {
-            system_version_info: snapshot.version.to_string(),
-            type_url: type_url.to_string(),
-            resources,
-            removed_resources: removed,
-            nonce,
-        };
-        self.metrics.count_push(type_url, count);
-        self.send(response).await
+        self.metrics
+            .count_push(type_url, diff.resources.len() + diff.removed.len());
+        // Large address responses go out in parts: the gRPC encoder keeps a
+        // buffer as big as the largest message it sent for the life of the
+        // stream, so one 2.6 MB push would cost that much per client for
+        // good. Addresses alone are split: they grant nothing, so a client
+        // between two parts is at worst missing a destination (fail closed),
+        // while a policy set arriving in parts could briefly lack a DENY.
+        let mut parts: Vec<Vec<Resource>> = Vec::new();
+        if type_url == ADDRESS_TYPE && diff.resources.len() > RESOURCES_PER_RESPONSE {
+            let mut rest = diff.resources;
+            while rest.len() > RESOURCES_PER_RESPONSE {
+                let tail = rest.split_off(RESOURCES_PER_RESPONSE);
+                parts.push(std::mem::replace(&mut rest, tail));
+            }
+            parts.push(rest);
+        } else {
+            parts.push(diff.resources);
+        }
+        let last = parts.len() - 1;
+        let mut removed = Some(diff.removed);
+        for (i, resources) in parts.into_iter().enumerate() {
+            let nonce = self.next_nonce();
+            let response = DeltaDiscoveryResponse {
+                system_version_info: snapshot.version.to_string(),
+                type_url: type_url.to_string(),
+                resources,
+                removed_resources: if i == last {
+                    removed.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                nonce,
+            };
+            if i == last {
+                if let Some(p) = permit.take() {
+                    self.in_flight = Some((
+                        response.nonce.clone(),
+                        p,
+                        Instant::now() + FULL_PUSH_DEADLINE,
+                    ));
+                }
+            }
+            self.send(response).await?;
+        }
+        Ok(())
     }
 
     fn next_nonce(&mut self) -> String {
@@ -312,5 +395,84 @@ impl Stream {
             .send(Ok(r))
             .await
             .map_err(|_| "client went away".to_string())
+    }
+}
+
+/// Fires when the in-flight full push's deadline passes; never without one.
+async fn deadline(in_flight: &Option<(String, OwnedSemaphorePermit, Instant)>) {
+    match in_flight {
+        Some((_, _, at)) => tokio::time::sleep_until((*at).into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What one response carries.
+#[derive(Default)]
+struct Diff {
+    resources: Vec<Resource>,
+    removed: Vec<String>,
+}
+
+impl Diff {
+    fn send(&mut self, name: &str, entry: &Entry) {
+        self.resources.push(Resource {
+            name: name.to_string(),
+            version: entry.version.clone(),
+            resource: Some(entry.resource.clone()),
+            ..Default::default()
+        });
+    }
+
+    /// From a snapshot the client holds to `new`: when `new` directly follows
+    /// it, only the names `new` records as changed are looked at.
+    fn between(&mut self, old: &Snapshot, new: &Snapshot, type_url: &str) {
+        if old.version == new.version {
+            return;
+        }
+        let empty = Default::default();
+        let before = old.resources.get(type_url).unwrap_or(&empty);
+        let after = new.resources.get(type_url).unwrap_or(&empty);
+        let held = |name: &str, e: &Entry| before.get(name).is_some_and(|o| o.version == e.version);
+        match new.changed.get(type_url) {
+            Some(changed) if old.version + 1 == new.version => {
+                for name in changed {
+                    match after.get(name) {
+                        Some(e) if !held(name, e) => self.send(name, e),
+                        Some(_) => {}
+                        None if before.contains_key(name) => self.removed.push(name.clone()),
+                        None => {}
+                    }
+                }
+            }
+            _ => {
+                for (name, e) in after {
+                    let same = before.get(name).is_some_and(|o| Arc::ptr_eq(o, e));
+                    if !same && !held(name, e) {
+                        self.send(name, e);
+                    }
+                }
+                self.removed
+                    .extend(before.keys().filter(|n| !after.contains_key(*n)).cloned());
+            }
+        }
+    }
+
+    /// From a name → version map (a resumed or named subscription) to `current`.
+    fn against_versions(
+        &mut self,
+        sent: &HashMap<String, String>,
+        current: &BTreeMap<String, Arc<Entry>>,
+        wants: impl Fn(&str) -> bool,
+    ) {
+        for (name, e) in current {
+            if wants(name) && sent.get(name) != Some(&e.version) {
+                self.send(name, e);
+            }
+        }
+        for name in sent.keys() {
+            if !wants(name) || !current.contains_key(name) {
+                self.removed.push(name.clone());
+            }
+        }
     }
 }

@@ -358,3 +358,29 @@ async fn mesh_client_nacks_a_bad_resource_and_keeps_the_rest() {
     assert!(st.synced && st.connected);
     task.abort();
 }
+
+#[tokio::test]
+async fn large_address_pushes_go_out_in_parts_and_add_up() {
+    let extra: String = (0..2500)
+        .map(|i| {
+            format!(
+                "- {{name: w{i}, namespace: bulk, node: n3, addresses: [198.18.{}.{}]}}\n",
+                10 + i / 250,
+                1 + i % 250
+            )
+        })
+        .collect();
+    let h = start(&mesh(&extra)).await;
+    let mut c = RawClient::connect(h.addr, vec![subscribe(ADDRESS_TYPE)]).await;
+    let mut names = std::collections::HashSet::new();
+    let mut parts = 0;
+    while names.len() < 2502 {
+        let r = c.recv().await;
+        assert!(r.resources.len() <= super::server::RESOURCES_PER_RESPONSE);
+        names.extend(r.resources.iter().map(|r| r.name.clone()));
+        c.ack(&r).await;
+        parts += 1;
+    }
+    assert_eq!(parts, 3, "2,502 addresses in parts of at most 1,000");
+    c.nothing_for(Duration::from_millis(200)).await;
+}

@@ -2,7 +2,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use super::{MeshConfig, PolicyScope};
+use super::{MeshConfig, Policy, PolicyScope};
 use crate::identity::Identity;
 
 /// Why a config was rejected, and where.
@@ -84,6 +84,12 @@ impl Validator<'_> {
                 .map(|p| format!("{}/{}", p.namespace, p.name)),
         )?;
 
+        let selector_policies: HashSet<String> = c
+            .policies
+            .iter()
+            .filter(|p| p.scope == PolicyScope::WorkloadSelector)
+            .map(Policy::key)
+            .collect();
         let mut owner_of_ip: HashMap<IpAddr, String> = HashMap::new();
         for (i, w) in c.workloads.iter().enumerate() {
             let name = format!("workload {}/{}", w.namespace, w.name);
@@ -118,11 +124,7 @@ impl Validator<'_> {
                 }
             }
             for p in &w.authorization_policies {
-                let known = c
-                    .policies
-                    .iter()
-                    .any(|pol| &pol.key() == p && pol.scope == PolicyScope::WorkloadSelector);
-                if !known {
+                if !selector_policies.contains(p) {
                     return Err(self.fail(
                         "workloads",
                         i,
