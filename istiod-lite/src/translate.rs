@@ -209,6 +209,8 @@ impl Translator<'_> {
                 authorization_policies: Vec::new(),
                 excluded_outbound_ports: Vec::new(),
                 excluded_inbound_ports: Vec::new(),
+                waypoint: None,
+                native_tunnel: false,
             };
             let mut workload = workload;
             match ExcludedPorts::from_annotations(
@@ -354,6 +356,7 @@ impl Translator<'_> {
                 addresses,
                 ports,
                 load_balancing: Default::default(),
+                waypoint: None,
             });
         }
         out

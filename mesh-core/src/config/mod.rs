@@ -13,4 +13,4 @@ mod state;
 pub use cidr::Cidr;
 pub use model::*;
 pub use parse::{parse_mesh_config, validate_mesh_config, ConfigError};
-pub use state::{Destination, MeshState, ResolveError, ServiceInfo, WorkloadInfo};
+pub use state::{Destination, MeshState, ResolveError, ServiceInfo, WaypointRoute, WorkloadInfo};

@@ -16,6 +16,17 @@ fn default_service_account() -> String {
     "default".to_string()
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The port a waypoint takes HBONE on (Istio's fixed `hbone_mtls_port`).
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+
+fn default_waypoint_port() -> u16 {
+    WAYPOINT_HBONE_PORT
+}
+
 /// Everything a proxy needs to know about the mesh.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -77,6 +88,15 @@ pub struct Workload {
     /// Ports of the workload that incoming connections reach without capture.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_inbound_ports: Vec<u16>,
+    /// Traffic addressed to this workload directly (not via a service) goes
+    /// through this waypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+    /// The workload speaks HBONE itself (a waypoint; Istio's `native_tunnel`):
+    /// it is not captured, and peers tunnel straight to its HBONE port
+    /// instead of through its node's ztunnel.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub native_tunnel: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -91,6 +111,51 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// Traffic addressed to this service goes through this waypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// The waypoint a destination's traffic must pass, as Istio's
+/// `GatewayAddress` names it: the waypoint Service's namespaced hostname and
+/// its HBONE port. The Service is named after its Gateway.
+///
+/// The Service need not be in the config: a reference that does not resolve
+/// means the waypoint is unavailable, and traffic that needs it is refused
+/// rather than sent around it (which would skip its L7 policy).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointRef {
+    pub namespace: String,
+    /// The Gateway, and the Service in front of its pods.
+    pub name: String,
+    /// Defaults to `<name>.<namespace>.svc.<trust domain>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default = "default_waypoint_port")]
+    pub hbone_port: u16,
+}
+
+impl WaypointRef {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        WaypointRef {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            hostname: None,
+            hbone_port: WAYPOINT_HBONE_PORT,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The explicit hostname, or `<name>.<namespace>.svc.<trust domain>`.
+    pub fn hostname_in(&self, trust_domain: &str) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.{trust_domain}", self.name, self.namespace))
+    }
 }
 
 impl Service {

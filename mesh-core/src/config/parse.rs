@@ -2,7 +2,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use super::{MeshConfig, Policy, PolicyScope};
+use super::{MeshConfig, Policy, PolicyScope, WaypointRef};
 use crate::identity::Identity;
 
 /// Why a config was rejected, and where.
@@ -123,6 +123,20 @@ impl Validator<'_> {
                     ));
                 }
             }
+            if let Some(wp) = &w.waypoint {
+                if w.native_tunnel {
+                    // A waypoint routing through a waypoint would loop.
+                    return Err(self.fail(
+                        "workloads",
+                        i,
+                        format!(
+                            "{name}: a nativeTunnel workload (a waypoint) cannot have a waypoint"
+                        ),
+                    ));
+                }
+                check_waypoint(wp)
+                    .map_err(|e| self.fail("workloads", i, format!("{name}: {e}")))?;
+            }
             for p in &w.authorization_policies {
                 if !selector_policies.contains(p) {
                     return Err(self.fail(
@@ -146,6 +160,12 @@ impl Validator<'_> {
                         i,
                         format!("{name}: address {ip} is already used by {other}"),
                     ));
+                }
+            }
+            if let Some(wp) = &s.waypoint {
+                check_waypoint(wp).map_err(|e| self.fail("services", i, format!("{name}: {e}")))?;
+                if wp.namespace == s.namespace && wp.name == s.name {
+                    return Err(self.fail("services", i, format!("{name}: is its own waypoint")));
                 }
             }
             let mut seen = HashSet::new();
@@ -233,6 +253,34 @@ impl Validator<'_> {
     }
 }
 
+/// Whether a waypoint reference is well-formed. Whether it resolves is not
+/// checked: an unresolved one stands for an unavailable waypoint.
+fn check_waypoint(wp: &WaypointRef) -> Result<(), String> {
+    let dns = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+    };
+    if !dns(&wp.namespace) || !dns(&wp.name) {
+        return Err(format!(
+            "waypoint {:?}/{:?}: namespace and name must be DNS names",
+            wp.namespace, wp.name
+        ));
+    }
+    if wp.hostname.as_deref().is_some_and(|h| !dns(h)) {
+        return Err(format!(
+            "waypoint {}: hostname {:?} is not a DNS name",
+            wp.key(),
+            wp.hostname
+        ));
+    }
+    if wp.hbone_port == 0 {
+        return Err(format!("waypoint {}: hbonePort 0 is not valid", wp.key()));
+    }
+    Ok(())
+}
+
 /// Finds the 1-based line where item `index` of the top-level block sequence
 /// `section` starts. Flow-style sequences (`[...]`) are not located.
 fn item_line(src: &str, section: &str, index: usize) -> Option<usize> {
@@ -302,6 +350,22 @@ policies:
     }
 
     #[test]
+    fn accepts_an_unresolved_waypoint_with_istios_port() {
+        let src = GOOD.replacen(
+            "  ports: [{port: 80, targetPort: 8080}]\n",
+            "  ports: [{port: 80, targetPort: 8080}]\n  waypoint: {namespace: demo, name: gone}\n",
+            1,
+        );
+        let c = parse_mesh_config(&src).unwrap();
+        let wp = c.services[0].waypoint.as_ref().unwrap();
+        assert_eq!(wp.hbone_port, 15008);
+        assert_eq!(
+            wp.hostname_in(&c.trust_domain),
+            "gone.demo.svc.cluster.local"
+        );
+    }
+
+    #[test]
     fn rejects_with_line_and_reason() {
         let cases: &[(&str, &str, usize, &str)] = &[
             (
@@ -358,6 +422,38 @@ policies:
             (
                 GOOD.replacen("targetPort: 8080", "targetPort: 0", 1),
                 "port 0",
+            ),
+            (
+                GOOD.replacen(
+                    "  services: [demo/web]\n",
+                    "  services: [demo/web]\n  nativeTunnel: true\n  waypoint: {namespace: demo, name: wp}\n",
+                    1,
+                ),
+                "cannot have a waypoint",
+            ),
+            (
+                GOOD.replacen(
+                    "  ports: [{port: 80, targetPort: 8080}]\n",
+                    "  ports: [{port: 80, targetPort: 8080}]\n  waypoint: {namespace: demo, name: web}\n",
+                    1,
+                ),
+                "is its own waypoint",
+            ),
+            (
+                GOOD.replacen(
+                    "  ports: [{port: 80, targetPort: 8080}]\n",
+                    "  ports: [{port: 80, targetPort: 8080}]\n  waypoint: {namespace: demo, name: wp, hbonePort: 0}\n",
+                    1,
+                ),
+                "hbonePort 0",
+            ),
+            (
+                GOOD.replacen(
+                    "  ports: [{port: 80, targetPort: 8080}]\n",
+                    "  ports: [{port: 80, targetPort: 8080}]\n  waypoint: {namespace: Demo, name: wp}\n",
+                    1,
+                ),
+                "must be DNS names",
             ),
             (
                 GOOD.replacen("ns/demo/sa/sleep", "ns/*/sa/sleep", 1),

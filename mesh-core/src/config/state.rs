@@ -3,7 +3,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{LoadBalancing, MeshConfig, MtlsMode, Policy, PolicyScope, Service, Workload};
+use super::{
+    LoadBalancing, MeshConfig, MtlsMode, Policy, PolicyScope, Service, WaypointRef, Workload,
+};
 use crate::identity::Identity;
 
 /// A workload with its derived identity. `active` counts connections this proxy
@@ -51,6 +53,23 @@ pub enum Destination {
     },
     /// Not part of the mesh: connect directly.
     Passthrough(SocketAddr),
+}
+
+/// How a destination's waypoint resolves.
+#[derive(Debug, Clone)]
+pub enum WaypointRoute {
+    /// Through this waypoint Service, whose endpoints are all waypoint
+    /// (native-tunnel) workloads.
+    Ready {
+        waypoint: WaypointRef,
+        service: Arc<ServiceInfo>,
+    },
+    /// The destination needs a waypoint that cannot be used: its traffic is
+    /// to be refused, never sent around the waypoint.
+    Unavailable {
+        waypoint: WaypointRef,
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -211,6 +230,54 @@ impl MeshState {
         })
     }
 
+    /// The waypoint that traffic to `dst` must pass, if any: the service's
+    /// when it was addressed through one that has a waypoint, else the
+    /// workload's. A waypoint's own traffic to `dst` must not ask: it is the
+    /// waypoint.
+    pub fn waypoint_for(&self, dst: &Destination) -> Option<WaypointRoute> {
+        let Destination::Workload {
+            workload, service, ..
+        } = dst
+        else {
+            return None;
+        };
+        let wp = service
+            .as_ref()
+            .and_then(|s| s.service.waypoint.as_ref())
+            .or(workload.workload.waypoint.as_ref())?;
+        let unavailable = |reason: String| {
+            Some(WaypointRoute::Unavailable {
+                waypoint: wp.clone(),
+                reason,
+            })
+        };
+        let host = wp.hostname_in(&self.config.trust_domain);
+        let Some(svc) = self
+            .services_by_host
+            .get(&host)
+            .filter(|s| s.service.namespace == wp.namespace)
+        else {
+            return unavailable(format!("waypoint {} has no service {host}", wp.key()));
+        };
+        // Only a waypoint's pods speak HBONE themselves; any other service
+        // under that name (say, an ingress gateway's) must not receive
+        // traffic meant for a waypoint.
+        if svc.endpoints.is_empty() {
+            return unavailable(format!("waypoint {} has no endpoints", wp.key()));
+        }
+        if let Some(w) = svc.endpoints.iter().find(|w| !w.workload.native_tunnel) {
+            return unavailable(format!(
+                "waypoint {} has endpoint {} that is not a waypoint",
+                wp.key(),
+                w.key()
+            ));
+        }
+        Some(WaypointRoute::Ready {
+            waypoint: wp.clone(),
+            service: svc.clone(),
+        })
+    }
+
     /// The policies that apply to connections to `w`.
     pub fn policies_for<'a>(
         &'a self,
@@ -326,6 +393,52 @@ peerAuthentications:
         let b = s.workload_by_ip("198.19.2.1".parse().unwrap()).unwrap();
         assert_eq!(s.mtls_mode(a), MtlsMode::Strict);
         assert_eq!(s.mtls_mode(b), MtlsMode::Permissive);
+    }
+
+    #[test]
+    fn waypoint_for_prefers_the_service_and_fails_closed() {
+        let s = state(
+            r#"
+workloads:
+- {name: a, namespace: ns, node: n1, addresses: ["198.19.1.1"], services: [ns/svc], waypoint: {namespace: ns, name: wp-a}}
+- {name: b, namespace: ns, node: n2, addresses: ["198.19.2.1"], services: [ns/other], waypoint: {namespace: ns, name: wp}}
+- {name: wp-0, namespace: ns, node: n2, addresses: ["198.19.2.9"], services: [ns/wp], nativeTunnel: true}
+- {name: c, namespace: ns, node: n2, addresses: ["198.19.2.2"], services: [ns/fake, ns/fake-wp]}
+services:
+- {name: svc, namespace: ns, addresses: ["198.18.200.1"], ports: [{port: 80}], waypoint: {namespace: ns, name: wp}}
+- {name: other, namespace: ns, addresses: ["198.18.200.2"], ports: [{port: 80}]}
+- {name: wp, namespace: ns, addresses: ["198.18.200.9"], ports: [{port: 15008}]}
+- {name: fake, namespace: ns, addresses: ["198.18.200.3"], ports: [{port: 80}], waypoint: {namespace: ns, name: fake-wp}}
+- {name: fake-wp, namespace: ns, addresses: ["198.18.200.4"], ports: [{port: 80}]}
+"#,
+        );
+        let route = |dst: &str| s.waypoint_for(&s.resolve(dst.parse().unwrap()).unwrap());
+        match route("198.18.200.1:80") {
+            Some(WaypointRoute::Ready { service, waypoint }) => {
+                assert_eq!(service.service.name, "wp");
+                assert_eq!(waypoint.hbone_port, 15008);
+            }
+            r => panic!("service's waypoint: {r:?}"),
+        }
+        // Addressed directly, a's own (missing) waypoint applies.
+        assert!(matches!(
+            route("198.19.1.1:80"),
+            Some(WaypointRoute::Unavailable { .. })
+        ));
+        // A service without a waypoint falls back to the workload's.
+        assert!(matches!(
+            route("198.18.200.2:80"),
+            Some(WaypointRoute::Ready { .. })
+        ));
+        // A name that resolves to a service of ordinary workloads is no waypoint.
+        match route("198.18.200.3:80") {
+            Some(WaypointRoute::Unavailable { reason, .. }) => {
+                assert!(reason.contains("not a waypoint"), "{reason}")
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(route("198.18.200.9:15008").is_none(), "the waypoint itself");
+        assert!(route("203.0.113.1:80").is_none(), "passthrough");
     }
 
     #[test]

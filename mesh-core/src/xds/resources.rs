@@ -14,7 +14,7 @@ use prost_types::Any;
 
 use crate::config::{
     Cidr, DestinationMatch, LoadBalancing, MeshConfig, MtlsMode, Policy, PolicyAction, PolicyScope,
-    Rule, Service, ServicePort, SourceMatch, Workload,
+    Rule, Service, ServicePort, SourceMatch, WaypointRef, Workload,
 };
 use crate::identity::DEFAULT_TRUST_DOMAIN;
 use crate::proto::ambit::extensions as ext;
@@ -84,6 +84,66 @@ fn port_u16(p: u32, what: &str) -> Result<u16, String> {
     u16::try_from(p).map_err(|_| format!("{what} {p} is not a port"))
 }
 
+/// As Istio names a waypoint: the namespaced hostname of its Service.
+fn gateway_address(wp: &WaypointRef, trust_domain: &str) -> pb::GatewayAddress {
+    pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Hostname(
+            pb::NamespacedHostname {
+                namespace: wp.namespace.clone(),
+                hostname: wp.hostname_in(trust_domain),
+            },
+        )),
+        hbone_mtls_port: u32::from(wp.hbone_port),
+    }
+}
+
+/// The model's form of a `GatewayAddress`. The Gateway's name is the first
+/// label of a `<name>.<namespace>.svc.<trust domain>` hostname; any other
+/// hostname is kept, and [`assemble`] names it after the service it belongs to.
+fn decode_waypoint(
+    gw: Option<pb::GatewayAddress>,
+    trust_domain: &str,
+) -> Result<Option<WaypointRef>, String> {
+    use pb::gateway_address::Destination;
+    let Some(gw) = gw else { return Ok(None) };
+    let nh = match gw.destination {
+        Some(Destination::Hostname(nh)) => nh,
+        // A bare IP names no Service, so neither its waypoint pods nor its
+        // policies can be found; refusing the resource keeps the last good one.
+        Some(Destination::Address(_)) => {
+            return Err("a waypoint given by address is not supported, only by hostname".into())
+        }
+        None => return Err("a waypoint without a destination".into()),
+    };
+    if gw.hbone_mtls_port == 0 {
+        return Err(format!("waypoint {:?}: hbone_mtls_port 0", nh.hostname));
+    }
+    let hbone_port = port_u16(gw.hbone_mtls_port, "waypoint hbone_mtls_port")?;
+    let suffix = format!(".{}.svc.{trust_domain}", nh.namespace);
+    let canonical = nh
+        .hostname
+        .strip_suffix(&suffix)
+        .filter(|n| !n.is_empty() && !n.contains('.'))
+        .map(str::to_string);
+    let (name, hostname) = match canonical {
+        Some(name) => (name, None),
+        None => (
+            nh.hostname
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            Some(nh.hostname),
+        ),
+    };
+    Ok(Some(WaypointRef {
+        namespace: nh.namespace,
+        name,
+        hostname,
+        hbone_port,
+    }))
+}
+
 /// Encodes `config` for serving.
 pub fn encode(config: &MeshConfig) -> EncodedConfig {
     let td = &config.trust_domain;
@@ -135,6 +195,8 @@ pub fn encode(config: &MeshConfig) -> EncodedConfig {
             namespace: w.namespace.clone(),
             addresses: w.addresses.iter().map(ip_bytes).collect(),
             tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+            native_tunnel: w.native_tunnel,
+            waypoint: w.waypoint.as_ref().map(|wp| gateway_address(wp, td)),
             trust_domain: if td == DEFAULT_TRUST_DOMAIN {
                 String::new()
             } else {
@@ -202,6 +264,7 @@ pub fn encode(config: &MeshConfig) -> EncodedConfig {
                 .get(&s.key())
                 .map(|(_, p)| p.clone())
                 .unwrap_or_default(),
+            waypoint: s.waypoint.as_ref().map(|wp| gateway_address(wp, td)),
             extensions,
             ..Default::default()
         };
@@ -355,7 +418,7 @@ pub fn decode_address(resource: &Any, trust_domain: &str) -> Result<DecodedAddre
         pb::Address::decode(resource.value.as_slice()).map_err(|e| format!("decoding: {e}"))?;
     match address.r#type {
         Some(pb::address::Type::Workload(w)) => decode_workload(w, trust_domain),
-        Some(pb::address::Type::Service(s)) => decode_service(s),
+        Some(pb::address::Type::Service(s)) => decode_service(s, trust_domain),
         None => Err("address is neither a workload nor a service".into()),
     }
 }
@@ -400,6 +463,8 @@ fn decode_workload(w: pb::Workload, trust_domain: &str) -> Result<DecodedAddress
     }
     let mut services: Vec<String> = w.services.into_keys().collect();
     services.sort();
+    let waypoint = decode_waypoint(w.waypoint, trust_domain)
+        .map_err(|e| format!("workload {}/{}: {e}", w.namespace, w.name))?;
     Ok(DecodedAddress::Workload(Workload {
         name: w.name,
         namespace: w.namespace,
@@ -414,10 +479,14 @@ fn decode_workload(w: pb::Workload, trust_domain: &str) -> Result<DecodedAddress
         authorization_policies: w.authorization_policies,
         excluded_outbound_ports,
         excluded_inbound_ports,
+        waypoint,
+        native_tunnel: w.native_tunnel,
     }))
 }
 
-fn decode_service(s: pb::Service) -> Result<DecodedAddress, String> {
+fn decode_service(s: pb::Service, trust_domain: &str) -> Result<DecodedAddress, String> {
+    let waypoint = decode_waypoint(s.waypoint, trust_domain)
+        .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
     let addresses = s
         .addresses
         .iter()
@@ -452,6 +521,7 @@ fn decode_service(s: pb::Service) -> Result<DecodedAddress, String> {
         addresses,
         ports,
         load_balancing,
+        waypoint,
     }))
 }
 
@@ -622,6 +692,17 @@ pub fn assemble(
             )
         })
         .collect();
+    let name_waypoint = |wp: &mut Option<WaypointRef>| {
+        if let Some(wp) = wp.as_mut().filter(|wp| wp.hostname.is_some()) {
+            let host = format!("{}/{}", wp.namespace, wp.hostname_in(trust_domain));
+            if let Some((_, name)) = by_host.get(&host).and_then(|k| k.split_once('/')) {
+                wp.name = name.to_string();
+            }
+        }
+    };
+    for s in &mut services {
+        name_waypoint(&mut s.waypoint);
+    }
     let policies: Vec<Policy> = policies.into_iter().collect();
     let known_policies: std::collections::HashSet<String> =
         policies.iter().map(Policy::key).collect();
@@ -635,6 +716,11 @@ pub fn assemble(
         // the dangling name would fail validation of everything else.
         w.authorization_policies
             .retain(|k| known_policies.contains(k));
+        name_waypoint(&mut w.waypoint);
+        // A waypoint does not use a waypoint, whatever a control plane says.
+        if w.native_tunnel {
+            w.waypoint = None;
+        }
     }
     workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     services.sort_by_key(Service::key);
@@ -761,6 +847,105 @@ peerAuthentications:
         let deny = back.policies.iter().find(|p| p.name == "no-bad").unwrap();
         assert_eq!(deny.scope, PolicyScope::Global);
         assert_eq!(deny.rules[0].from[0].namespaces, vec!["bad*".to_string()]);
+    }
+
+    const WAYPOINTS: &str = r#"
+workloads:
+- {name: wp-0, namespace: demo, serviceAccount: waypoint, node: n2, addresses: [198.19.2.9], services: [demo/waypoint], nativeTunnel: true}
+- {name: app, namespace: demo, node: n2, addresses: [198.19.2.2], services: [demo/app], waypoint: {namespace: demo, name: waypoint}}
+- {name: gone, namespace: demo, node: n2, addresses: [198.19.2.3], waypoint: {namespace: other, name: missing}}
+services:
+- {name: waypoint, namespace: demo, addresses: [198.18.100.9], ports: [{port: 15008}]}
+- {name: app, namespace: demo, addresses: [198.18.100.1], ports: [{port: 80}], waypoint: {namespace: demo, name: waypoint}}
+- {name: odd, namespace: demo, hostname: odd.example.org, addresses: [198.18.100.2], ports: [{port: 80}]}
+- {name: uses-odd, namespace: demo, addresses: [198.18.100.3], ports: [{port: 80}], waypoint: {namespace: demo, name: odd, hostname: odd.example.org}}
+"#;
+
+    #[test]
+    fn waypoints_survive_the_wire_as_istio_sends_them() {
+        let original = parse_mesh_config(WAYPOINTS).unwrap();
+        let enc = encode(&original);
+        let app = enc
+            .addresses
+            .iter()
+            .find(|r| r.name == workload_uid("demo", "app"))
+            .unwrap();
+        let Some(pb::address::Type::Workload(w)) =
+            pb::Address::decode(app.resource.value.as_slice())
+                .unwrap()
+                .r#type
+        else {
+            panic!("not a workload");
+        };
+        assert_eq!(
+            w.waypoint,
+            Some(pb::GatewayAddress {
+                destination: Some(pb::gateway_address::Destination::Hostname(
+                    pb::NamespacedHostname {
+                        namespace: "demo".into(),
+                        hostname: "waypoint.demo.svc.cluster.local".into(),
+                    }
+                )),
+                hbone_mtls_port: 15008,
+            })
+        );
+
+        let back = round_trip(&original);
+        for w in &original.workloads {
+            let got = back.workloads.iter().find(|b| b.name == w.name).unwrap();
+            assert_eq!(got.waypoint, w.waypoint, "workload {}", w.name);
+            assert_eq!(got.native_tunnel, w.native_tunnel, "workload {}", w.name);
+        }
+        for s in &original.services {
+            let got = back.services.iter().find(|b| b.name == s.name).unwrap();
+            assert_eq!(got.waypoint, s.waypoint, "service {}", s.name);
+        }
+        let state = MeshState::new(back);
+        let dst = state.resolve("198.18.100.1:80".parse().unwrap()).unwrap();
+        assert!(matches!(
+            state.waypoint_for(&dst),
+            Some(crate::config::WaypointRoute::Ready { .. })
+        ));
+    }
+
+    #[test]
+    fn waypoint_by_address_or_port_zero_is_refused() {
+        let with = |gw: pb::GatewayAddress| {
+            any(
+                ADDRESS_TYPE,
+                &pb::Address {
+                    r#type: Some(pb::address::Type::Service(pb::Service {
+                        name: "s".into(),
+                        namespace: "n".into(),
+                        hostname: "s.n.svc.cluster.local".into(),
+                        waypoint: Some(gw),
+                        ..Default::default()
+                    })),
+                },
+            )
+        };
+        let by_address = with(pb::GatewayAddress {
+            destination: Some(pb::gateway_address::Destination::Address(
+                pb::NetworkAddress {
+                    network: String::new(),
+                    address: vec![198, 18, 100, 9],
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
+        assert!(decode_address(&by_address, "cluster.local")
+            .unwrap_err()
+            .contains("by address"));
+        let port_zero = with(pb::GatewayAddress {
+            destination: Some(pb::gateway_address::Destination::Hostname(
+                pb::NamespacedHostname {
+                    namespace: "n".into(),
+                    hostname: "w.n.svc.cluster.local".into(),
+                },
+            )),
+            hbone_mtls_port: 0,
+        });
+        assert!(decode_address(&port_zero, "cluster.local").is_err());
     }
 
     #[test]
