@@ -4,13 +4,14 @@
 //! * [`sources`] → [`translate`] → [`pipeline`]: cluster objects become the
 //!   mesh model and versioned [`xds::Snapshot`]s.
 //! * [`xds`]: the delta ADS server; [`ca_service`]: the gRPC CA;
-//!   [`node_auth`]: who is calling; [`tls_serve`]: TLS for both.
+//!   [`node_auth`] and [`kube_auth`]: who is calling; [`tls_serve`]: TLS for both.
 //! * [`serve`]: the running process; [`monitoring`] and [`metrics`]: 15014.
 
 pub mod ca_service;
 pub mod ca_store;
 pub mod exclusions;
 pub mod istio_types;
+pub mod kube_auth;
 pub mod metrics;
 pub mod monitoring;
 pub mod node_auth;

@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use istiod_lite::ca_service::{CaService, IMPERSONATED_IDENTITY};
+use istiod_lite::kube_auth::{KubernetesAuthConfig, KubernetesAuthenticator};
 use istiod_lite::metrics::Metrics;
-use istiod_lite::node_auth::NodeAuthenticator;
+use istiod_lite::node_auth::{Authenticator, NodeAuthenticator};
 use istiod_lite::tls_serve::{server_config, tls_incoming};
 use mesh_core::ca::{generate_csr, CertificateAuthority};
 use mesh_core::config::{MeshConfig, Workload};
@@ -53,6 +54,12 @@ struct Harness {
 
 impl Harness {
     fn new(name: &str) -> Self {
+        Self::with_auth(name, |dir| {
+            Arc::new(NodeAuthenticator::from_file(dir.join("tokens.yaml")).unwrap())
+        })
+    }
+
+    fn with_auth(name: &str, auth: impl FnOnce(&Path) -> Arc<dyn Authenticator>) -> Self {
         let dir = std::env::temp_dir().join(format!("ambit-ca-svc-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
@@ -63,7 +70,7 @@ impl Harness {
         for (file, token) in [("a", "token-a"), ("b", "token-b"), ("bogus", "token-x")] {
             std::fs::write(dir.join(file), format!("{token}\n")).unwrap();
         }
-        let auth = NodeAuthenticator::from_file(dir.join("tokens.yaml")).unwrap();
+        let auth = auth(&dir);
         let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
         let (mesh, rx) = watch::channel(mesh(vec![
             workload("web-1", "web", "node-a", "10.0.0.1"),
@@ -72,7 +79,7 @@ impl Harness {
         let metrics = Arc::new(Metrics::new());
         let service = CaService::new(
             ca.clone(),
-            Arc::new(auth),
+            auth,
             rx,
             Duration::from_secs(24 * 3600),
             Duration::from_secs(48 * 3600),
@@ -371,4 +378,108 @@ async fn serves_over_tls_with_its_own_serving_certificate() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
+
+/// Just enough of a Kubernetes API server for TokenReview: `token-a` is
+/// ztunnel's projected token on node-a, for audience istio-ca; anything else
+/// is not authenticated. (The full fake API server is the library's own,
+/// test-only.)
+async fn token_review_server() -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    assert_eq!(
+                        req.uri().path(),
+                        "/apis/authentication.k8s.io/v1/tokenreviews"
+                    );
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let status = if review["spec"]["token"] == "token-a"
+                        && review["spec"]["audiences"] == serde_json::json!(["istio-ca"])
+                    {
+                        serde_json::json!({
+                            "authenticated": true,
+                            "audiences": ["istio-ca"],
+                            "user": {
+                                "username": "system:serviceaccount:istio-system:ztunnel",
+                                "groups": ["system:serviceaccounts", "system:serviceaccounts:istio-system"],
+                                "extra": {"authentication.kubernetes.io/node-name": ["node-a"]},
+                            },
+                        })
+                    } else {
+                        serde_json::json!({"error": "invalid bearer token"})
+                    };
+                    let answer = serde_json::json!({
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "TokenReview",
+                        "spec": review["spec"],
+                        "status": status,
+                    });
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .status(201)
+                            .header("content-type", "application/json")
+                            .body(Full::new(bytes::Bytes::from(answer.to_string())))
+                            .unwrap(),
+                    )
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn token_review_authenticated_node_gets_only_its_identities() {
+    let apiserver = token_review_server().await;
+    let client = kube::Client::try_from(kube::Config::new(
+        format!("http://{apiserver}").parse().unwrap(),
+    ))
+    .unwrap();
+    let h = Harness::with_auth("token-review", |_| {
+        Arc::new(KubernetesAuthenticator::new(
+            client,
+            KubernetesAuthConfig::default(),
+        ))
+    });
+    let addr = h.serve_plaintext().await;
+    // The file holding "token-a" stands for ztunnel's projected token.
+    let cp = h.control_plane(addr, Some("a"));
+
+    let web = id("web");
+    let (csr, key) = generate_csr(&web).unwrap();
+    let chain = call(&cp, request(&csr, Some(&web.to_string()), 0))
+        .await
+        .unwrap();
+    let cert = WorkloadCertificate::from_pem(chain.concat().as_bytes(), key.as_bytes()).unwrap();
+    assert_eq!(cert.identity(), &web);
+    verify_chain(&h.ca, &cert);
+
+    let db = id("db");
+    let (csr, _) = generate_csr(&db).unwrap();
+    let err = call(&cp, request(&csr, Some(&db.to_string()), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "identity spiffe://cluster.local/ns/demo/sa/db has no workload on node node-a"
+    );
+
+    let err = call(
+        &h.control_plane(addr, Some("b")),
+        request(&csr, Some(&db.to_string()), 0),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("invalid bearer token"), "{err:?}");
 }
