@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use istiod_lite::kube_auth::ServiceAccount;
 use istiod_lite::{ca_store, pipeline, serve, sources, translate};
 use mesh_core::Identity;
 
@@ -21,6 +22,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup, so the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane: follow a manifests directory or the Kubernetes
@@ -51,9 +54,18 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15014")]
         monitoring_addr: SocketAddr,
         /// YAML map of node name to bootstrap token; a ztunnel presents its
-        /// node's token as `authorization: Bearer <token>`.
+        /// node's token as `authorization: Bearer <token>`. Required with
+        /// `--source manifests`, refused with `kubernetes` (TokenReview there).
         #[arg(long)]
-        bootstrap_tokens: PathBuf,
+        bootstrap_tokens: Option<PathBuf>,
+        /// Kubernetes mode: audience a node proxy's service-account token
+        /// must be valid for (repeatable).
+        #[arg(long = "token-audience", value_name = "AUDIENCE", default_value = istiod_lite::kube_auth::DEFAULT_AUDIENCE)]
+        token_audiences: Vec<String>,
+        /// Kubernetes mode: `namespace/name` of a service account allowed to
+        /// act for the node its pod runs on (repeatable).
+        #[arg(long = "node-proxy-service-account", value_name = "NAMESPACE/NAME", default_value = istiod_lite::kube_auth::DEFAULT_NODE_PROXY_ACCOUNT)]
+        node_proxy_accounts: Vec<ServiceAccount>,
         /// Default workload certificate lifetime in seconds.
         #[arg(long, default_value_t = 24 * 3600)]
         cert_ttl_secs: u64,
@@ -143,6 +155,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             xds_plaintext_addr,
             monitoring_addr,
             bootstrap_tokens,
+            token_audiences,
+            node_proxy_accounts,
             cert_ttl_secs,
             max_cert_ttl_secs,
             serving_dns,
@@ -174,6 +188,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 xds_plaintext_addr,
                 monitoring_addr,
                 bootstrap_tokens,
+                token_audiences,
+                node_proxy_accounts,
                 cert_ttl: Duration::from_secs(cert_ttl_secs),
                 max_cert_ttl: Duration::from_secs(max_cert_ttl_secs),
                 serving_dns,

@@ -13,6 +13,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::ca_service::CaService;
 use crate::ca_store::CaStore;
+use crate::kube_auth::{
+    KubeAuthMetrics, KubernetesAuthConfig, KubernetesAuthenticator, ServiceAccount,
+};
 use crate::metrics::Metrics;
 use crate::node_auth::{Authenticator, NodeAuthenticator};
 use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
@@ -38,7 +41,13 @@ pub struct ServeOptions {
     pub grpc_addr: SocketAddr,
     pub xds_plaintext_addr: Option<SocketAddr>,
     pub monitoring_addr: SocketAddr,
-    pub bootstrap_tokens: PathBuf,
+    /// Node bootstrap tokens: required with [`SourceKind::Manifests`]; with
+    /// Kubernetes, nodes are authenticated by TokenReview instead.
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// Kubernetes mode: audiences a node proxy's token must be valid for.
+    pub token_audiences: Vec<String>,
+    /// Kubernetes mode: service accounts allowed to act for their node.
+    pub node_proxy_accounts: Vec<ServiceAccount>,
     pub cert_ttl: Duration,
     pub max_cert_ttl: Duration,
     pub serving_dns: Vec<String>,
@@ -63,6 +72,16 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if opts.source == SourceKind::Manifests && opts.manifests.is_none() {
         anyhow::bail!("--manifests is required with --source manifests");
     }
+    match (opts.source, &opts.bootstrap_tokens) {
+        (SourceKind::Manifests, None) => {
+            anyhow::bail!("--bootstrap-tokens is required with --source manifests")
+        }
+        (SourceKind::Kubernetes, Some(_)) => anyhow::bail!(
+            "--bootstrap-tokens applies to --source manifests only: in Kubernetes, node \
+             proxies are authenticated by TokenReview of their service-account token"
+        ),
+        _ => {}
+    }
     let (ca, created) = CaStore::new(&opts.data_dir).load_or_create(&opts.mesh.trust_domain)?;
     tracing::info!(
         dir = %opts.data_dir.display(),
@@ -70,23 +89,26 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         if created { "created" } else { "loaded" }
     );
     let ca = Arc::new(ca);
-    let auth: Arc<dyn Authenticator> = Arc::new(
-        NodeAuthenticator::from_file(&opts.bootstrap_tokens)
-            .with_context(|| format!("bootstrap tokens {}", opts.bootstrap_tokens.display()))?,
-    );
 
     let mut metrics = Metrics::new();
     let xds_metrics = XdsMetrics::register(&mut metrics.registry);
     let pipeline_metrics = PipelineMetrics::register(&mut metrics.registry);
     let kubernetes_metrics = KubernetesMetrics::register(&mut metrics.registry);
+    let kube_auth_metrics = KubeAuthMetrics::register(&mut metrics.registry);
     let metrics = Arc::new(metrics);
 
     let outputs = Arc::new(Outputs::default());
     // The first build must succeed (or, from Kubernetes, every kind be listed)
     // before anything is served: an empty mesh would look like every workload
     // had left.
-    match opts.source {
+    let auth: Arc<dyn Authenticator> = match opts.source {
         SourceKind::Manifests => {
+            let tokens = opts
+                .bootstrap_tokens
+                .as_ref()
+                .context("--bootstrap-tokens is required with --source manifests")?;
+            let auth = NodeAuthenticator::from_file(tokens)
+                .with_context(|| format!("bootstrap tokens {}", tokens.display()))?;
             let dir = opts
                 .manifests
                 .clone()
@@ -100,12 +122,22 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 pipeline_metrics,
                 opts.poll_interval,
             ));
+            Arc::new(auth)
         }
         SourceKind::Kubernetes => {
             let client = kube::Client::try_default()
                 .await
                 .context("Kubernetes client (kubeconfig or in-cluster config)")?;
             let (synced, is_synced) = tokio::sync::oneshot::channel();
+            let auth = KubernetesAuthenticator::new(
+                client.clone(),
+                KubernetesAuthConfig {
+                    audiences: opts.token_audiences.clone(),
+                    node_proxy_accounts: opts.node_proxy_accounts.clone(),
+                    ..Default::default()
+                },
+            )
+            .with_metrics(kube_auth_metrics);
             tokio::spawn(follow_kubernetes(
                 client,
                 opts.mesh.clone(),
@@ -121,8 +153,9 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             is_synced
                 .await
                 .context("the Kubernetes source stopped before its first sync")?;
+            Arc::new(auth)
         }
-    }
+    };
 
     let serving = ca
         .issue_server(&opts.serving_dns, &opts.serving_ips, SERVING_CERT_TTL)
