@@ -194,6 +194,15 @@ impl PeerAuthentication {
     }
 }
 
+impl AuthzRule {
+    /// Whether the rule reads anything only a waypoint can see.
+    pub fn has_l7(&self) -> bool {
+        !self.when.is_empty()
+            || self.from.iter().any(|f| f.source.has_l7())
+            || self.to.iter().any(|t| t.operation.has_l7())
+    }
+}
+
 impl Source {
     /// Attributes ztunnel cannot see at L4 (they need a waypoint).
     pub fn has_l7(&self) -> bool {

@@ -3,7 +3,7 @@
 use crate::sources::manifests::load_str;
 use crate::sources::ClusterState;
 use crate::translate::{translate, MeshOptions, Translation};
-use mesh_core::config::{parse_mesh_config, MtlsMode, PolicyAction, PolicyScope};
+use mesh_core::config::{parse_mesh_config, MtlsMode, PolicyAction, PolicyScope, WaypointRef};
 
 fn run(yaml: &str) -> Translation {
     let mut state = ClusterState::default();
@@ -290,10 +290,20 @@ fn bundled_demo_manifests_render() {
     let names: Vec<_> = t.config.workloads.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(
         names,
-        ["client", "reviews-v1", "reviews-v2"],
-        "legacy/outsider is not in the mesh"
+        ["client", "reviews-v1", "reviews-v2", "waypoint-0"],
+        "legacy/outsider is not in the mesh; the waypoint's pod is"
     );
     assert_eq!(t.config.services[0].ports[0].target(), 9080);
+    let wp = Some(WaypointRef::new("demo", "waypoint"));
+    assert_eq!(t.config.services[0].waypoint, wp, "reviews");
+    for w in &t.config.workloads[..3] {
+        assert_eq!(w.waypoint, wp, "{}", w.name);
+    }
+    let pod = &t.config.workloads[3];
+    assert!(pod.native_tunnel && pod.waypoint.is_none());
+    assert_eq!(pod.services, ["demo/waypoint"]);
+    assert_eq!(t.config.services[1].name, "waypoint");
+    assert!(t.config.services[1].waypoint.is_none());
     assert_eq!(t.config.peer_authentications[0].mode, MtlsMode::Strict);
     let rendered = serde_yaml::to_string(&t.config).expect("serializes");
     parse_mesh_config(&rendered).expect("ztunnel accepts the rendered demo config");
@@ -447,5 +457,409 @@ spec: {selector: {matchLabels: {app: a}}, mtls: {mode: PERMISSIVE}, portLevelMtl
         pa("per-port"),
         Some(MtlsMode::Strict),
         "port-level STRICT is not lost"
+    );
+}
+
+/// A waypoint as Istio deploys it: the Gateway, one pod labelled with its
+/// name (and dataplane-mode none, as Istio's are) and a Service selecting it.
+fn waypoint(ns: &str, name: &str, ip: &str, vip: &str, gateway_meta: &str) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {{name: {name}, namespace: {ns}{gateway_meta}}}\n\
+         spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n\
+         ---\napiVersion: v1\nkind: Pod\n\
+         metadata: {{name: {name}-0, namespace: {ns}, labels: {{gateway.networking.k8s.io/gateway-name: {name}, istio.io/dataplane-mode: none}}}}\n\
+         spec: {{nodeName: node2, serviceAccountName: {name}, containers: [{{name: waypoint}}]}}\n\
+         status: {{podIP: \"{ip}\"}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec: {{selector: {{gateway.networking.k8s.io/gateway-name: {name}}}, clusterIP: {vip}, ports: [{{port: 15008}}]}}\n"
+    )
+}
+
+fn service(ns: &str, name: &str, vip: &str, labels: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
+         spec: {{selector: {{app: {name}}}, clusterIP: {vip}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
+    )
+}
+
+/// `namespace/name` and its waypoint's `namespace/name` (or `-`).
+type Pairs = Vec<(String, String)>;
+
+/// For services, then workloads.
+fn waypoints_of(t: &Translation) -> (Pairs, Pairs) {
+    let wp = |w: &Option<WaypointRef>| w.as_ref().map_or("-".into(), WaypointRef::key);
+    (
+        t.config
+            .services
+            .iter()
+            .map(|s| (s.key(), wp(&s.waypoint)))
+            .collect(),
+        t.config
+            .workloads
+            .iter()
+            .map(|w| (format!("{}/{}", w.namespace, w.name), wp(&w.waypoint)))
+            .collect(),
+    )
+}
+
+fn pairs(v: &[(&str, &str)]) -> Pairs {
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+const WAYPOINT_NAMESPACES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: infra}
+"#;
+
+#[test]
+fn namespace_label_sends_services_and_workloads_through_the_waypoint() {
+    let yaml = [
+        WAYPOINT_NAMESPACES.to_string(),
+        waypoint("demo", "wp", "198.19.2.90", "198.18.128.90", ""),
+        pod("demo", "api", "198.19.1.10", "app: api"),
+        pod("demo", "web", "198.19.1.11", "app: web"),
+        service("demo", "api", "198.18.128.10", ""),
+        service("demo", "web", "198.18.128.11", ""),
+    ]
+    .concat();
+    let t = run(&yaml);
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    let (services, workloads) = waypoints_of(&t);
+    assert_eq!(
+        services,
+        pairs(&[
+            ("demo/api", "demo/wp"),
+            ("demo/web", "demo/wp"),
+            ("demo/wp", "-"),
+        ]),
+        "the waypoint's own Service has no waypoint"
+    );
+    assert_eq!(
+        workloads,
+        pairs(&[
+            ("demo/api", "demo/wp"),
+            ("demo/web", "demo/wp"),
+            ("demo/wp-0", "-"),
+        ]),
+        "the waypoint's pod is in the mesh despite dataplane-mode none, without a waypoint"
+    );
+    let wp_pod = &t.config.workloads[2];
+    assert!(wp_pod.native_tunnel);
+    assert!(t.config.workloads[..2].iter().all(|w| !w.native_tunnel));
+    assert_eq!(
+        t.config.services[0].waypoint,
+        Some(WaypointRef {
+            namespace: "demo".into(),
+            name: "wp".into(),
+            hostname: None,
+            hbone_port: 15008,
+        })
+    );
+}
+
+#[test]
+fn object_labels_override_the_namespace() {
+    let yaml = [
+        WAYPOINT_NAMESPACES.to_string(),
+        waypoint("demo", "wp", "198.19.2.90", "198.18.128.90", ""),
+        waypoint("demo", "special", "198.19.2.91", "198.18.128.91", ""),
+        waypoint("infra", "shared", "198.19.2.92", "198.18.128.92", ""),
+        pod("demo", "api", "198.19.1.10", "app: api"),
+        pod(
+            "demo",
+            "batch",
+            "198.19.1.11",
+            "app: batch, istio.io/use-waypoint: none",
+        ),
+        pod(
+            "demo",
+            "db",
+            "198.19.1.12",
+            "app: db, istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: infra",
+        ),
+        service(
+            "demo",
+            "api",
+            "198.18.128.10",
+            "istio.io/use-waypoint: special",
+        ),
+        service(
+            "demo",
+            "batch",
+            "198.18.128.11",
+            "istio.io/use-waypoint: none",
+        ),
+        service(
+            "demo",
+            "db",
+            "198.18.128.12",
+            "istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: infra",
+        ),
+    ]
+    .concat();
+    let t = run(&yaml);
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    let (services, workloads) = waypoints_of(&t);
+    assert_eq!(
+        services,
+        pairs(&[
+            ("demo/api", "demo/special"),
+            ("demo/batch", "-"),
+            ("demo/db", "infra/shared"),
+            ("demo/special", "-"),
+            ("demo/wp", "-"),
+            ("infra/shared", "-"),
+        ])
+    );
+    assert_eq!(
+        workloads,
+        pairs(&[
+            ("demo/api", "demo/wp"),
+            ("demo/batch", "-"),
+            ("demo/db", "infra/shared"),
+            ("demo/special-0", "-"),
+            ("demo/wp-0", "-"),
+            ("infra/shared-0", "-"),
+        ]),
+        "a pod's own label beats the namespace's; its service's does not apply to it"
+    );
+}
+
+#[test]
+fn a_missing_or_foreign_waypoint_is_rejected_and_fails_closed() {
+    let yaml = [
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: nope}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: demo}
+spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}
+"#
+        .to_string(),
+        pod("demo", "api", "198.19.1.10", "app: api"),
+        pod("demo", "web", "198.19.1.11", "app: web"),
+        pod(
+            "demo",
+            "edge",
+            "198.19.1.12",
+            "app: edge, istio.io/use-waypoint: ingress",
+        ),
+        service("demo", "api", "198.18.128.10", ""),
+        service(
+            "demo",
+            "bad",
+            "198.18.128.11",
+            "istio.io/use-waypoint: Bad_Name",
+        ),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let (services, workloads) = waypoints_of(&t);
+    assert_eq!(
+        services,
+        pairs(&[("demo/api", "demo/nope"), ("demo/bad", "-")]),
+        "the reference stays, so the data plane refuses rather than skips the waypoint"
+    );
+    assert_eq!(
+        workloads,
+        pairs(&[
+            ("demo/api", "demo/nope"),
+            ("demo/edge", "demo/ingress"),
+            ("demo/web", "demo/nope"),
+        ])
+    );
+    let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
+    let count = |want: &str| reasons.iter().filter(|r| r.contains(want)).count();
+    assert_eq!(
+        count("Namespace demo (translation): istio.io/use-waypoint: Gateway demo/nope does not exist; the reference is kept"),
+        1,
+        "one reason for the whole namespace: {reasons:#?}"
+    );
+    assert_eq!(
+        count("Pod demo/edge (translation): istio.io/use-waypoint: Gateway demo/ingress is of class \"istio\", not a waypoint"),
+        1,
+        "{reasons:#?}"
+    );
+    assert_eq!(
+        count("Service demo/bad (translation): istio.io/use-waypoint: \"demo/Bad_Name\" is not a Gateway name"),
+        1,
+        "{reasons:#?}"
+    );
+    assert_eq!(reasons.len(), 3, "{reasons:#?}");
+}
+
+#[test]
+fn auto_waypoint_takes_only_services_with_l7_config() {
+    let yaml = [
+        WAYPOINT_NAMESPACES.to_string(),
+        waypoint(
+            "demo",
+            "wp",
+            "198.19.2.90",
+            "198.18.128.90",
+            ", annotations: {ambit.dev/waypoint-mode: auto}",
+        ),
+        pod("demo", "routed", "198.19.1.10", "app: routed"),
+        pod("demo", "guarded", "198.19.1.11", "app: guarded"),
+        pod("demo", "targeted", "198.19.1.12", "app: targeted"),
+        pod("demo", "plain", "198.19.1.13", "app: plain"),
+        pod("demo", "l4only", "198.19.1.14", "app: l4only"),
+        service("demo", "routed", "198.18.128.10", ""),
+        service("demo", "guarded", "198.18.128.11", ""),
+        service("demo", "targeted", "198.18.128.12", ""),
+        service("demo", "plain", "198.18.128.13", ""),
+        service("demo", "l4only", "198.18.128.14", ""),
+        r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: routed, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: routed, port: 80}]
+  rules: [{backendRefs: [{name: routed, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: via-gateway-kind, namespace: demo}
+spec:
+  parentRefs: [{name: some-ingress}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: demo}
+spec:
+  selector: {matchLabels: {app: guarded}}
+  action: ALLOW
+  rules: [{to: [{operation: {methods: ["GET"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: targeted, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: targeted}]
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: ["demo"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ports, namespace: demo}
+spec:
+  selector: {matchLabels: {app: l4only}}
+  action: ALLOW
+  rules: [{to: [{operation: {ports: ["8080"]}}]}]
+"#
+        .to_string(),
+    ]
+    .concat();
+    let t = run(&yaml);
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    let (services, workloads) = waypoints_of(&t);
+    assert_eq!(
+        services,
+        pairs(&[
+            ("demo/guarded", "demo/wp"),
+            ("demo/l4only", "-"),
+            ("demo/plain", "-"),
+            ("demo/routed", "demo/wp"),
+            ("demo/targeted", "demo/wp"),
+            ("demo/wp", "-"),
+        ])
+    );
+    assert!(
+        workloads.iter().all(|(_, wp)| wp == "-"),
+        "an auto waypoint takes no workload traffic: {workloads:?}"
+    );
+
+    // A policy bound to the waypoint itself needs every service through it.
+    let gateway_policy = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-waypoint, namespace: demo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#;
+    let t = run(&format!("{yaml}{gateway_policy}"));
+    let (services, _) = waypoints_of(&t);
+    assert!(
+        services
+            .iter()
+            .all(|(s, wp)| wp == "demo/wp" || s == "demo/wp"),
+        "{services:?}"
+    );
+}
+
+#[test]
+fn waypoint_for_narrows_what_a_waypoint_takes() {
+    let yaml = [
+        WAYPOINT_NAMESPACES.to_string(),
+        waypoint(
+            "demo",
+            "wp",
+            "198.19.2.90",
+            "198.18.128.90",
+            ", labels: {istio.io/waypoint-for: service}",
+        ),
+        pod("demo", "api", "198.19.1.10", "app: api"),
+        service("demo", "api", "198.18.128.10", ""),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let (services, workloads) = waypoints_of(&t);
+    assert_eq!(services[0], ("demo/api".into(), "demo/wp".into()));
+    assert_eq!(workloads[0], ("demo/api".into(), "-".into()));
+}
+
+#[test]
+fn unusable_gateway_objects_are_rejected() {
+    let yaml = [
+        WAYPOINT_NAMESPACES.to_string(),
+        pod("demo", "api", "198.19.1.10", "app: api"),
+        r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: old, namespace: demo}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: broken, namespace: demo}
+spec: {parentRefs: "api"}
+"#
+        .to_string(),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
+    for want in [
+        "Gateway demo/old (test.yaml, document 5): apiVersion \"networking.istio.io/v1\"",
+        "HTTPRoute demo/broken (test.yaml, document 6): ",
+        // The Gateway is a waypoint, but nothing serves it.
+        "Gateway demo/wp (translation): waypoint has no Service demo/wp in the mesh",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.starts_with(want)),
+            "missing {want:?} in {reasons:#?}"
+        );
+    }
+    assert_eq!(
+        t.config.workloads[0].waypoint,
+        Some(WaypointRef::new("demo", "wp")),
+        "kept: the data plane refuses what needs an unreachable waypoint"
     );
 }

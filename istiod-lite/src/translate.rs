@@ -1,6 +1,9 @@
 //! Cluster objects → the mesh model proxies consume: which pods are in the
 //! mesh (Istio's labels), their identities and addresses, services with their
-//! endpoints, and the L4 part of authorization and peer authentication.
+//! endpoints, the L4 part of authorization and peer authentication, and
+//! which waypoint each service and workload uses ([`waypoints`]).
+
+pub mod waypoints;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -54,12 +57,15 @@ pub fn translate(state: &ClusterState, options: &MeshOptions) -> Translation {
         state,
         root_namespace,
         allow_loopback_pods: options.allow_loopback_pods,
+        waypoints: BTreeMap::new(),
         rejected: Vec::new(),
         notes: Vec::new(),
     };
+    t.waypoints = t.waypoint_gateways();
     let mut workloads = t.workloads();
-    let services = t.services(&mut workloads);
+    let mut services = t.services(&mut workloads);
     let policies = t.policies(&mut workloads);
+    t.assign_waypoints(&mut workloads, &mut services);
     let peer_authentications = t.peer_authentications(&workloads);
     let config = MeshConfig {
         trust_domain: trust_domain.to_string(),
@@ -80,6 +86,8 @@ struct Translator<'a> {
     state: &'a ClusterState,
     root_namespace: &'a str,
     allow_loopback_pods: bool,
+    /// Gateways of class istio-waypoint, by `namespace/name`.
+    waypoints: BTreeMap<String, waypoints::WaypointKind>,
     rejected: Vec<Rejected>,
     notes: Vec<String>,
 }
@@ -141,7 +149,11 @@ impl Translator<'_> {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into());
-            if !self.enrolled(pod, &ns) {
+            // A waypoint's pods are in the mesh whatever their labels say
+            // (Istio's own waypoint pods carry dataplane-mode none): they
+            // speak HBONE themselves, so nothing captures them.
+            let waypoint_pod = self.is_waypoint_pod(pod, &ns);
+            if !waypoint_pod && !self.enrolled(pod, &ns) {
                 continue;
             }
             // Finished or host-network pods are not workloads of the mesh: a
@@ -210,7 +222,7 @@ impl Translator<'_> {
                 excluded_outbound_ports: Vec::new(),
                 excluded_inbound_ports: Vec::new(),
                 waypoint: None,
-                native_tunnel: false,
+                native_tunnel: waypoint_pod,
             };
             let mut workload = workload;
             match ExcludedPorts::from_annotations(
@@ -453,9 +465,7 @@ impl Translator<'_> {
         };
         let mut rules = Vec::new();
         for (i, r) in ap.spec.rules.iter().flatten().enumerate() {
-            let l7 = !r.when.is_empty()
-                || r.from.iter().any(|f| f.source.has_l7())
-                || r.to.iter().any(|t| t.operation.has_l7());
+            let l7 = r.has_l7();
             if l7 && action == PolicyAction::Allow {
                 // ztunnel cannot see these attributes: the rule can never be
                 // proven to match, so it allows nothing (fail safe).

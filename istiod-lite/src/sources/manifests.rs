@@ -1,24 +1,19 @@
 //! The manifests-directory source: multi-document YAML files holding the same
 //! objects a cluster would (Namespace, Pod, Service, ServiceAccount,
-//! AuthorizationPolicy, PeerAuthentication; Gateway API kinds are accepted and
-//! left to the waypoint work). Pods carry their IP and node explicitly.
+//! AuthorizationPolicy, PeerAuthentication, Gateway API Gateway and
+//! HTTPRoute). Pods carry their IP and node explicitly.
 
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use serde::Deserialize;
 
+use super::gateway_api::{Gateway, HttpRoute};
 use super::{ClusterState, Rejected};
 use crate::istio_types::{AuthorizationPolicy, PeerAuthentication};
 
 /// Kinds that are valid in a manifests directory but not used yet.
-const ACCEPTED_UNUSED: &[&str] = &[
-    "ServiceAccount",
-    "Gateway",
-    "HTTPRoute",
-    "EndpointSlice",
-    "Deployment",
-];
+const ACCEPTED_UNUSED: &[&str] = &["ServiceAccount", "EndpointSlice", "Deployment"];
 
 /// Reads every `*.yaml` / `*.yml` file under `dir` (sorted, not recursive).
 pub fn load_dir(dir: &Path) -> std::io::Result<(ClusterState, Vec<Rejected>)> {
@@ -122,6 +117,20 @@ fn add(at: &str, value: serde_yaml::Value, state: &mut ClusterState) -> Result<(
             p.metadata.name = Some(name);
             p.metadata.namespace = Some(ns);
             state.peer_authentications.insert(key, p);
+        }
+        // A Gateway that does not parse is left out: what uses it then finds
+        // its waypoint missing, and that fails closed in translation.
+        "Gateway" => {
+            check_api(&value, "gateway.networking.k8s.io/").map_err(reject)?;
+            let mut g: Gateway = serde_yaml::from_value(value).map_err(parse_err)?;
+            g.metadata.namespace = Some(ns);
+            state.gateways.insert(key, g);
+        }
+        "HTTPRoute" => {
+            check_api(&value, "gateway.networking.k8s.io/").map_err(reject)?;
+            let mut r: HttpRoute = serde_yaml::from_value(value).map_err(parse_err)?;
+            r.metadata.namespace = Some(ns);
+            state.http_routes.insert(key, r);
         }
         k if ACCEPTED_UNUSED.contains(&k) => {}
         "" => return Err(reject("no kind".into())),

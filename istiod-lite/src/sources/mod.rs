@@ -4,6 +4,7 @@
 
 #[cfg(test)]
 pub mod fake_apiserver;
+pub mod gateway_api;
 pub mod kubernetes;
 pub mod manifests;
 
@@ -12,6 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 
 use crate::istio_types::{AuthorizationPolicy, PeerAuthentication};
+use gateway_api::{Gateway, HttpRoute};
 
 /// Every object a source knows about, keyed by `namespace/name` (`name` for
 /// namespaces), in a deterministic order.
@@ -22,6 +24,8 @@ pub struct ClusterState {
     pub services: BTreeMap<String, Service>,
     pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    pub gateways: BTreeMap<String, Gateway>,
+    pub http_routes: BTreeMap<String, HttpRoute>,
 }
 
 /// An object that was not accepted, and why. The rest of the state still flows.
