@@ -10,6 +10,7 @@ pub mod ca_client;
 pub mod capture;
 pub mod certs;
 pub mod drain;
+pub mod log_writer;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -17,9 +17,11 @@ fn main() {
         }
     };
     let (filter, handle) = reload::Layer::new(filter);
+    // Batched: see log_writer for why and what it costs.
+    let (writer, log_guard) = ztunnel::log_writer::BatchedStderr::start();
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+        .with(fmt::layer().with_writer(writer).with_ansi(false))
         .init();
     let log: ztunnel::admin::LogControl = Arc::new(move |level: Option<&str>| {
         if let Some(level) = level {
@@ -30,8 +32,13 @@ fn main() {
             .with_current(|f| f.to_string())
             .map_err(|e| e.to_string())
     });
-    if let Err(e) = ztunnel::run(settings, log) {
+    let outcome = ztunnel::run(settings, log);
+    if let Err(e) = &outcome {
         tracing::error!("ztunnel failed: {e:#}");
+    }
+    // Flushes the queued log lines; `exit` below would skip it.
+    drop(log_guard);
+    if let Err(e) = outcome {
         eprintln!("ztunnel: {e:#}");
         std::process::exit(1);
     }

@@ -3,11 +3,12 @@
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use mesh_core::config::{ServiceInfo, WorkloadInfo};
 use mesh_core::Identity;
+use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::state::ProxyState;
@@ -41,6 +42,17 @@ pub struct ConnectionRecord {
     pub via: Option<SocketAddr>,
     pub security: SecurityPolicy,
     pub start: Instant,
+    /// Counters of the labels at open time, resolved once: a connection that
+    /// ends cleanly counts its close without building and hashing its
+    /// eleven labels again.
+    counters: OnceLock<OpenCounters>,
+}
+
+#[derive(Clone)]
+struct OpenCounters {
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
 }
 
 impl ConnectionRecord {
@@ -57,6 +69,7 @@ impl ConnectionRecord {
             via: None,
             security: SecurityPolicy::unknown,
             start: Instant::now(),
+            counters: OnceLock::new(),
         }
     }
 
@@ -101,12 +114,15 @@ impl ConnectionRecord {
 
     /// Counts the connection as opened. Call once the proxy has decided to serve it.
     pub fn opened(&self, state: &ProxyState) {
-        state
-            .metrics
-            .opened
-            .get_or_create(&self.labels(flags::NONE))
-            .inc();
-        state.metrics.active_connections.inc();
+        let m = &state.metrics;
+        let labels = self.labels(flags::NONE);
+        m.opened.get_or_create(&labels).inc();
+        let _ = self.counters.set(OpenCounters {
+            closed: m.closed.get_or_create(&labels).clone(),
+            received: m.received_bytes.get_or_create(&labels).clone(),
+            sent: m.sent_bytes.get_or_create(&labels).clone(),
+        });
+        m.active_connections.inc();
     }
 
     /// Records the end of an opened connection: metrics and the access-log line.
@@ -120,10 +136,19 @@ impl ConnectionRecord {
     ) {
         let m = &state.metrics;
         m.active_connections.dec();
-        let labels = self.labels(response_flags);
-        m.closed.get_or_create(&labels).inc();
-        m.received_bytes.get_or_create(&labels).inc_by(to_dst);
-        m.sent_bytes.get_or_create(&labels).inc_by(to_src);
+        match self.counters.get() {
+            Some(c) if response_flags == flags::NONE => {
+                c.closed.inc();
+                c.received.inc_by(to_dst);
+                c.sent.inc_by(to_src);
+            }
+            _ => {
+                let labels = self.labels(response_flags);
+                m.closed.get_or_create(&labels).inc();
+                m.received_bytes.get_or_create(&labels).inc_by(to_dst);
+                m.sent_bytes.get_or_create(&labels).inc_by(to_src);
+            }
+        }
         self.log(to_dst, to_src, response_flags, error);
     }
 
@@ -187,11 +212,20 @@ impl ConnectionRecord {
     }
 }
 
-fn dash<T: Display>(v: &Option<T>) -> tracing::field::DisplayValue<String> {
-    tracing::field::display(
-        v.as_ref()
-            .map_or_else(|| "-".to_string(), |v| v.to_string()),
-    )
+/// `-` for none, as access logs show absent fields; formats in place.
+struct Dash<'a, T>(&'a Option<T>);
+
+impl<T: Display> Display for Dash<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+fn dash<T: Display>(v: &Option<T>) -> tracing::field::DisplayValue<Dash<'_, T>> {
+    tracing::field::display(Dash(v))
 }
 
 /// Counts a connection against its destination endpoint for least-connections balancing.
