@@ -73,6 +73,18 @@ const RESOURCES: &[Resource] = &[
         path: "/apis/security.istio.io/v1/peerauthentications",
         namespaced: true,
     },
+    Resource {
+        kind: "Gateway",
+        api_version: "gateway.networking.k8s.io/v1",
+        path: "/apis/gateway.networking.k8s.io/v1/gateways",
+        namespaced: true,
+    },
+    Resource {
+        kind: "HTTPRoute",
+        api_version: "gateway.networking.k8s.io/v1",
+        path: "/apis/gateway.networking.k8s.io/v1/httproutes",
+        namespaced: true,
+    },
 ];
 
 fn resource_of_kind(kind: &str) -> Option<Resource> {
@@ -96,6 +108,8 @@ struct Inner {
     history: Vec<Change>,
     next_uid: u64,
     requests: HashMap<String, u64>,
+    /// Kinds whose CRD is "not installed": their paths answer 404.
+    uninstalled: Vec<&'static str>,
     /// What TokenReview says about each token ([`FakeApiServer::add_token`]).
     tokens: HashMap<String, FakeToken>,
 }
@@ -306,6 +320,11 @@ impl FakeApiServer {
         self.shared.paused.send_replace(false);
     }
 
+    /// Answers 404 for `kind` from now on, as a cluster without its CRD.
+    pub fn uninstall(&self, kind: &'static str) {
+        self.lock().uninstalled.push(kind);
+    }
+
     /// Ends every open watch stream, as an API server restart or a load
     /// balancer would.
     pub fn close_watches(&self) {
@@ -340,7 +359,17 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         );
     }
     let path = req.uri().path();
-    let Some(resource) = RESOURCES.iter().copied().find(|r| r.path == path) else {
+    let uninstalled = shared
+        .inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .uninstalled
+        .clone();
+    let Some(resource) = RESOURCES
+        .iter()
+        .copied()
+        .find(|r| r.path == path && !uninstalled.contains(&r.kind))
+    else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",

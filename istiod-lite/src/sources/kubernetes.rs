@@ -40,6 +40,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::gateway_api::{Gateway, HttpRoute};
 use super::{ClusterState, Rejected};
 use crate::istio_types::{AuthorizationPolicy, PeerAuthentication};
 use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
@@ -109,9 +110,11 @@ enum Kind {
     Service,
     AuthorizationPolicy,
     PeerAuthentication,
+    Gateway,
+    HttpRoute,
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 7;
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -121,7 +124,19 @@ impl Kind {
             Kind::Service => "Service",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::Gateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
         }
+    }
+
+    /// Kinds whose CRDs a cluster may simply not have: a 404 on their list
+    /// means "none" (the watch keeps retrying, so installing them later
+    /// works). Without the CRD no such object can exist, so "none" is exact.
+    fn optional(self) -> bool {
+        matches!(
+            self,
+            Kind::Gateway | Kind::HttpRoute | Kind::AuthorizationPolicy | Kind::PeerAuthentication
+        )
     }
 
     fn index(self) -> usize {
@@ -136,6 +151,24 @@ fn istio_resource(kind: &str, plural: &str) -> ApiResource {
         api_version: "security.istio.io/v1".into(),
         kind: kind.into(),
         plural: plural.into(),
+    }
+}
+
+fn gateway_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "gateway.networking.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "gateway.networking.k8s.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(r))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(r)) => r.code == 404,
+        _ => false,
     }
 }
 
@@ -203,6 +236,8 @@ struct Stores {
     services: Store<Service>,
     authorization_policies: Store<DynamicObject>,
     peer_authentications: Store<DynamicObject>,
+    gateways: Store<DynamicObject>,
+    http_routes: Store<DynamicObject>,
 }
 
 fn key<K: Resource>(o: &K) -> String {
@@ -263,6 +298,39 @@ impl Stores {
                 Err(r) => rejected.push(r),
             }
         }
+        // As in the manifests source, a Gateway API object that does not
+        // parse is left out (a waypoint it would be then counts as missing,
+        // which fails closed) and reported.
+        for o in self.gateways.state() {
+            match as_yaml(&o, Kind::Gateway).and_then(|v| {
+                serde_yaml::from_value::<Gateway>(v).map_err(|e| Rejected {
+                    origin: "kubernetes".into(),
+                    object: format!("Gateway {}", key(&*o)),
+                    reason: e.to_string(),
+                })
+            }) {
+                Ok(mut g) => {
+                    g.metadata.namespace = o.metadata.namespace.clone();
+                    state.gateways.insert(key(&*o), g);
+                }
+                Err(r) => rejected.push(r),
+            }
+        }
+        for o in self.http_routes.state() {
+            match as_yaml(&o, Kind::HttpRoute).and_then(|v| {
+                serde_yaml::from_value::<HttpRoute>(v).map_err(|e| Rejected {
+                    origin: "kubernetes".into(),
+                    object: format!("HTTPRoute {}", key(&*o)),
+                    reason: e.to_string(),
+                })
+            }) {
+                Ok(mut r) => {
+                    r.metadata.namespace = o.metadata.namespace.clone();
+                    state.http_routes.insert(key(&*o), r);
+                }
+                Err(r) => rejected.push(r),
+            }
+        }
         (state, rejected)
     }
 }
@@ -296,12 +364,26 @@ pub async fn follow_kubernetes(
         &wc,
         Kind::PeerAuthentication,
     );
+    let (gateways, gw_stream) = watch_dynamic(
+        &client,
+        &gateway_resource("Gateway", "gateways"),
+        &wc,
+        Kind::Gateway,
+    );
+    let (http_routes, hr_stream) = watch_dynamic(
+        &client,
+        &gateway_resource("HTTPRoute", "httproutes"),
+        &wc,
+        Kind::HttpRoute,
+    );
     let stores = Stores {
         namespaces,
         pods,
         services,
         authorization_policies,
         peer_authentications,
+        gateways,
+        http_routes,
     };
     let mut events = futures::stream::select_all([
         watch(Api::all(client.clone()), ns_writer, &wc, Kind::Namespace),
@@ -309,6 +391,8 @@ pub async fn follow_kubernetes(
         watch(Api::all(client), svc_writer, &wc, Kind::Service),
         ap_stream,
         pa_stream,
+        gw_stream,
+        hr_stream,
     ]);
 
     let mut listed = [false; KINDS];
@@ -328,6 +412,15 @@ pub async fn follow_kubernetes(
                     dirty = Some(dirty.map_or((now, now), |(first, _)| (first, now)));
                 }
                 Some(Signal::Error { kind, error }) => {
+                    if kind.optional() && is_not_found(&error) {
+                        if !listed[kind.index()] {
+                            tracing::warn!(kind = kind.name(), "CRD not installed: treated as none until it is");
+                            listed[kind.index()] = true;
+                            let now = Instant::now();
+                            dirty = Some(dirty.map_or((now, now), |(first, _)| (first, now)));
+                        }
+                        continue;
+                    }
                     config.metrics.watch_error(kind);
                     tracing::warn!(kind = kind.name(), "watch error (retrying with backoff): {error}");
                 }

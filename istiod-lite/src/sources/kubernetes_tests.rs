@@ -378,7 +378,35 @@ async fn a_burst_of_changes_is_published_in_few_snapshots() {
 const TABLE: &str = r#"
 apiVersion: v1
 kind: Namespace
-metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-0, namespace: demo, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {nodeName: node2, serviceAccountName: waypoint, containers: [{name: proxy}]}
+status: {podIP: "198.19.2.30"}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: demo}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
+  ports: [{name: mesh, port: 15008}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules: [{backendRefs: [{name: reviews, port: 9080}]}]
 ---
 apiVersion: v1
 kind: Namespace
@@ -525,10 +553,51 @@ async fn manifests_and_the_api_server_agree_on_one_table() {
         .collect();
     assert_eq!(
         workloads,
-        ["demo/reviews-v1", "demo/reviews-v2", "legacy/opted-in"]
+        [
+            "demo/reviews-v1",
+            "demo/reviews-v2",
+            "demo/waypoint-0",
+            "legacy/opted-in"
+        ]
     );
-    assert_eq!(m.services.len(), 1);
+    assert_eq!(m.services.len(), 2);
+    // Gateway API objects flow from the API server too: the namespace's
+    // waypoint is assigned to its service and workloads.
+    let reviews = m.services.iter().find(|s| s.name == "reviews").unwrap();
+    assert_eq!(
+        reviews.waypoint.as_ref().map(|w| w.name.as_str()),
+        Some("waypoint")
+    );
     assert!(served.len() > 4, "{served:?}");
     assert_eq!(rejected.len(), 1, "{rejected:?}");
     assert_eq!(rejected[0].0, "AuthorizationPolicy demo/malformed");
+}
+
+#[tokio::test]
+async fn a_cluster_without_istio_or_gateway_api_crds_is_still_followed() {
+    let fake = FakeApiServer::start().await;
+    for kind in [
+        "Gateway",
+        "HTTPRoute",
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+    ] {
+        fake.uninstall(kind);
+    }
+    fake.apply_yaml(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: demo}
+spec: {nodeName: node1, containers: [{name: app}]}
+status: {podIP: "198.19.1.10"}
+"#,
+    );
+    // Harness::follow waits for the first publish: it must come although
+    // four kinds can never be listed.
+    let h = Harness::follow(fake, None).await;
+    assert_eq!(h.outputs.mesh.borrow().workloads.len(), 1);
 }
