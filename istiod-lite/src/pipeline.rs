@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::sources::{manifests, ClusterState, Rejected};
 use crate::translate::translate;
 pub use crate::translate::MeshOptions;
+use crate::xds::visibility::Visibility;
 use crate::xds::Snapshot;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,7 +123,8 @@ pub fn publish(
     outputs.rejected.send_replace(Arc::new(rejected));
     let encoded = mesh_core::xds::encode(&config);
     let current = outputs.snapshots.borrow().clone();
-    match current.next(encoded) {
+    let visible = |s: Snapshot| s.with_visibility(Visibility::of(&config));
+    match current.next(encoded).map(visible) {
         Some(next) => {
             let changed: usize = next.changed.values().map(Vec::len).sum();
             tracing::info!(

@@ -4,6 +4,7 @@
 pub mod metrics;
 pub mod server;
 pub mod snapshot;
+pub mod visibility;
 
 pub use metrics::XdsMetrics;
 pub use server::XdsServer;

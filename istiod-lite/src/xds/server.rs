@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use mesh_core::proto::ADDRESS_TYPE;
+use mesh_core::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
 use super::metrics::XdsMetrics;
 use super::snapshot::{Entry, Snapshot, TYPES};
@@ -302,14 +302,18 @@ impl Stream {
             self.in_flight = None;
             permit = self.full_pushes.clone().acquire_owned().await.ok();
         }
+        let node = self.node.clone();
         let Some(sub) = self.subscriptions.get_mut(type_url) else {
             return Ok(());
         };
         let mut diff = Diff::default();
         if sub.wildcard {
+            let filtered = type_url == AUTHORIZATION_TYPE;
             match &sub.held {
-                Some(held) => diff.between(held, snapshot, type_url),
-                None => diff.against_versions(&sub.sent, current, |_| true),
+                Some(held) => diff.between(held, snapshot, type_url, node.as_deref()),
+                None => diff.against_versions(&sub.sent, current, |n| {
+                    !filtered || snapshot.visibility.visible(node.as_deref(), n)
+                }),
             }
             for name in std::mem::take(&mut sub.resend) {
                 if !diff.resources.iter().any(|r| r.name == name) {
@@ -325,7 +329,10 @@ impl Stream {
         } else {
             sub.resend.clear();
             let names = &sub.names;
-            diff.against_versions(&sub.sent, current, |n| names.contains(n));
+            let filtered = type_url == AUTHORIZATION_TYPE;
+            diff.against_versions(&sub.sent, current, |n| {
+                names.contains(n) && (!filtered || snapshot.visibility.visible(node.as_deref(), n))
+            });
             for r in &diff.resources {
                 sub.sent.insert(r.name.clone(), r.version.clone());
             }
@@ -423,36 +430,53 @@ impl Diff {
         });
     }
 
-    /// From a snapshot the client holds to `new`: when `new` directly follows
-    /// it, only the names `new` records as changed are looked at.
-    fn between(&mut self, old: &Snapshot, new: &Snapshot, type_url: &str) {
+    /// From a snapshot the client holds to `new`, as seen by `node`: when
+    /// `new` directly follows it, only the names `new` records as changed,
+    /// and those whose visibility to `node` shifted, are looked at.
+    fn between(&mut self, old: &Snapshot, new: &Snapshot, type_url: &str, node: Option<&str>) {
         if old.version == new.version {
             return;
         }
         let empty = Default::default();
         let before = old.resources.get(type_url).unwrap_or(&empty);
         let after = new.resources.get(type_url).unwrap_or(&empty);
-        let held = |name: &str, e: &Entry| before.get(name).is_some_and(|o| o.version == e.version);
+        let filtered = type_url == AUTHORIZATION_TYPE;
+        // What the client holds of `name`, and what it should hold.
+        let held = |name: &str| {
+            before
+                .get(name)
+                .filter(|_| !filtered || old.visibility.visible(node, name))
+        };
+        let wanted = |name: &str| {
+            after
+                .get(name)
+                .filter(|_| !filtered || new.visibility.visible(node, name))
+        };
+        let look = |diff: &mut Diff, name: &String| match (held(name), wanted(name)) {
+            (Some(o), Some(e)) if o.version == e.version => {}
+            (_, Some(e)) => diff.send(name, e),
+            (Some(_), None) => diff.removed.push(name.clone()),
+            (None, None) => {}
+        };
         match new.changed.get(type_url) {
             Some(changed) if old.version + 1 == new.version => {
-                for name in changed {
-                    match after.get(name) {
-                        Some(e) if !held(name, e) => self.send(name, e),
-                        Some(_) => {}
-                        None if before.contains_key(name) => self.removed.push(name.clone()),
-                        None => {}
-                    }
+                let mut names: Vec<String> = changed.clone();
+                if filtered {
+                    names.extend(new.visibility.shifted(&old.visibility, node));
+                    names.sort();
+                    names.dedup();
+                }
+                for name in &names {
+                    look(self, name);
                 }
             }
             _ => {
-                for (name, e) in after {
-                    let same = before.get(name).is_some_and(|o| Arc::ptr_eq(o, e));
-                    if !same && !held(name, e) {
-                        self.send(name, e);
-                    }
+                for name in after
+                    .keys()
+                    .chain(before.keys().filter(|n| !after.contains_key(*n)))
+                {
+                    look(self, name);
                 }
-                self.removed
-                    .extend(before.keys().filter(|n| !after.contains_key(*n)).cloned());
             }
         }
     }

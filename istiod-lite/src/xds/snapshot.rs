@@ -12,6 +12,8 @@ use mesh_core::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use mesh_core::xds::{EncodedConfig, NamedResource};
 use prost_types::Any;
 
+use super::visibility::Visibility;
+
 /// The types served, in push order: policies before the addresses that name
 /// them, so a client never sees a workload whose policy it lacks.
 pub const TYPES: [&str; 2] = [AUTHORIZATION_TYPE, ADDRESS_TYPE];
@@ -29,6 +31,8 @@ pub struct Snapshot {
     pub resources: HashMap<&'static str, BTreeMap<String, Arc<Entry>>>,
     /// Names added, updated or removed since `version - 1`, per type.
     pub changed: HashMap<&'static str, Vec<String>>,
+    /// Which node is sent which authorization resource.
+    pub visibility: Arc<Visibility>,
 }
 
 fn content_version(any: &Any) -> String {
@@ -76,7 +80,13 @@ impl Snapshot {
             version: self.version + 1,
             resources,
             changed,
+            visibility: Arc::default(),
         })
+    }
+
+    pub fn with_visibility(mut self, visibility: Visibility) -> Self {
+        self.visibility = Arc::new(visibility);
+        self
     }
 }
 

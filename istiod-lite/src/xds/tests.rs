@@ -36,7 +36,8 @@ fn publish(tx: &watch::Sender<Arc<Snapshot>>, yaml: &str) {
     let config = parse_mesh_config(yaml).unwrap();
     let next = tx.borrow().next(mesh_core::xds::encode(&config));
     if let Some(next) = next {
-        tx.send_replace(Arc::new(next));
+        let visibility = super::visibility::Visibility::of(&config);
+        tx.send_replace(Arc::new(next.with_visibility(visibility)));
     }
 }
 
@@ -125,10 +126,24 @@ impl RawClient {
     }
 }
 
+/// Subscribes as node n2, where workload b (and its policy) lives.
 fn subscribe(type_url: &str) -> DeltaDiscoveryRequest {
+    subscribe_as("n2", type_url)
+}
+
+fn subscribe_as(node: &str, type_url: &str) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         node: Some(Node {
-            id: "test~n1".into(),
+            id: format!("test~{node}"),
+            metadata: Some(prost_types::Struct {
+                fields: [(
+                    "NODE_NAME".to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(node.into())),
+                    },
+                )]
+                .into(),
+            }),
             ..Default::default()
         }),
         type_url: type_url.into(),
@@ -383,4 +398,27 @@ async fn large_address_pushes_go_out_in_parts_and_add_up() {
     }
     assert_eq!(parts, 3, "2,502 addresses in parts of at most 1,000");
     c.nothing_for(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_node_is_sent_only_the_policies_that_can_apply_to_its_workloads() {
+    let h = start(&mesh("")).await;
+    let mut c = RawClient::connect(h.addr, vec![subscribe_as("n1", AUTHORIZATION_TYPE)]).await;
+    // demo/p selects b, on n2: n1 gets an (empty) first answer.
+    let first = c.recv().await;
+    assert!(first.resources.is_empty(), "{:?}", names(&first));
+    c.ack(&first).await;
+
+    // a (on n1) now names demo/p: the unchanged policy becomes n1's business.
+    let with_a = "workloads:\n- {name: a, namespace: demo, node: n1, addresses: [198.19.1.2], authorizationPolicies: [demo/p]}\n- {name: b, namespace: demo, node: n2, addresses: [198.19.2.2], authorizationPolicies: [demo/p]}\npolicies:\n- {name: p, namespace: demo, scope: WorkloadSelector, action: Allow, rules: [{}]}\n";
+    publish(&h.snapshots, with_a);
+    let gained = c.recv().await;
+    assert_eq!(names(&gained), vec!["demo/p"]);
+    c.ack(&gained).await;
+
+    // And no longer: it is withdrawn from n1.
+    publish(&h.snapshots, &mesh(""));
+    let lost = c.recv().await;
+    assert!(lost.resources.is_empty());
+    assert_eq!(lost.removed_resources, vec!["demo/p"]);
 }
