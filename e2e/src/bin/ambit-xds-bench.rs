@@ -68,7 +68,8 @@ fn manifests(a: &Args) -> String {
     for p in 0..a.pods {
         let ns = p % NAMESPACES;
         let svc = (p / NAMESPACES) % per_ns_services;
-        let node = p % a.nodes;
+        // Ten namespaces per node, each namespace on many nodes.
+        let node = (p / 10) % a.nodes;
         let ip = pod_ip(p, 0);
         let _ = writeln!(
             y,
@@ -112,6 +113,46 @@ fn pod_ip(p: usize, generation: usize) -> String {
     }
 }
 
+/// Counts what each client has received until all hold a full state: every
+/// address (sent in parts) and their node's authorization policies (one
+/// response; nodes are sent only the policies that can apply to them).
+struct SyncTracker {
+    addresses: Vec<usize>,
+    authz: Vec<Option<usize>>,
+    n_addr: usize,
+}
+
+impl SyncTracker {
+    fn new(clients: usize, n_addr: usize) -> Self {
+        SyncTracker {
+            addresses: vec![0; clients],
+            authz: vec![None; clients],
+            n_addr,
+        }
+    }
+
+    /// Records `r`; true when its client has just become fully synced.
+    fn record(&mut self, r: &Received) -> bool {
+        let was = self.synced(r.client);
+        let n = r.response.resources.len();
+        if r.response.type_url == ADDRESS_TYPE {
+            self.addresses[r.client] += n;
+        } else {
+            *self.authz[r.client].get_or_insert(0) += n;
+        }
+        !was && self.synced(r.client)
+    }
+
+    fn synced(&self, c: usize) -> bool {
+        self.addresses[c] >= self.n_addr && self.authz[c].is_some()
+    }
+
+    fn mean_authz(&self) -> f64 {
+        let v: Vec<usize> = self.authz.iter().flatten().copied().collect();
+        v.iter().sum::<usize>() as f64 / v.len().max(1) as f64
+    }
+}
+
 struct Received {
     client: usize,
     at: Instant,
@@ -123,6 +164,7 @@ struct Received {
 /// nothing, so it costs little memory).
 async fn client(
     id: usize,
+    node: String,
     addr: SocketAddr,
     report: mpsc::UnboundedSender<Received>,
 ) -> anyhow::Result<()> {
@@ -132,7 +174,16 @@ async fn client(
     for (i, t) in [AUTHORIZATION_TYPE, ADDRESS_TYPE].into_iter().enumerate() {
         tx.send(DeltaDiscoveryRequest {
             node: (i == 0).then(|| Node {
-                id: format!("bench~node-{id}"),
+                id: format!("bench~{id}"),
+                metadata: Some(prost_types::Struct {
+                    fields: [(
+                        "NODE_NAME".to_string(),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::StringValue(node.clone())),
+                        },
+                    )]
+                    .into(),
+                }),
                 ..Default::default()
             }),
             type_url: t.into(),
@@ -252,16 +303,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (report, mut reports) = mpsc::unbounded_channel();
     // First full push to one client.
     let t = Instant::now();
-    tokio::spawn(client(0, addr, report.clone()));
-    let full = n_addr + n_authz;
+    tokio::spawn(client(0, "node-0".into(), addr, report.clone()));
+    let mut tracker = SyncTracker::new(args.clients, n_addr);
     let mut first_bytes = 0;
-    let mut seen = 0;
     let mut responses = 0;
-    while seen < full {
+    loop {
         let r = next(&mut reports).await?;
         first_bytes += r.bytes;
-        seen += r.response.resources.len();
         responses += 1;
+        if tracker.record(&r) {
+            break;
+        }
     }
     let first = t.elapsed();
     println!(
@@ -274,12 +326,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The other clients, all fully synced before the change.
     let t = Instant::now();
     for id in 1..args.clients {
-        tokio::spawn(client(id, addr, report.clone()));
+        tokio::spawn(client(
+            id,
+            format!("node-{}", id % args.nodes),
+            addr,
+            report.clone(),
+        ));
     }
-    let mut synced = 0;
-    while synced < full * (args.clients - 1) {
-        synced += next(&mut reports).await?.response.resources.len();
+    let mut synced = 1;
+    while synced < args.clients {
+        let r = next(&mut reports).await?;
+        if tracker.record(&r) {
+            synced += 1;
+        }
     }
+    println!(
+        "{:<44} {:>10.1}      (of {n_authz}; each node gets those that can apply to it)",
+        "authorization policies per node",
+        tracker.mean_authz()
+    );
     println!(
         "{:<44} {:>10.1} ms",
         format!("full push to {} more clients", args.clients - 1),
@@ -354,14 +419,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     if !args.no_rss {
-        rss_phase(&args, &yaml, full).await?;
+        rss_phase(&args, &yaml, n_addr).await?;
     }
     Ok(())
 }
 
 /// Runs the real binary on the same cluster and measures its RSS with the
 /// clients connected and synced.
-async fn rss_phase(args: &Args, yaml: &str, full: usize) -> anyhow::Result<()> {
+async fn rss_phase(args: &Args, yaml: &str, n_addr: usize) -> anyhow::Result<()> {
     let dir = e2e::mesh::TempDir::new("ambit-xds-bench")?;
     let manifests_dir = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests_dir)?;
@@ -411,11 +476,19 @@ async fn rss_phase(args: &Args, yaml: &str, full: usize) -> anyhow::Result<()> {
         let idle = rss_kib(pid).unwrap_or(0);
         let (report, mut reports) = mpsc::unbounded_channel();
         for id in 0..args.clients {
-            tokio::spawn(client(id, xds, report.clone()));
+            tokio::spawn(client(
+                id,
+                format!("node-{}", id % args.nodes),
+                xds,
+                report.clone(),
+            ));
         }
+        let mut tracker = SyncTracker::new(args.clients, n_addr);
         let mut synced = 0;
-        while synced < full * args.clients {
-            synced += next(&mut reports).await?.response.resources.len();
+        while synced < args.clients {
+            if tracker.record(&next(&mut reports).await?) {
+                synced += 1;
+            }
         }
         // Let freed buffers settle before reading.
         tokio::time::sleep(Duration::from_millis(500)).await;

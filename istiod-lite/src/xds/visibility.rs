@@ -48,15 +48,24 @@ impl Visibility {
             };
             v.audience.insert(p.key(), audience);
         }
+        // Clones only what is new: most workloads share their node's sets.
         for w in &config.workloads {
-            v.node_namespaces
-                .entry(w.node.clone())
-                .or_default()
-                .insert(w.namespace.clone());
-            v.node_selected
-                .entry(w.node.clone())
-                .or_default()
-                .extend(w.authorization_policies.iter().cloned());
+            if !v.node_namespaces.contains_key(&w.node) {
+                v.node_namespaces.insert(w.node.clone(), BTreeSet::new());
+                v.node_selected.insert(w.node.clone(), BTreeSet::new());
+            }
+            if let Some(set) = v.node_namespaces.get_mut(&w.node) {
+                if !set.contains(&w.namespace) {
+                    set.insert(w.namespace.clone());
+                }
+            }
+            if let Some(set) = v.node_selected.get_mut(&w.node) {
+                for p in &w.authorization_policies {
+                    if !set.contains(p) {
+                        set.insert(p.clone());
+                    }
+                }
+            }
         }
         v
     }
