@@ -15,12 +15,16 @@
 //! * Memory: the reflector stores and one merged stream; nothing queues
 //!   events (a burst only marks the state dirty).
 //!
+//! * Gateway API `Gateway` and `HTTPRoute` are watched the same way (for
+//!   waypoint assignment); one that does not parse is left out and reported.
+//! * A kind whose CRD is not installed (the list answers 404) counts as
+//!   listed and empty: without the CRD no such object can exist, so nothing
+//!   is lost, and the watch keeps retrying so installing it later works.
+//!   Any other error keeps the first publish waiting: publishing without a
+//!   kind that exists but could not be read might widen access.
+//!
 //! Not watched yet: EndpointSlices (translation derives endpoints from pod
-//! selectors), ServiceAccounts (identity comes from the pod spec), and the
-//! Gateway API kinds (`Gateway`, `HTTPRoute`), which arrive with waypoints.
-//! The Istio CRDs must be installed: without them their watchers keep
-//! failing (counted in `istiod_kubernetes_watch_errors_total`) and nothing is
-//! published, since publishing without policies would widen access.
+//! selectors) and ServiceAccounts (identity comes from the pod spec).
 
 use std::fmt::Debug;
 use std::sync::Arc;
