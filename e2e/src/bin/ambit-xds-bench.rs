@@ -219,6 +219,23 @@ async fn client(
     Ok(())
 }
 
+/// Clients `ids`, client `i` on node `i % nodes`.
+fn spawn_clients(
+    ids: std::ops::Range<usize>,
+    nodes: usize,
+    addr: SocketAddr,
+    report: &mpsc::UnboundedSender<Received>,
+) {
+    for id in ids {
+        tokio::spawn(client(
+            id,
+            format!("node-{}", id % nodes),
+            addr,
+            report.clone(),
+        ));
+    }
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -303,7 +320,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (report, mut reports) = mpsc::unbounded_channel();
     // First full push to one client.
     let t = Instant::now();
-    tokio::spawn(client(0, "node-0".into(), addr, report.clone()));
+    spawn_clients(0..1, args.nodes, addr, &report);
     let mut tracker = SyncTracker::new(args.clients, n_addr);
     let mut first_bytes = 0;
     let mut responses = 0;
@@ -325,14 +342,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // The other clients, all fully synced before the change.
     let t = Instant::now();
-    for id in 1..args.clients {
-        tokio::spawn(client(
-            id,
-            format!("node-{}", id % args.nodes),
-            addr,
-            report.clone(),
-        ));
-    }
+    spawn_clients(1..args.clients, args.nodes, addr, &report);
     let mut synced = 1;
     while synced < args.clients {
         let r = next(&mut reports).await?;
@@ -475,14 +485,7 @@ async fn rss_phase(args: &Args, yaml: &str, n_addr: usize) -> anyhow::Result<()>
         let startup = t.elapsed();
         let idle = rss_kib(pid).unwrap_or(0);
         let (report, mut reports) = mpsc::unbounded_channel();
-        for id in 0..args.clients {
-            tokio::spawn(client(
-                id,
-                format!("node-{}", id % args.nodes),
-                xds,
-                report.clone(),
-            ));
-        }
+        spawn_clients(0..args.clients, args.nodes, xds, &report);
         let mut tracker = SyncTracker::new(args.clients, n_addr);
         let mut synced = 0;
         while synced < args.clients {

@@ -263,6 +263,15 @@ fn as_yaml(o: &DynamicObject, kind: Kind) -> Result<serde_yaml::Value, Rejected>
     serde_yaml::to_value(json).map_err(|e| reject(e.to_string()))
 }
 
+/// A Gateway API object in its serde type, or why it is left out.
+fn gateway_api_object<T: DeserializeOwned>(o: &DynamicObject, kind: Kind) -> Result<T, Rejected> {
+    serde_yaml::from_value(as_yaml(o, kind)?).map_err(|e| Rejected {
+        origin: "kubernetes".into(),
+        object: format!("{} {}", kind.name(), key(o)),
+        reason: e.to_string(),
+    })
+}
+
 impl Stores {
     /// A consistent-enough copy: each store is read atomically; a change
     /// racing between two reads is picked up by the next publish.
@@ -306,13 +315,7 @@ impl Stores {
         // parse is left out (a waypoint it would be then counts as missing,
         // which fails closed) and reported.
         for o in self.gateways.state() {
-            match as_yaml(&o, Kind::Gateway).and_then(|v| {
-                serde_yaml::from_value::<Gateway>(v).map_err(|e| Rejected {
-                    origin: "kubernetes".into(),
-                    object: format!("Gateway {}", key(&*o)),
-                    reason: e.to_string(),
-                })
-            }) {
+            match gateway_api_object::<Gateway>(&o, Kind::Gateway) {
                 Ok(mut g) => {
                     g.metadata.namespace = o.metadata.namespace.clone();
                     state.gateways.insert(key(&*o), g);
@@ -321,13 +324,7 @@ impl Stores {
             }
         }
         for o in self.http_routes.state() {
-            match as_yaml(&o, Kind::HttpRoute).and_then(|v| {
-                serde_yaml::from_value::<HttpRoute>(v).map_err(|e| Rejected {
-                    origin: "kubernetes".into(),
-                    object: format!("HTTPRoute {}", key(&*o)),
-                    reason: e.to_string(),
-                })
-            }) {
+            match gateway_api_object::<HttpRoute>(&o, Kind::HttpRoute) {
                 Ok(mut r) => {
                     r.metadata.namespace = o.metadata.namespace.clone();
                     state.http_routes.insert(key(&*o), r);
