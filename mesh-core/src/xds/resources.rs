@@ -13,8 +13,8 @@ use prost::Message;
 use prost_types::Any;
 
 use crate::config::{
-    Cidr, DestinationMatch, LoadBalancing, MeshConfig, MtlsMode, Policy, PolicyAction, PolicyScope,
-    Rule, Service, ServicePort, SourceMatch, WaypointRef, Workload,
+    Cidr, DestinationMatch, LoadBalancing, MeshConfig, MtlsMode, PeerAuthentication, Policy,
+    PolicyAction, PolicyScope, Rule, Service, ServicePort, SourceMatch, WaypointRef, Workload,
 };
 use crate::identity::DEFAULT_TRUST_DOMAIN;
 use crate::proto::ambit::extensions as ext;
@@ -666,6 +666,17 @@ fn blocks(addrs: &[pb_authz::Address]) -> Result<Vec<Cidr>, String> {
         .collect()
 }
 
+/// The policy [`encode`] makes of STRICT: deny when there is no peer identity.
+fn is_strict_shape(p: &Policy) -> bool {
+    p.action == PolicyAction::Deny
+        && p.scope == PolicyScope::WorkloadSelector
+        && matches!(p.rules.as_slice(), [r] if r.to.is_empty()
+            && matches!(r.from.as_slice(), [f] if f.not_principals == ["*"]
+                && f.principals.is_empty() && f.namespaces.is_empty()
+                && f.not_namespaces.is_empty() && f.ip_blocks.is_empty()
+                && f.not_ip_blocks.is_empty()))
+}
+
 /// Builds a validated [`MeshConfig`] from decoded resources. Workloads name
 /// their services by `<namespace>/<hostname>`; references to services not
 /// present are dropped (they may simply not be served to this node).
@@ -703,7 +714,16 @@ pub fn assemble(
     for s in &mut services {
         name_waypoint(&mut s.waypoint);
     }
-    let policies: Vec<Policy> = policies.into_iter().collect();
+    let mut policies: Vec<Policy> = policies.into_iter().collect();
+    // STRICT travels as a policy; back in the model it is STRICT again, so
+    // plaintext is refused as such (reason `mtls_required`), not as RBAC.
+    let strict_key = format!("{root_namespace}/{STRICT_POLICY}");
+    let strict = policies
+        .iter()
+        .position(|p| p.key() == strict_key && is_strict_shape(p))
+        .map(|i| policies.remove(i))
+        .is_some();
+    let mut strict_workloads: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let known_policies: std::collections::HashSet<String> =
         policies.iter().map(Policy::key).collect();
     for w in &mut workloads {
@@ -712,6 +732,12 @@ pub fn assemble(
             .iter()
             .filter_map(|h| by_host.get(h).cloned())
             .collect();
+        if strict && w.authorization_policies.contains(&strict_key) {
+            strict_workloads
+                .entry(w.namespace.clone())
+                .or_default()
+                .push(w.name.clone());
+        }
         // A selector policy this node was not sent cannot be applied; keeping
         // the dangling name would fail validation of everything else.
         w.authorization_policies
@@ -730,7 +756,15 @@ pub fn assemble(
         workloads,
         services,
         policies,
-        peer_authentications: Vec::new(),
+        peer_authentications: strict_workloads
+            .into_iter()
+            .map(|(namespace, workloads)| PeerAuthentication {
+                name: STRICT_POLICY.to_string(),
+                namespace,
+                mode: MtlsMode::Strict,
+                workloads,
+            })
+            .collect(),
     };
     crate::config::validate_mesh_config(&config).map_err(|e| e.to_string())?;
     Ok(config)
@@ -808,13 +842,15 @@ peerAuthentications:
         assert_eq!(server.service_account, "echo");
         assert_eq!(server.excluded_outbound_ports, vec![53]);
         assert_eq!(server.excluded_inbound_ports, vec![9090]);
+        // STRICT went out as a policy and came back as STRICT.
         assert_eq!(
             server.authorization_policies,
-            vec![
-                "demo/only-sleep".to_string(),
-                format!("istio-system/{STRICT_POLICY}")
-            ]
+            vec!["demo/only-sleep".to_string()]
         );
+        assert!(back.policies.iter().all(|p| p.name != STRICT_POLICY));
+        assert_eq!(back.mtls_mode("demo", "server"), MtlsMode::Strict);
+        assert_eq!(back.mtls_mode("demo", "client"), MtlsMode::Strict);
+        assert_eq!(back.mtls_mode("open", "loose"), MtlsMode::Permissive);
         let loose = back.workloads.iter().find(|w| w.name == "loose").unwrap();
         assert_eq!(loose.service_account, "default");
         assert!(
@@ -960,7 +996,7 @@ services:
             destination_port: 8080,
         };
         assert!(authorize(state.policies_for(server), &attrs(Some(&sleep))).is_allowed());
-        assert!(!authorize(state.policies_for(server), &attrs(None)).is_allowed());
+        assert_eq!(state.mtls_mode(server), MtlsMode::Strict);
         let loose = state.workload_by_ip("198.19.2.3".parse().unwrap()).unwrap();
         assert!(authorize(state.policies_for(loose), &attrs(None)).is_allowed());
     }
