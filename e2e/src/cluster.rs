@@ -28,6 +28,10 @@ pub struct Node {
     pub pods: Vec<Pod>,
 }
 
+/// The fabric bridge's own address: nodes reach a control plane run in the
+/// fabric namespace here (198.18.0.N are the nodes).
+pub const CONTROL_PLANE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 254);
+
 pub struct Cluster {
     pub nodes: Vec<Node>,
     // Dropped last: node uplinks hang off its bridge.
@@ -155,6 +159,14 @@ impl Cluster {
         let fabric = Netns::create("fabric")?;
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
+        // Where a control plane in the fabric namespace is reached from nodes.
+        fabric.ip(&[
+            "addr",
+            "add",
+            &format!("{CONTROL_PLANE_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
         let mut built = Vec::new();
         for n in 1..=nodes {
             let ns = Netns::create(&format!("node{n}"))?;

@@ -14,6 +14,8 @@ use crate::process::{bin_path, Source};
 pub struct Istiod {
     child: Option<Child>,
     pub ip: IpAddr,
+    /// The network namespace it runs in, if not the caller's.
+    netns: Option<String>,
     dir: PathBuf,
     pub manifests: PathBuf,
     pub log_path: PathBuf,
@@ -25,6 +27,17 @@ impl Istiod {
     /// `manifests`, with a bootstrap token for each of `nodes`; keeps its CA
     /// in `dir/ca` so a restart signs with the same root.
     pub fn spawn(dir: &Path, manifests: &Path, ip: IpAddr, nodes: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_in(None, dir, manifests, ip, nodes)
+    }
+
+    /// As [`Istiod::spawn`], inside network namespace `netns` when given.
+    pub fn spawn_in(
+        netns: Option<&str>,
+        dir: &Path,
+        manifests: &Path,
+        ip: IpAddr,
+        nodes: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut tokens = BTreeMap::new();
         let mut map = String::new();
         for node in nodes {
@@ -38,6 +51,7 @@ impl Istiod {
         let mut istiod = Istiod {
             child: None,
             ip,
+            netns: netns.map(str::to_string),
             dir: dir.to_path_buf(),
             manifests: manifests.to_path_buf(),
             log_path: dir.join("istiod.log"),
@@ -56,8 +70,22 @@ impl Istiod {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let child = Command::new(bin_path("istiod-lite")?)
-            .arg("serve")
+        let bin = bin_path("istiod-lite")?;
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        if self.ip.is_loopback() {
+            // A single-host test mesh: every pod is on 127.0.0.0/8.
+            cmd.arg("serve").arg("--allow-loopback-pods");
+        } else {
+            cmd.arg("serve");
+        }
+        let child = cmd
             .arg("--manifests")
             .arg(&self.manifests)
             .arg("--data-dir")
@@ -67,7 +95,7 @@ impl Istiod {
             .arg("--bootstrap-tokens")
             .arg(self.dir.join("bootstrap-tokens.yaml"))
             .args(["--serving-ip", &self.ip.to_string()])
-            .args(["--poll-ms", "100", "--allow-loopback-pods"])
+            .args(["--poll-ms", "100"])
             .env(
                 "AMBIT_LOG",
                 std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -85,7 +113,7 @@ impl Istiod {
                     bail!("istiod-lite exited with {status}:\n{}", self.log());
                 }
             }
-            if let Ok((200, _)) = crate::client::http_get(self.monitoring(), "/ready") {
+            if let Ok((200, _)) = self.http("/ready") {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -131,8 +159,26 @@ impl Istiod {
         ]))
     }
 
+    /// GET `path` on the monitoring port, from inside its namespace if needed.
+    fn http(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let (addr, path) = (self.monitoring(), path.to_string());
+        match &self.netns {
+            None => crate::client::http_get(addr, &path),
+            Some(ns) => crate::netns::run_in(ns, move || crate::client::http_get(addr, &path)),
+        }
+    }
+
+    /// The mesh model it serves (`/debug/config`).
+    pub fn mesh_config(&self) -> anyhow::Result<mesh_core::config::MeshConfig> {
+        let (status, body) = self.http("/debug/config")?;
+        if status != 200 {
+            bail!("istiod-lite /debug/config returned {status}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
     pub fn metrics(&self) -> anyhow::Result<String> {
-        let (status, body) = crate::client::http_get(self.monitoring(), "/metrics")?;
+        let (status, body) = self.http("/metrics")?;
         if status != 200 {
             bail!("istiod-lite metrics returned {status}");
         }

@@ -88,8 +88,7 @@ impl Ztunnel {
     pub fn spawn_in_netns(
         netns: &str,
         dir: &Path,
-        config: &Path,
-        certs: &Path,
+        source: &Source,
         node: &str,
         ip: IpAddr,
         extra: &[&str],
@@ -103,17 +102,27 @@ impl Ztunnel {
         ];
         args.extend_from_slice(&["--readiness-addr", "0.0.0.0:15021"]);
         args.extend_from_slice(extra);
-        let source = Source::static_files(config, certs);
-        Self::launch(Some(netns), dir, &source, node, ip, &args)
+        Self::launch(Some(netns), dir, source, node, ip, &args)
     }
 
     /// A ztunnel capturing with eBPF on `node` of a namespace cluster, inbound
-    /// (its uplink) too, pinning under `pin_dir`; returns once capture is in place.
+    /// (its uplink) too, pinning under `pin_dir`, with static files.
     pub fn spawn_capturing(
         node: &crate::cluster::Node,
         dir: &Path,
         config: &Path,
         certs: &Path,
+        pin_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_capturing_from(node, dir, &Source::static_files(config, certs), pin_dir)
+    }
+
+    /// As [`Ztunnel::spawn_capturing`], with the mesh and certificates from
+    /// `source`; returns once capture is in place.
+    pub fn spawn_capturing_from(
+        node: &crate::cluster::Node,
+        dir: &Path,
+        source: &Source,
         pin_dir: &Path,
     ) -> anyhow::Result<Self> {
         let pin = pin_dir.display().to_string();
@@ -125,17 +134,41 @@ impl Ztunnel {
             pin.as_str(),
         ];
         let name = format!("node{}", node.index);
-        let z = Self::spawn_in_netns(
-            node.ns.name(),
-            dir,
-            config,
-            certs,
-            &name,
-            node.ip.into(),
-            &args,
-        )?;
+        let z = Self::spawn_in_netns(node.ns.name(), dir, source, &name, node.ip.into(), &args)?;
         z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
         Ok(z)
+    }
+
+    /// Waits until every local workload in its config dump has a certificate
+    /// (with a CA, they are fetched once the mesh arrives).
+    pub fn wait_certificates(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let dump = self.config_dump()?;
+            // One certificate per identity: pods may share a service account.
+            let want: std::collections::BTreeSet<(String, String)> = dump["config"]["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|w| w["node"] == dump["node"])
+                .map(|w| (w["namespace"].to_string(), w["serviceAccount"].to_string()))
+                .collect();
+            let (want, have) = (
+                want.len(),
+                dump["certificates"].as_array().map_or(0, Vec::len),
+            );
+            if have >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ztunnel {}: {have} of {want} workload certificates after {timeout:?}:\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn launch(

@@ -105,8 +105,7 @@ fn opt_out_label_and_excluded_port_bypass_capture() -> anyhow::Result<()> {
     let z1 = Ztunnel::spawn_in_netns(
         node1.ns.name(),
         dir.path(),
-        &config,
-        &certs,
+        &e2e::Source::static_files(&config, &certs),
         "node1",
         node1.ip.into(),
         &args,

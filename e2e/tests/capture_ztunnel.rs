@@ -40,8 +40,7 @@ fn enrolled_pod_is_captured_and_others_are_not() -> anyhow::Result<()> {
     let z1 = Ztunnel::spawn_in_netns(
         node1.ns.name(),
         dir.path(),
-        &config,
-        &certs,
+        &e2e::Source::static_files(&config, &certs),
         "node1",
         node1.ip.into(),
         &args,

@@ -270,8 +270,7 @@ fn start_mesh(
         zs.push(Ztunnel::spawn_in_netns(
             node.ns.name(),
             dir.path(),
-            config,
-            &certs,
+            &e2e::Source::static_files(config, &certs),
             &format!("node{n}"),
             node.ip.into(),
             &args,

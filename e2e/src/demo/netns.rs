@@ -1,6 +1,7 @@
-//! The namespace-cluster demo: the bundled manifests (examples/demo) rendered
-//! by istiod-lite, certificates from istiod-lite's CA, two nodes with a
-//! capturing ztunnel each, unmodified curl in the pods, and a report.
+//! The namespace-cluster demo: istiod-lite serving the bundled manifests
+//! (examples/demo) over xDS, with its CA signing workload certificates; two
+//! nodes with a capturing ztunnel each following it; unmodified curl in the
+//! pods, and a report.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -11,10 +12,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use super::{field, DemoArgs};
-use crate::cluster::{Cluster, Pod, PodSpec};
+use crate::cluster::{Cluster, Pod, PodSpec, CONTROL_PLANE_IP};
+use crate::istiod::Istiod;
 use crate::mesh::TempDir;
 use crate::netns::PinDir;
-use crate::process::{bin_path, metric_sum, Ztunnel};
+use crate::process::{metric_sum, Ztunnel};
 use crate::sniff::Sniffer;
 
 const MARKER: &str = "ambit-wire-check-7c1d";
@@ -82,17 +84,6 @@ fn pods_in(dir: &Path) -> anyhow::Result<Vec<(PodSpec, String, String)>> {
     Ok(out)
 }
 
-fn run_tool(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// A stand-in application: answers every HTTP request with `body` and the peer address.
 fn http_app(pod: &Pod, port: u16, body: &'static str) -> anyhow::Result<()> {
     let addr = SocketAddr::new(pod.ip.into(), port);
@@ -130,61 +121,43 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
     let dir = TempDir::new("ambit-demo")?;
 
-    // Control plane, offline: render the manifests, issue certificates.
-    let istiod = bin_path("istiod-lite")?;
-    let config = dir.path().join("mesh.yaml");
-    let rendered = run_tool(
-        Command::new(&istiod)
-            .arg("render")
-            .arg("--manifests")
-            .arg(&manifests),
-    )?;
-    std::fs::write(&config, &rendered)?;
+    // The cluster, then the control plane in the fabric namespace (reached
+    // by every node at CONTROL_PLANE_IP), then one capturing ztunnel per node
+    // following it over xDS, with certificates from its CA.
     let pods = pods_in(&manifests)?;
-    let mesh = mesh_core::config::parse_mesh_config(&rendered)?;
+    let specs: Vec<PodSpec> = pods.iter().map(|(s, _, _)| s.clone()).collect();
+    let nodes = specs.iter().map(|s| s.node).max().unwrap_or(1).max(2);
+    let cluster = Cluster::build_with(nodes, &specs)?;
+    let node_names: Vec<String> = (1..=nodes).map(|n| format!("node{n}")).collect();
+    let names: Vec<&str> = node_names.iter().map(String::as_str).collect();
+    let istiod = Istiod::spawn_in(
+        Some(cluster.fabric_name()),
+        dir.path(),
+        &manifests,
+        CONTROL_PLANE_IP.into(),
+        &names,
+    )?;
+    let mesh = istiod.mesh_config()?;
     let in_mesh = |name: &str| {
         mesh.workloads
             .iter()
             .any(|w| format!("{}/{}", w.namespace, w.name) == name)
     };
-    let ca_dir = dir.path().join("ca");
-    run_tool(
-        Command::new(&istiod)
-            .args(["ca", "init", "--data-dir"])
-            .arg(&ca_dir),
-    )?;
-    for (spec, ns, sa) in &pods {
-        if in_mesh(&spec.name) {
-            let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
-            let out = dir.path().join(format!("certs-node{}", spec.node));
-            run_tool(
-                Command::new(&istiod)
-                    .args(["ca", "issue", "--data-dir"])
-                    .arg(&ca_dir)
-                    .args(["--identity", &id, "--out"])
-                    .arg(&out),
-            )?;
-        }
-    }
-    println!("  istiod-lite rendered {} workloads, {} services, {} policies; CA issued their certificates",
-        mesh.workloads.len(), mesh.services.len(), mesh.policies.len());
-
-    // The cluster and one capturing ztunnel per node.
-    let specs: Vec<PodSpec> = pods.iter().map(|(s, _, _)| s.clone()).collect();
-    let nodes = specs.iter().map(|s| s.node).max().unwrap_or(1).max(2);
-    let cluster = Cluster::build_with(nodes, &specs)?;
+    println!(
+        "  istiod-lite at {CONTROL_PLANE_IP}:15012 serves {} workloads, {} services, {} policies over xDS; its CA signs each node's workload certificates",
+        mesh.workloads.len(),
+        mesh.services.len(),
+        mesh.policies.len()
+    );
     let pins = PinDir::new()?;
     let mut ztunnels = Vec::new();
     for n in 1..=nodes {
         let node = cluster.node(n);
-        let certs = dir.path().join(format!("certs-node{n}"));
-        std::fs::create_dir_all(&certs)?;
-        if !certs.join("root-cert.pem").exists() {
-            std::fs::copy(ca_dir.join("root-cert.pem"), certs.join("root-cert.pem"))?;
-        }
-        let z = Ztunnel::spawn_capturing(node, dir.path(), &config, &certs, pins.path())?;
+        let source = istiod.source_for(&format!("node{n}"))?;
+        let z = Ztunnel::spawn_capturing_from(node, dir.path(), &source, pins.path())?;
+        z.wait_certificates(Duration::from_secs(15))?;
         println!(
-            "  node{n} {}: ztunnel up, capturing {} pod(s)",
+            "  node{n} {}: ztunnel up (config and certificates from istiod-lite), capturing {} pod(s)",
             node.ip,
             node.pods.iter().filter(|p| in_mesh(&p.name)).count()
         );
@@ -200,9 +173,10 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     http_app(pod("demo/reviews-v2")?, 9080, "reviews v2")?;
     let vip = mesh
         .services
-        .first()
+        .iter()
+        .find(|s| s.namespace == "demo" && s.name == "reviews")
         .and_then(|s| s.addresses.first())
-        .context("no service in the manifests")?;
+        .context("no demo/reviews service in the manifests")?;
     let url = format!("http://{vip}:9080/");
     println!();
 
@@ -329,7 +303,12 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             cluster.node(1).ip
         );
         println!(
-            "  logs: {} {}",
+            "  nsenter --net=/run/netns/{} curl http://{CONTROL_PLANE_IP}:15014/debug/config",
+            cluster.fabric_name()
+        );
+        println!(
+            "  logs: {} {} {}",
+            istiod.log_path.display(),
             ztunnels[0].log_path.display(),
             ztunnels[1].log_path.display()
         );
