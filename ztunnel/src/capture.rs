@@ -60,11 +60,21 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The local workloads whose traffic is captured: all but those that speak
+/// HBONE natively (waypoints), which terminate their own tunnels.
+fn captured<'a>(
+    mesh: &'a mesh_core::config::MeshState,
+    node: &'a str,
+) -> impl Iterator<Item = &'a std::sync::Arc<mesh_core::config::WorkloadInfo>> + 'a {
+    mesh.local_workloads(node)
+        .filter(|w| !w.workload.native_tunnel)
+}
+
 fn reconcile(state: &ProxyState, capture: &mut Capture) {
     let mesh = state.mesh();
     let mut want = BTreeSet::new();
     let mut enrolled = BTreeSet::new();
-    for w in mesh.local_workloads(state.node()) {
+    for w in captured(&mesh, state.node()) {
         for ip in &w.workload.addresses {
             let IpAddr::V4(v4) = ip else { continue };
             enrolled.insert(*v4);
@@ -147,7 +157,7 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
     }
     // Exclusions first, so a newly enrolled pod never runs on a previous
     // pod's exclusions for the same address; then drop those of pods gone.
-    for w in mesh.local_workloads(state.node()) {
+    for w in captured(&mesh, state.node()) {
         for ip in &w.workload.addresses {
             let IpAddr::V4(v4) = ip else { continue };
             let (out, inb) = (

@@ -138,10 +138,11 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         &names,
     )?;
     let mesh = istiod.mesh_config()?;
-    let in_mesh = |name: &str| {
+    // Waypoints speak HBONE themselves: in the mesh, not captured.
+    let captured = |name: &str| {
         mesh.workloads
             .iter()
-            .any(|w| format!("{}/{}", w.namespace, w.name) == name)
+            .any(|w| !w.native_tunnel && format!("{}/{}", w.namespace, w.name) == name)
     };
     println!(
         "  istiod-lite at {CONTROL_PLANE_IP}:15012 serves {} workloads, {} services, {} policies over xDS; its CA signs each node's workload certificates",
@@ -159,7 +160,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         println!(
             "  node{n} {}: ztunnel up (config and certificates from istiod-lite), capturing {} pod(s)",
             node.ip,
-            node.pods.iter().filter(|p| in_mesh(&p.name)).count()
+            node.pods.iter().filter(|p| captured(&p.name)).count()
         );
         ztunnels.push(z);
     }
