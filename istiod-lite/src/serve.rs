@@ -58,6 +58,15 @@ pub struct ServeOptions {
 /// How long the serving certificate lives; it is re-issued at every start.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// HTTP/2 and TCP keepalives: a proxy that vanished without closing its
+/// connection is noticed and its stream (and any push slot) released.
+fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+}
+
 pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -178,7 +187,7 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         opts.max_cert_ttl,
     )
     .with_metrics(metrics.clone());
-    let secure = tonic::transport::Server::builder()
+    let secure = server_builder()
         .add_service(AggregatedDiscoveryServiceServer::new(xds))
         .add_service(ca_service.into_server())
         .serve_with_incoming(crate::tls_serve::tls_incoming(grpc, tls));
@@ -193,7 +202,7 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             tracing::warn!(%addr, "plaintext, unauthenticated xDS (for tests only)");
             let xds = XdsServer::new(outputs.snapshots.subscribe(), None, xds_metrics);
             Some(tokio::spawn(
-                tonic::transport::Server::builder()
+                server_builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(xds))
                     .serve_with_incoming(TcpListenerStream::new(l)),
             ))

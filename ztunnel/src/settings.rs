@@ -49,6 +49,21 @@ impl FromStr for HboneListen {
     }
 }
 
+/// `http://127.x.y.z:port`, `http://[::1]:port` or `http://localhost:port`.
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -226,6 +241,16 @@ pub struct Settings {
 impl Settings {
     /// Checks combinations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if self.token_file.is_some() {
+            // The token is a node credential: never in cleartext off the host.
+            for addr in [&self.xds_address, &self.ca_address].into_iter().flatten() {
+                if addr.starts_with("http://") && !is_loopback_url(addr) {
+                    return Err(format!(
+                        "{addr}: a token (--token-file) is only sent over https, or http to loopback"
+                    ));
+                }
+            }
+        }
         if self.certs.is_none() {
             if self.ca_root_cert.is_none() {
                 return Err(
@@ -340,6 +365,28 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_not_sent_in_cleartext_off_the_host() {
+        let with = |addr: &str| {
+            Settings::parse_from([
+                "ztunnel",
+                "--node",
+                "n",
+                "--xds-address",
+                addr,
+                "--certs",
+                "d",
+                "--token-file",
+                "t",
+            ])
+            .validate()
+        };
+        assert!(with("http://198.18.0.254:15010").is_err());
+        assert!(with("http://127.0.0.1:15010").is_ok());
+        assert!(with("http://[::1]:15010").is_ok());
+        assert!(with("https://198.18.0.254:15012").is_ok());
+    }
 
     #[test]
     fn durations() {

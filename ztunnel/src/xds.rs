@@ -31,10 +31,11 @@ impl Handler for MeshHandler {
     }
 
     fn apply(&mut self, resources: &ResourceSet) -> Result<(), String> {
-        let td = &self.state.settings.trust_domain;
-        let outcome = std::panic::catch_unwind(|| build(resources, td)).unwrap_or_else(|_| {
-            Err("internal error while assembling (bug); update ignored".into())
-        });
+        let (td, node) = (&self.state.settings.trust_domain, &self.state.settings.node);
+        let outcome =
+            std::panic::catch_unwind(|| build(resources, td, node)).unwrap_or_else(|_| {
+                Err("internal error while assembling (bug); update ignored".into())
+            });
         match outcome {
             Ok(mesh) => {
                 let config = mesh.config();
@@ -56,7 +57,7 @@ impl Handler for MeshHandler {
     }
 }
 
-fn build(resources: &ResourceSet, trust_domain: &str) -> Result<MeshState, String> {
+fn build(resources: &ResourceSet, trust_domain: &str, node: &str) -> Result<MeshState, String> {
     let mut addresses = Vec::new();
     for stored in resources
         .get(ADDRESS_TYPE)
@@ -77,7 +78,13 @@ fn build(resources: &ResourceSet, trust_domain: &str) -> Result<MeshState, Strin
         }
         policies.push(policy);
     }
-    let config = assemble(trust_domain, ROOT_NAMESPACE, addresses, policies)?;
+    let config = assemble(
+        trust_domain,
+        ROOT_NAMESPACE,
+        Some(node),
+        addresses,
+        policies,
+    )?;
     Ok(MeshState::new(config))
 }
 

@@ -447,12 +447,14 @@ pub async fn follow_kubernetes(
                 })
                 .await;
                 match done {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        // Serving starts on a good first state only.
+                        if let Some(tx) = config.synced.take() {
+                            let _ = tx.send(());
+                        }
+                    }
                     Ok(Err(e)) => tracing::error!("cluster state not applied, keeping the last good state: {e}"),
                     Err(e) => tracing::error!("publish task failed, keeping the last good state: {e}"),
-                }
-                if let Some(tx) = config.synced.take() {
-                    let _ = tx.send(());
                 }
             }
         }

@@ -131,6 +131,9 @@ struct Stream {
 /// the client answers; bounding them bounds that memory in a reconnect storm.
 pub const CONCURRENT_FULL_PUSHES: usize = 8;
 
+/// Suffix of `system_version_info` on every part of a split push but the last.
+pub use mesh_core::xds::client::PARTIAL;
+
 /// Address resources per response (about 250 KB at Istio's sizes).
 pub const RESOURCES_PER_RESPONSE: usize = 1000;
 
@@ -291,10 +294,13 @@ impl Stream {
         let Some(current) = snapshot.resources.get(type_url) else {
             return Ok(());
         };
-        let full = match &sub.held {
-            Some(held) => held.version + 1 < snapshot.version,
-            None => true,
-        };
+        // Only wildcard pushes can be the whole state; a named subscription
+        // is small whatever happens.
+        let full = sub.wildcard
+            && match &sub.held {
+                Some(held) => held.version + 1 < snapshot.version,
+                None => true,
+            };
         let mut permit = None;
         if full {
             // Wait for a slot before building the copy the slot accounts for;
@@ -316,7 +322,9 @@ impl Stream {
                 }),
             }
             for name in std::mem::take(&mut sub.resend) {
-                if !diff.resources.iter().any(|r| r.name == name) {
+                // Naming a policy does not make it this node's business.
+                let visible = !filtered || snapshot.visibility.visible(node.as_deref(), &name);
+                if visible && !diff.resources.iter().any(|r| r.name == name) {
                     if let Some(entry) = current.get(&name) {
                         diff.send(&name, entry);
                     }
@@ -367,8 +375,15 @@ impl Stream {
         let mut removed = Some(diff.removed);
         for (i, resources) in parts.into_iter().enumerate() {
             let nonce = self.next_nonce();
+            // Parts before the last say so: a client counts itself in sync
+            // with a version only once it has all of it.
+            let system_version_info = if i == last {
+                snapshot.version.to_string()
+            } else {
+                format!("{}{PARTIAL}", snapshot.version)
+            };
             let response = DeltaDiscoveryResponse {
-                system_version_info: snapshot.version.to_string(),
+                system_version_info,
                 type_url: type_url.to_string(),
                 resources,
                 removed_resources: if i == last {
@@ -387,7 +402,12 @@ impl Stream {
                     ));
                 }
             }
-            self.send(response).await?;
+            // Bounded: a client that stops reading must not hold a full-push
+            // slot (or this task) forever.
+            match tokio::time::timeout(FULL_PUSH_DEADLINE, self.send(response)).await {
+                Ok(sent) => sent?,
+                Err(_) => return Err("client stopped reading; stream closed".into()),
+            }
         }
         Ok(())
     }

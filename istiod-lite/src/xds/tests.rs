@@ -392,6 +392,14 @@ async fn large_address_pushes_go_out_in_parts_and_add_up() {
     while names.len() < 2502 {
         let r = c.recv().await;
         assert!(r.resources.len() <= super::server::RESOURCES_PER_RESPONSE);
+        // Only the last part lets a client count itself in sync.
+        let last = names.len() + r.resources.len() == 2502;
+        assert_eq!(
+            r.system_version_info.ends_with(super::server::PARTIAL),
+            !last,
+            "{}",
+            r.system_version_info
+        );
         names.extend(r.resources.iter().map(|r| r.name.clone()));
         c.ack(&r).await;
         parts += 1;
@@ -421,4 +429,18 @@ async fn a_node_is_sent_only_the_policies_that_can_apply_to_its_workloads() {
     let lost = c.recv().await;
     assert!(lost.resources.is_empty());
     assert_eq!(lost.removed_resources, vec!["demo/p"]);
+}
+
+#[tokio::test]
+async fn naming_a_policy_does_not_make_it_visible() {
+    let h = start(&mesh("")).await;
+    let mut req = subscribe_as("n1", AUTHORIZATION_TYPE);
+    req.resource_names_subscribe = vec!["*".into(), "demo/p".into()];
+    let mut c = RawClient::connect(h.addr, vec![req]).await;
+    let first = c.recv().await;
+    assert!(
+        first.resources.is_empty(),
+        "n1 asked for demo/p by name: {:?}",
+        names(&first)
+    );
 }

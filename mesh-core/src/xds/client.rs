@@ -61,6 +61,10 @@ pub struct Client {
     status: Arc<Mutex<ClientStatus>>,
 }
 
+/// Marks a response that is one part of a larger push, not the last
+/// (suffix of `system_version_info`); set by istiod-lite, harmless to others.
+pub const PARTIAL: &str = "+partial";
+
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
@@ -172,8 +176,9 @@ impl Client {
             };
             *backoff = BACKOFF_MIN;
             let type_url = response.type_url.clone();
+            let partial = response.system_version_info.ends_with(PARTIAL);
             let reply = self.handle(response, handler, resources);
-            if reply.error_detail.is_none() && !synced.contains(&type_url) {
+            if reply.error_detail.is_none() && !partial && !synced.contains(&type_url) {
                 synced.push(type_url);
                 if self.types.iter().all(|t| synced.contains(t)) {
                     self.lock_status().synced = true;

@@ -26,6 +26,9 @@ use crate::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 pub const CAPTURE_EXCLUSIONS: &str = "ambit.dev/capture-exclusions";
 /// Extension on a Service: the endpoint picking algorithm.
 pub const LOAD_BALANCING: &str = "ambit.dev/load-balancing";
+/// The deny-all stand-in for a policy a local workload names but this node
+/// does not have (see [`assemble`]).
+pub const MISSING_POLICY: &str = "ambit-missing-policy-deny-all";
 /// Istio's name for the policy that stands for STRICT mTLS.
 pub const STRICT_POLICY: &str = "istio_converted_static_strict";
 
@@ -680,9 +683,16 @@ fn is_strict_shape(p: &Policy) -> bool {
 /// Builds a validated [`MeshConfig`] from decoded resources. Workloads name
 /// their services by `<namespace>/<hostname>`; references to services not
 /// present are dropped (they may simply not be served to this node).
+///
+/// A workload on `local_node` that names a policy not present (not yet
+/// arrived, or refused on arrival) is denied everything until it arrives:
+/// running without it could admit what it denies. Remote workloads simply
+/// lose the name (this node does not enforce for them, and is not sent
+/// their policies).
 pub fn assemble(
     trust_domain: &str,
     root_namespace: &str,
+    local_node: Option<&str>,
     addresses: impl IntoIterator<Item = DecodedAddress>,
     policies: impl IntoIterator<Item = Policy>,
 ) -> Result<MeshConfig, String> {
@@ -724,6 +734,8 @@ pub fn assemble(
         .map(|i| policies.remove(i))
         .is_some();
     let mut strict_workloads: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let missing_key = format!("{root_namespace}/{MISSING_POLICY}");
+    let mut missing_used = false;
     let known_policies: std::collections::HashSet<String> =
         policies.iter().map(Policy::key).collect();
     for w in &mut workloads {
@@ -732,7 +744,8 @@ pub fn assemble(
             .iter()
             .filter_map(|h| by_host.get(h).cloned())
             .collect();
-        if strict && w.authorization_policies.contains(&strict_key) {
+        let had_strict = strict && w.authorization_policies.contains(&strict_key);
+        if had_strict {
             strict_workloads
                 .entry(w.namespace.clone())
                 .or_default()
@@ -740,13 +753,29 @@ pub fn assemble(
         }
         // A selector policy this node was not sent cannot be applied; keeping
         // the dangling name would fail validation of everything else.
+        let before = w.authorization_policies.len();
         w.authorization_policies
             .retain(|k| known_policies.contains(k));
+        if Some(w.node.as_str()) == local_node
+            && before - w.authorization_policies.len() > usize::from(had_strict)
+        {
+            w.authorization_policies.push(missing_key.clone());
+            missing_used = true;
+        }
         name_waypoint(&mut w.waypoint);
         // A waypoint does not use a waypoint, whatever a control plane says.
         if w.native_tunnel {
             w.waypoint = None;
         }
+    }
+    if missing_used {
+        policies.push(Policy {
+            name: MISSING_POLICY.to_string(),
+            namespace: root_namespace.to_string(),
+            scope: PolicyScope::WorkloadSelector,
+            action: PolicyAction::Deny,
+            rules: vec![Rule::default()],
+        });
     }
     workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     services.sort_by_key(Service::key);
@@ -826,6 +855,7 @@ peerAuthentications:
         assemble(
             &config.trust_domain,
             &config.root_namespace,
+            None,
             addresses,
             policies,
         )
@@ -1034,6 +1064,57 @@ services:
         let (deny, _) = decode_authorization(&with_dest_ip(pb_authz::Action::Deny)).unwrap();
         assert_eq!(deny.rules.len(), 1);
         assert!(deny.rules[0].from.is_empty() && deny.rules[0].to.is_empty());
+    }
+
+    #[test]
+    fn a_local_workload_missing_its_policy_is_denied_everything() {
+        let config = parse_mesh_config(MESH).unwrap();
+        let enc = encode(&config);
+        let addresses: Vec<_> = enc
+            .addresses
+            .iter()
+            .map(|r| decode_address(&r.resource, "cluster.local").unwrap())
+            .collect();
+        // demo/only-sleep never arrived (refused, or not yet sent).
+        let policies: Vec<_> = enc
+            .authorizations
+            .iter()
+            .map(|r| decode_authorization(&r.resource).unwrap().0)
+            .filter(|p| p.name != "only-sleep")
+            .collect();
+        let sleep = Identity::new("cluster.local", "demo", "sleep").unwrap();
+        let attrs = ConnectionAttributes {
+            source: Some(&sleep),
+            source_ip: "198.19.1.2".parse().unwrap(),
+            destination_port: 8080,
+        };
+        // On the server's own node it fails closed...
+        let local = assemble(
+            "cluster.local",
+            "istio-system",
+            Some("n2"),
+            addresses.clone(),
+            policies.clone(),
+        )
+        .unwrap();
+        let state = MeshState::new(local);
+        let server = state.workload_by_ip("198.19.2.2".parse().unwrap()).unwrap();
+        assert!(!authorize(state.policies_for(server), &attrs).is_allowed());
+        assert_eq!(
+            state.mtls_mode(server),
+            MtlsMode::Strict,
+            "STRICT is not a missing policy"
+        );
+        // ...elsewhere the name is just dropped: that node does not enforce it.
+        let remote = assemble(
+            "cluster.local",
+            "istio-system",
+            Some("n1"),
+            addresses,
+            policies,
+        )
+        .unwrap();
+        assert!(remote.policies.iter().all(|p| p.name != MISSING_POLICY));
     }
 
     #[test]
