@@ -112,16 +112,26 @@ impl MeshState {
             }
             by_key.insert(info.key(), info);
         }
+        // Endpoints grouped in one pass over the workloads: O(workloads +
+        // services), not their product (10k pods × 1k services matters).
+        let mut endpoints_of: HashMap<&str, Vec<Arc<WorkloadInfo>>> = HashMap::new();
+        for info in by_key.values() {
+            for svc in &info.workload.services {
+                endpoints_of
+                    .entry(svc.as_str())
+                    .or_default()
+                    .push(info.clone());
+            }
+        }
         let mut services_by_ip = HashMap::new();
         let mut services_by_host = HashMap::new();
         for s in &config.services {
             let key = s.key();
-            let mut endpoints: Vec<_> = by_key
-                .values()
-                .filter(|w| w.workload.services.contains(&key))
-                .cloned()
-                .collect();
-            endpoints.sort_by_key(|w| w.key());
+            let mut endpoints = endpoints_of.remove(key.as_str()).unwrap_or_default();
+            endpoints.sort_by(|a, b| {
+                (&a.workload.namespace, &a.workload.name)
+                    .cmp(&(&b.workload.namespace, &b.workload.name))
+            });
             let hostname = s.hostname_in(&config.trust_domain);
             let info = Arc::new(ServiceInfo {
                 service: s.clone(),
