@@ -24,7 +24,7 @@ use crate::metrics::{CaResult, Metrics};
 use crate::node_auth::Authenticator;
 
 /// Metadata field naming the identity a node proxy requests for a workload.
-pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+pub use mesh_core::proto::IMPERSONATED_IDENTITY;
 
 #[derive(Clone)]
 pub struct CaService {

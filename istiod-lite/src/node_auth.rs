@@ -102,7 +102,7 @@ impl NodeAuthenticator {
             }
             *last = Instant::now();
         }
-        let stamp = stamp(&self.inner.path);
+        let stamp = mesh_core::sys::file_stamp(&self.inner.path);
         if stamp.is_none() || stamp == self.read().stamp {
             return;
         }
@@ -155,15 +155,10 @@ impl Authenticator for NodeAuthenticator {
     }
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 fn load(path: &Path) -> Result<Tokens, TokenFileError> {
     // Stamp before reading: a write racing with the read then shows up as a
     // change on the next check instead of being missed.
-    let stamp = stamp(path);
+    let stamp = mesh_core::sys::file_stamp(path);
     let text =
         std::fs::read_to_string(path).map_err(|e| TokenFileError::Read(path.to_path_buf(), e))?;
     let entries = parse(path, &text)?;

@@ -11,6 +11,7 @@
 //! * [`xds`]: the mesh model as Istio's xDS resources, and back.
 
 pub mod authz;
+pub mod backoff;
 pub mod ca;
 pub mod config;
 pub mod grpc;

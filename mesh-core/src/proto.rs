@@ -29,3 +29,7 @@ pub mod ambit {
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// `type_url` of Istio's ambient L4 authorization resources.
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// Request metadata key of Istio's CA API: the SPIFFE ID a node proxy asks
+/// for on behalf of one of its workloads.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";

@@ -15,3 +15,9 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// A cheap change detector for one file: modification time and size.
+pub fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}

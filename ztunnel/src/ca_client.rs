@@ -32,7 +32,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Metadata field naming the identity requested on a workload's behalf (Istio's).
-const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+use mesh_core::proto::IMPERSONATED_IDENTITY;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -247,7 +247,7 @@ impl CaClient {
                     in_flight.remove(&identity);
                     self.settle(identity, result, &wanted, &mut schedule);
                 }
-                _ = sleep_until(next) => {}
+                _ = mesh_core::backoff::sleep_until(next.map(Into::into)) => {}
             }
         }
     }
@@ -322,7 +322,7 @@ impl CaClient {
                 };
             }
             Err(error) => {
-                let retry_in = jitter(due.backoff);
+                let retry_in = mesh_core::backoff::jitter(due.backoff);
                 let current = self.store.get(&identity);
                 let valid_for = current
                     .as_ref()
@@ -348,16 +348,4 @@ struct Due {
 
 fn instant_at(t: SystemTime) -> Instant {
     Instant::now() + t.duration_since(SystemTime::now()).unwrap_or_default()
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// ±25 %, so nodes that lost the CA together do not come back in lockstep.
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::random_range(0.75..1.25))
 }

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use mesh_core::config::{parse_mesh_config, MeshConfig, MeshState};
 
@@ -17,11 +16,6 @@ pub fn load_config(path: &Path) -> Result<MeshConfig, String> {
     parse_mesh_config(&src).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 /// Polls the static sources that are configured (config file, certificate
 /// directory); returns at once when neither is.
 pub async fn watch(state: Arc<ProxyState>) {
@@ -30,14 +24,14 @@ pub async fn watch(state: Arc<ProxyState>) {
     if config.is_none() && certs_dir.is_none() {
         return;
     }
-    let mut config_stamp = config.as_deref().and_then(file_stamp);
+    let mut config_stamp = config.as_deref().and_then(mesh_core::sys::file_stamp);
     let mut config_bytes = config.as_deref().and_then(|p| std::fs::read(p).ok());
     let mut cert_stamp = certs_dir.as_deref().map(certs::stamp);
     let mut tick = tokio::time::interval(settings.reload_interval);
     loop {
         tick.tick().await;
         if let Some(path) = &config {
-            let stamp = file_stamp(path);
+            let stamp = mesh_core::sys::file_stamp(path);
             if stamp != config_stamp {
                 config_stamp = stamp;
                 let bytes = std::fs::read(path).ok();

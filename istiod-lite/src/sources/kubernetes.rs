@@ -432,7 +432,7 @@ pub async fn follow_kubernetes(
                     return;
                 }
             },
-            _ = sleep_until(deadline) => {
+            _ = mesh_core::backoff::sleep_until(deadline) => {
                 if !listed.iter().all(|l| *l) {
                     // Stores keep the changes; the last first list marks dirty again.
                     dirty = None;
@@ -458,13 +458,6 @@ pub async fn follow_kubernetes(
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

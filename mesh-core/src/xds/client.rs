@@ -123,7 +123,7 @@ impl Client {
                 s.reconnects += 1;
                 s.last_error = Some(error);
             }
-            tokio::time::sleep(jitter(backoff)).await;
+            tokio::time::sleep(crate::backoff::jitter(backoff)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -267,9 +267,4 @@ impl Client {
             ..Default::default()
         }
     }
-}
-
-fn jitter(d: Duration) -> Duration {
-    // ±25 %, so a fleet of proxies does not reconnect in lockstep.
-    d.mul_f64(rand::random_range(0.75..1.25))
 }
