@@ -74,6 +74,7 @@ pub fn translate(state: &ClusterState, options: &MeshOptions) -> Translation {
         services,
         policies,
         peer_authentications,
+        ..MeshConfig::default()
     };
     Translation {
         config,

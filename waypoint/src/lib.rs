@@ -1,8 +1,13 @@
 //! The waypoint: Ambit's L7 proxy, entered only when L7 policy applies.
 //!
-//! What exists so far is the first decision every tunnel needs: is the payload
-//! HTTP/1.x, HTTP/2 (prior knowledge) or opaque bytes to pass through at L4.
-//! The HBONE server, HTTPRoute engine, L7 authorization and tracing arrive with
-//! the waypoint issue.
+//! * [`sniff`]: is a tunnel's payload HTTP/1.x, HTTP/2 or opaque bytes.
+//! * [`route`]: Gateway API HTTPRoute matching, filters and backend choice.
+//! * [`authz`]: L7 AuthorizationPolicy decisions.
+//! * [`resilience`]: circuit breaking, outlier ejection, local rate limits.
+//! * [`telemetry`]: OpenTelemetry spans over OTLP, W3C trace context.
 
+pub mod authz;
+pub mod resilience;
+pub mod route;
 pub mod sniff;
+pub mod telemetry;

@@ -6,11 +6,13 @@
 //! policies are scoped globally, per namespace or to selected workloads.
 
 mod cidr;
+mod http;
 mod model;
 mod parse;
 mod state;
 
 pub use cidr::Cidr;
+pub use http::*;
 pub use model::*;
 pub use parse::{parse_mesh_config, validate_mesh_config, ConfigError};
 pub use state::{Destination, MeshState, ResolveError, ServiceInfo, WaypointRoute, WorkloadInfo};

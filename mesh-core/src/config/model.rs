@@ -44,6 +44,13 @@ pub struct MeshConfig {
     pub policies: Vec<Policy>,
     #[serde(default)]
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// L7 configuration, read by waypoints only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<super::HttpRoute>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_policies: Vec<super::HttpPolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic_policies: Vec<super::TrafficPolicy>,
 }
 
 impl MeshConfig {

@@ -213,6 +213,23 @@ impl Validator<'_> {
         }
         let _ = policy_keys;
 
+        self.unique("httpRoutes", c.http_routes.iter().map(|r| r.key()))?;
+        for (i, r) in c.http_routes.iter().enumerate() {
+            super::http::check_route(r)
+                .map_err(|e| self.fail("httpRoutes", i, format!("route {}: {e}", r.key())))?;
+        }
+        self.unique("httpPolicies", c.http_policies.iter().map(|p| p.key()))?;
+        for (i, p) in c.http_policies.iter().enumerate() {
+            super::http::check_policy(p)
+                .map_err(|e| self.fail("httpPolicies", i, format!("policy {}: {e}", p.key())))?;
+        }
+        self.unique("trafficPolicies", c.traffic_policies.iter().map(|p| p.key()))?;
+        for (i, p) in c.traffic_policies.iter().enumerate() {
+            super::http::check_traffic_policy(p).map_err(|e| {
+                self.fail("trafficPolicies", i, format!("policy {}: {e}", p.key()))
+            })?;
+        }
+
         for (i, pa) in c.peer_authentications.iter().enumerate() {
             for w in &pa.workloads {
                 let exists = c

@@ -794,6 +794,7 @@ pub fn assemble(
                 workloads,
             })
             .collect(),
+        ..MeshConfig::default()
     };
     crate::config::validate_mesh_config(&config).map_err(|e| e.to_string())?;
     Ok(config)
