@@ -41,6 +41,18 @@ pub struct ServiceInfo {
     next: AtomicUsize,
 }
 
+impl ServiceInfo {
+    /// A rotating start index, so round-robin choices made outside this
+    /// module (a waypoint skipping ejected endpoints) spread like ours do.
+    pub fn rotate(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn key(&self) -> String {
+        self.service.key()
+    }
+}
+
 /// Where an outbound connection goes.
 #[derive(Debug, Clone)]
 pub enum Destination {
@@ -87,6 +99,7 @@ pub struct MeshState {
     workloads: HashMap<IpAddr, Arc<WorkloadInfo>>,
     services_by_ip: HashMap<IpAddr, Arc<ServiceInfo>>,
     services_by_host: HashMap<String, Arc<ServiceInfo>>,
+    services_by_key: HashMap<String, Arc<ServiceInfo>>,
     policies: HashMap<String, Policy>,
 }
 
@@ -125,6 +138,7 @@ impl MeshState {
         }
         let mut services_by_ip = HashMap::new();
         let mut services_by_host = HashMap::new();
+        let mut services_by_key = HashMap::new();
         for s in &config.services {
             let key = s.key();
             let mut endpoints = endpoints_of.remove(key.as_str()).unwrap_or_default();
@@ -142,7 +156,8 @@ impl MeshState {
             for ip in &s.addresses {
                 services_by_ip.insert(*ip, info.clone());
             }
-            services_by_host.insert(hostname, info);
+            services_by_host.insert(hostname, info.clone());
+            services_by_key.insert(key, info);
         }
         let policies = config
             .policies
@@ -154,6 +169,7 @@ impl MeshState {
             workloads,
             services_by_ip,
             services_by_host,
+            services_by_key,
             policies,
         }
     }
@@ -179,6 +195,15 @@ impl MeshState {
 
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<ServiceInfo>> {
         self.services_by_host.get(host)
+    }
+
+    pub fn service_by_ip(&self, ip: IpAddr) -> Option<&Arc<ServiceInfo>> {
+        self.services_by_ip.get(&ip)
+    }
+
+    /// The service `namespace/name`.
+    pub fn service_by_key(&self, key: &str) -> Option<&Arc<ServiceInfo>> {
+        self.services_by_key.get(key)
     }
 
     /// Resolves an original destination to a workload (directly or through a VIP).

@@ -4,14 +4,17 @@
 //! * [`pool`]: share connections per (source identity, destination identity,
 //!   destination address), at most [`MAX_STREAMS_PER_CONNECTION`] streams each.
 //! * [`server`]: accept CONNECT streams on an mTLS connection.
+//! * [`io`]: a tunnel as a byte stream, for protocols spoken inside it.
 //! * [`tunnel`]: one CONNECT stream and the byte copy between it and a TCP socket.
 
 pub mod client;
+pub mod io;
 pub mod pool;
 pub mod server;
 pub mod tunnel;
 
 pub use client::H2Client;
+pub use io::TunnelIo;
 pub use pool::{Pool, PoolConfig, PoolKey};
 pub use server::{serve_connection, IncomingTunnel};
 pub use tunnel::{copy_tcp_tunnel, CopyOutcome, Tunnel};

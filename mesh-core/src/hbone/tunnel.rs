@@ -187,7 +187,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn h2_io(e: h2::Error) -> io::Error {
+pub(crate) fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()
