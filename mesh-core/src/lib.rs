@@ -3,6 +3,8 @@
 //! * [`identity`]: SPIFFE workload identities.
 //! * [`tls`]: workload certificates, trust roots and the mTLS configs built from them.
 //! * [`ca`]: certificate issuance (the mesh CA, also used by tests).
+//! * [`ca_client`]: proxies fetch and renew their workloads' certificates from the CA.
+//! * [`drain`]: graceful shutdown of a proxy's connections.
 //! * [`hbone`]: HTTP/2 CONNECT tunnels over mTLS (client, pool, server, copy).
 //! * [`config`]: the mesh data model (workloads, services, policies) and its YAML form.
 //! * [`authz`]: L4 authorization decisions.
@@ -13,7 +15,9 @@
 pub mod authz;
 pub mod backoff;
 pub mod ca;
+pub mod ca_client;
 pub mod config;
+pub mod drain;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -6,10 +6,7 @@
 //! delivered; captured plaintext (15006) is admitted only where policy allows.
 
 pub mod admin;
-pub mod ca_client;
 pub mod capture;
-pub mod certs;
-pub mod drain;
 pub mod log_writer;
 pub mod metrics;
 pub mod proxy;
@@ -25,7 +22,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use mesh_core::config::{MeshConfig, MeshState};
 use mesh_core::hbone::{Pool, PoolConfig};
-use mesh_core::tls::{CertificateStore, TrustRoots};
+use mesh_core::tls::{dir, CertificateStore, TrustRoots};
 
 use crate::admin::{Endpoint, LogControl};
 use crate::settings::{Listen, Settings};
@@ -44,7 +41,7 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
     };
     let store = CertificateStore::default();
     match (&settings.certs, &settings.ca_root_cert) {
-        (Some(dir), _) => certs::apply(&store, certs::load_dir(dir)?),
+        (Some(dir), _) => dir::apply(&store, dir::load_dir(dir)?),
         (None, Some(root)) => {
             let pem = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
             store.set_roots(
@@ -76,7 +73,7 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
             let _in_runtime = admin_rt.enter();
             let observed = state.clone();
             Some(
-                ca_client::CaClient::new(
+                mesh_core::ca_client::CaClient::new(
                     &cp,
                     state.settings.node.clone(),
                     state.certs.clone(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use mesh_core::config::{parse_mesh_config, MeshConfig, MeshState};
 
-use crate::certs;
+use mesh_core::tls::dir;
 use crate::metrics::ResultLabels;
 use crate::state::ProxyState;
 
@@ -26,7 +26,7 @@ pub async fn watch(state: Arc<ProxyState>) {
     }
     let mut config_stamp = config.as_deref().and_then(mesh_core::sys::file_stamp);
     let mut config_bytes = config.as_deref().and_then(|p| std::fs::read(p).ok());
-    let mut cert_stamp = certs_dir.as_deref().map(certs::stamp);
+    let mut cert_stamp = certs_dir.as_deref().map(dir::stamp);
     let mut tick = tokio::time::interval(settings.reload_interval);
     loop {
         tick.tick().await;
@@ -42,7 +42,7 @@ pub async fn watch(state: Arc<ProxyState>) {
             }
         }
         if let Some(dir) = &certs_dir {
-            let stamp = Some(certs::stamp(dir));
+            let stamp = Some(dir::stamp(dir));
             if stamp != cert_stamp {
                 cert_stamp = stamp;
                 reload_certs(&state, dir);
@@ -84,10 +84,10 @@ fn reload_config(state: &ProxyState, path: &Path) {
 }
 
 fn reload_certs(state: &ProxyState, dir: &Path) {
-    match certs::load_dir(dir) {
+    match dir::load_dir(dir) {
         Ok(loaded) => {
             let n = loaded.certs.len();
-            certs::apply(&state.certs, loaded);
+            dir::apply(&state.certs, loaded);
             count(state, "certificates", true);
             tracing::info!(certificates = n, "certificates reloaded");
         }

@@ -12,7 +12,7 @@ use mesh_core::xds::client::ClientStatus;
 use mesh_core::Identity;
 use tokio::sync::watch;
 
-use crate::drain::Drain;
+use mesh_core::drain::Drain;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 

@@ -7,6 +7,7 @@
 
 mod cert;
 mod config;
+pub mod dir;
 mod store;
 mod verify;
 

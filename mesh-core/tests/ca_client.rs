@@ -1,4 +1,4 @@
-//! The CA client against a small in-test CA server (ztunnel cannot depend on
+//! The CA client against a small in-test CA server (mesh-core cannot depend on
 //! istiod-lite): filling the store, refusing bad answers, rotation, outages
 //! and departing workloads.
 
@@ -18,7 +18,7 @@ use mesh_core::tls::CertificateStore;
 use mesh_core::Identity;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use ztunnel::ca_client::{CaClient, FetchError};
+use mesh_core::ca_client::{CaClient, FetchError};
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::Context;
-use mesh_core::tls::{CertificateStore, TrustRoots, WorkloadCertificate};
+
+
+use super::{CertificateStore, TrustRoots, WorkloadCertificate};
 
 /// Everything found in the directory, ready to be swapped into the store.
 pub struct LoadedCerts {

@@ -14,15 +14,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use mesh_core::ca::{generate_csr, CaError};
-use mesh_core::config::MeshState;
-use mesh_core::grpc::{BearerToken, ControlPlane, GrpcError};
-use mesh_core::proto::istio::ca::istio_certificate_service_client::IstioCertificateServiceClient;
-use mesh_core::proto::istio::ca::IstioCertificateRequest;
-use mesh_core::tls::{
+use crate::ca::{generate_csr, CaError};
+use crate::config::MeshState;
+use crate::grpc::{BearerToken, ControlPlane, GrpcError};
+use crate::proto::istio::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::proto::istio::ca::IstioCertificateRequest;
+use crate::tls::{
     identity_from_cert, CertError, CertificateStore, ExpectedIdentityVerifier, WorkloadCertificate,
 };
-use mesh_core::Identity;
+use crate::Identity;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -32,7 +32,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Metadata field naming the identity requested on a workload's behalf (Istio's).
-use mesh_core::proto::IMPERSONATED_IDENTITY;
+use crate::proto::IMPERSONATED_IDENTITY;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -247,7 +247,7 @@ impl CaClient {
                     in_flight.remove(&identity);
                     self.settle(identity, result, &wanted, &mut schedule);
                 }
-                _ = mesh_core::backoff::sleep_until(next.map(Into::into)) => {}
+                _ = crate::backoff::sleep_until(next.map(Into::into)) => {}
             }
         }
     }
@@ -322,7 +322,7 @@ impl CaClient {
                 };
             }
             Err(error) => {
-                let retry_in = mesh_core::backoff::jitter(due.backoff);
+                let retry_in = crate::backoff::jitter(due.backoff);
                 let current = self.store.get(&identity);
                 let valid_for = current
                     .as_ref()
