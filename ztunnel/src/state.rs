@@ -1,27 +1,19 @@
 //! State shared by every listener: the mesh view, certificates, metrics, drain.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use mesh_core::config::{MeshState, WorkloadInfo};
 use mesh_core::hbone::{HboneError, Pool};
-use mesh_core::tls::{self, CertificateStore, TrustRoots, WorkloadCertificate};
+use mesh_core::tls::CertificateStore;
 use mesh_core::xds::client::ClientStatus;
 use mesh_core::Identity;
 use tokio::sync::watch;
 
-use mesh_core::drain::Drain;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-
-/// A server config and the certificate and roots it was built from (to notice rotation).
-type ServerTls = (
-    Arc<WorkloadCertificate>,
-    TrustRoots,
-    Arc<rustls::ServerConfig>,
-);
+use mesh_core::drain::Drain;
 
 pub struct ProxyState {
     pub settings: Settings,
@@ -31,8 +23,6 @@ pub struct ProxyState {
     pub drain: Drain,
     pub ready: AtomicBool,
     pool: OnceLock<Pool>,
-    /// Server TLS configs per local identity, rebuilt when the certificate changes.
-    server_tls: Mutex<HashMap<Identity, ServerTls>>,
     /// The xDS client's view, when the mesh comes from a control plane.
     xds: OnceLock<Arc<Mutex<ClientStatus>>>,
 }
@@ -47,7 +37,6 @@ impl ProxyState {
             drain: Drain::default(),
             ready: AtomicBool::new(false),
             pool: OnceLock::new(),
-            server_tls: Mutex::new(HashMap::new()),
             xds: OnceLock::new(),
         }
     }
@@ -103,23 +92,7 @@ impl ProxyState {
 
     /// The mTLS server config presenting `identity`'s current certificate.
     pub fn server_tls(&self, identity: &Identity) -> Result<Arc<rustls::ServerConfig>, HboneError> {
-        let cert = self
-            .certs
-            .get(identity)
-            .ok_or_else(|| HboneError::NoCertificate(identity.to_string()))?;
-        let roots = self
-            .certs
-            .roots()
-            .ok_or_else(|| HboneError::NoCertificate("trust roots".into()))?;
-        let mut cache = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((c, r, cfg)) = cache.get(identity) {
-            if Arc::ptr_eq(c, &cert) && r.same(&roots) {
-                return Ok(cfg.clone());
-            }
-        }
-        let cfg = Arc::new(tls::server_config(&cert, &roots)?);
-        cache.insert(identity.clone(), (cert, roots, cfg.clone()));
-        Ok(cfg)
+        self.certs.server_config(identity)
     }
 
     /// The mTLS client config for acting as `src` towards `dst`.
@@ -128,18 +101,6 @@ impl ProxyState {
         src: &Identity,
         dst: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, HboneError> {
-        let cert = self
-            .certs
-            .get(src)
-            .ok_or_else(|| HboneError::NoCertificate(src.to_string()))?;
-        let roots = self
-            .certs
-            .roots()
-            .ok_or_else(|| HboneError::NoCertificate("trust roots".into()))?;
-        Ok(Arc::new(tls::client_config(
-            &cert,
-            &roots,
-            vec![dst.clone()],
-        )?))
+        self.certs.client_config(src, dst)
     }
 }
