@@ -577,8 +577,15 @@ pub(super) fn check_route(r: &HttpRoute) -> Result<(), String> {
             .filters
             .iter()
             .any(|f| f.kind == FilterType::RequestRedirect);
-        if redirects && rule.filters.iter().any(|f| f.kind == FilterType::UrlRewrite) {
-            return Err(at("RequestRedirect and URLRewrite cannot be combined".into()));
+        if redirects
+            && rule
+                .filters
+                .iter()
+                .any(|f| f.kind == FilterType::UrlRewrite)
+        {
+            return Err(at(
+                "RequestRedirect and URLRewrite cannot be combined".into()
+            ));
         }
         for b in &rule.backend_refs {
             if b.name.is_empty() || b.port == 0 {
@@ -614,8 +621,14 @@ pub(super) fn check_route(r: &HttpRoute) -> Result<(), String> {
 
 fn check_filter(f: &RouteFilter) -> Result<(), String> {
     let set = [
-        (FilterType::RequestHeaderModifier, f.request_header_modifier.is_some()),
-        (FilterType::ResponseHeaderModifier, f.response_header_modifier.is_some()),
+        (
+            FilterType::RequestHeaderModifier,
+            f.request_header_modifier.is_some(),
+        ),
+        (
+            FilterType::ResponseHeaderModifier,
+            f.response_header_modifier.is_some(),
+        ),
         (FilterType::RequestRedirect, f.request_redirect.is_some()),
         (FilterType::UrlRewrite, f.url_rewrite.is_some()),
         (FilterType::RequestMirror, f.request_mirror.is_some()),
@@ -739,14 +752,25 @@ mod tests {
 
     #[test]
     fn durations_follow_gep_2257() {
-        for (s, ms) in [("10s", 10_000), ("500ms", 500), ("1m30s", 90_000), ("1h", 3_600_000)] {
+        for (s, ms) in [
+            ("10s", 10_000),
+            ("500ms", 500),
+            ("1m30s", 90_000),
+            ("1h", 3_600_000),
+        ] {
             let d: HttpDuration = s.parse().unwrap();
             assert_eq!(d.0.as_millis(), ms, "{s}");
         }
         for bad in ["", "10", "1.5s", "s", "1d", "123456s", "1h1h1h1h1h", "-1s"] {
-            assert!(bad.parse::<HttpDuration>().is_err(), "{bad} must be refused");
+            assert!(
+                bad.parse::<HttpDuration>().is_err(),
+                "{bad} must be refused"
+            );
         }
-        assert_eq!(HttpDuration(Duration::from_millis(1500)).to_string(), "1500ms");
+        assert_eq!(
+            HttpDuration(Duration::from_millis(1500)).to_string(),
+            "1500ms"
+        );
         assert_eq!(HttpDuration(Duration::from_secs(3)).to_string(), "3s");
     }
 
@@ -770,7 +794,10 @@ timeouts: {request: 2s, backendRequest: 500ms}
 retry: {codes: [503], attempts: 2, backoff: 10ms}
 "#;
         let rule: RouteRule = serde_yaml::from_str(yaml).unwrap();
-        assert_eq!(rule.matches[0].path.as_ref().unwrap().kind, PathMatchType::Exact);
+        assert_eq!(
+            rule.matches[0].path.as_ref().unwrap().kind,
+            PathMatchType::Exact
+        );
         assert_eq!(rule.matches[0].headers[0].kind, ValueMatchType::Exact);
         assert_eq!(rule.filters[1].kind, FilterType::UrlRewrite);
         assert_eq!(rule.backend_refs[1].weight, 1);

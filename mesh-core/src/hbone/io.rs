@@ -130,9 +130,7 @@ impl AsyncWrite for TunnelIo {
         let this = self.get_mut();
         if !this.shut {
             this.shut = true;
-            this.send
-                .send_data(Bytes::new(), true)
-                .map_err(h2_to_io)?;
+            this.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         }
         Poll::Ready(Ok(()))
     }
