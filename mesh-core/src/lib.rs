@@ -9,6 +9,7 @@
 //! * [`config`]: the mesh data model (workloads, services, policies) and its YAML form.
 //! * [`authz`]: L4 authorization decisions.
 //! * [`grpc`]: channels from proxies to the control plane (TLS, bearer token).
+//! * [`reload`]: polling a proxy's static config file and certificate directory.
 //! * [`proto`]: generated xDS, Istio workload/authorization and CA types.
 //! * [`xds`]: the mesh model as Istio's xDS resources, and back.
 
@@ -22,6 +23,7 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod proto;
+pub mod reload;
 pub mod sys;
 pub mod tls;
 pub mod xds;
