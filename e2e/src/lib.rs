@@ -12,6 +12,7 @@ pub mod pki;
 pub mod process;
 pub mod servers;
 pub mod sniff;
+pub mod waypoint_stub;
 
 pub use loopback::Subnet;
 pub use pki::Pki;

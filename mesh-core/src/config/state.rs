@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -101,6 +101,8 @@ pub struct MeshState {
     services_by_host: HashMap<String, Arc<ServiceInfo>>,
     services_by_key: HashMap<String, Arc<ServiceInfo>>,
     policies: HashMap<String, Policy>,
+    /// Identities of native-tunnel (waypoint) workloads.
+    waypoint_identities: HashSet<Identity>,
 }
 
 impl MeshState {
@@ -159,6 +161,11 @@ impl MeshState {
             services_by_host.insert(hostname, info.clone());
             services_by_key.insert(key, info);
         }
+        let waypoint_identities = by_key
+            .values()
+            .filter(|w| w.workload.native_tunnel)
+            .map(|w| w.identity.clone())
+            .collect();
         let policies = config
             .policies
             .iter()
@@ -171,6 +178,7 @@ impl MeshState {
             services_by_host,
             services_by_key,
             policies,
+            waypoint_identities,
         }
     }
 
@@ -240,29 +248,101 @@ impl MeshState {
             .iter()
             .find(|p| p.port == vip.port())
             .ok_or_else(|| ResolveError::NoSuchPort(key.clone(), vip.port()))?;
-        if svc.endpoints.is_empty() {
+        let Some(workload) = Self::choose(svc) else {
             return Err(ResolveError::NoEndpoints(key));
-        }
-        let workload = match svc.service.load_balancing {
-            LoadBalancing::RoundRobin => {
-                let i = svc.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
-                &svc.endpoints[i]
-            }
-            LoadBalancing::LeastConnections => {
-                // Start the scan at a rotating offset so ties spread out.
-                let start = svc.next.fetch_add(1, Ordering::Relaxed);
-                let n = svc.endpoints.len();
-                (0..n)
-                    .map(|k| &svc.endpoints[(start + k) % n])
-                    .min_by_key(|w| w.active.load(Ordering::Relaxed))
-                    .unwrap_or(&svc.endpoints[0])
-            }
         };
         Ok(Destination::Workload {
             workload: workload.clone(),
             service: Some(svc.clone()),
             addr: SocketAddr::new(workload.address_like(vip.ip()), port.target()),
         })
+    }
+
+    /// One endpoint of `svc` by its load-balancing algorithm; `None` without endpoints.
+    fn choose(svc: &ServiceInfo) -> Option<&Arc<WorkloadInfo>> {
+        let n = svc.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        match svc.service.load_balancing {
+            LoadBalancing::RoundRobin => {
+                let i = svc.next.fetch_add(1, Ordering::Relaxed) % n;
+                svc.endpoints.get(i)
+            }
+            LoadBalancing::LeastConnections => {
+                // Start the scan at a rotating offset so ties spread out.
+                let start = svc.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| &svc.endpoints[(start + k) % n])
+                    .min_by_key(|w| w.active.load(Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// A pod of a ready waypoint service, balanced as the service says. The
+    /// service's ports play no part: a waypoint is reached on its HBONE port
+    /// whatever the Service lists.
+    pub fn pick_waypoint(&self, waypoint: &ServiceInfo) -> Option<Arc<WorkloadInfo>> {
+        Self::choose(waypoint).cloned()
+    }
+
+    /// Whether `id` is the identity of a native-tunnel (waypoint) workload.
+    pub fn is_waypoint_identity(&self, id: &Identity) -> bool {
+        self.waypoint_identities.contains(id)
+    }
+
+    /// Whether `peer` may deliver a connection to `w` (`None`: plaintext, no
+    /// identity); `Err` says why not. A workload with a waypoint of its own takes connections
+    /// only from the pods of the waypoints it is reached through: its own,
+    /// and those of the services it is an endpoint of (a service's waypoint
+    /// delivers the service's traffic to it). The peer is compared by the
+    /// identity it proved, as Istio's ztunnel compared it before it left
+    /// this check to policy.
+    ///
+    /// A workload without a waypoint of its own admits anyone, even when a
+    /// service of it has one: a connection to the pod's own address never
+    /// needed that waypoint, and the destination cannot tell the two apart.
+    pub fn waypoint_admission(
+        &self,
+        w: &WorkloadInfo,
+        peer: Option<&Identity>,
+    ) -> Result<(), String> {
+        let Some(own) = w.workload.waypoint.as_ref() else {
+            return Ok(());
+        };
+        let Some(peer) = peer else {
+            return Err(format!(
+                "{} is behind waypoint {}: plaintext cannot come from it",
+                w.key(),
+                own.key()
+            ));
+        };
+        let service_waypoints = w
+            .workload
+            .services
+            .iter()
+            .filter_map(|k| self.services_by_key.get(k))
+            .filter_map(|s| s.service.waypoint.as_ref());
+        let admitted = std::iter::once(own).chain(service_waypoints).any(|wp| {
+            match self.resolve_waypoint(wp) {
+                WaypointRoute::Ready { service, .. } => {
+                    service.endpoints.iter().any(|e| &e.identity == peer)
+                }
+                WaypointRoute::Unavailable { .. } => false,
+            }
+        });
+        if admitted {
+            return Ok(());
+        }
+        let why = match self.resolve_waypoint(own) {
+            WaypointRoute::Ready { .. } => format!("{peer} is not a pod of it"),
+            WaypointRoute::Unavailable { reason, .. } => reason,
+        };
+        Err(format!(
+            "{} is behind waypoint {}: {why}",
+            w.key(),
+            own.key()
+        ))
     }
 
     /// The waypoint that traffic to `dst` must pass, if any: the service's
@@ -280,11 +360,15 @@ impl MeshState {
             .as_ref()
             .and_then(|s| s.service.waypoint.as_ref())
             .or(workload.workload.waypoint.as_ref())?;
-        let unavailable = |reason: String| {
-            Some(WaypointRoute::Unavailable {
-                waypoint: wp.clone(),
-                reason,
-            })
+        Some(self.resolve_waypoint(wp))
+    }
+
+    /// How a waypoint reference resolves: its Service, if that exists and
+    /// has only waypoint pods, else why it cannot be used.
+    pub fn resolve_waypoint(&self, wp: &WaypointRef) -> WaypointRoute {
+        let unavailable = |reason: String| WaypointRoute::Unavailable {
+            waypoint: wp.clone(),
+            reason,
         };
         let host = wp.hostname_in(&self.config.trust_domain);
         let Some(svc) = self
@@ -307,10 +391,10 @@ impl MeshState {
                 w.key()
             ));
         }
-        Some(WaypointRoute::Ready {
+        WaypointRoute::Ready {
             waypoint: wp.clone(),
             service: svc.clone(),
-        })
+        }
     }
 
     /// The policies that apply to connections to `w`.
@@ -474,6 +558,54 @@ services:
         }
         assert!(route("198.18.200.9:15008").is_none(), "the waypoint itself");
         assert!(route("203.0.113.1:80").is_none(), "passthrough");
+    }
+
+    const BEHIND_WAYPOINTS: &str = r#"
+workloads:
+- {name: a, namespace: ns, node: n1, addresses: ["198.19.1.1"], services: [ns/svc], waypoint: {namespace: ns, name: wp}}
+- {name: b, namespace: ns, node: n2, addresses: ["198.19.2.1"], services: [ns/svc]}
+- {name: c, namespace: ns, node: n2, addresses: ["198.19.2.2"], waypoint: {namespace: ns, name: gone}}
+- {name: wp-0, namespace: ns, serviceAccount: wp, node: n2, addresses: ["198.19.2.9"], services: [ns/wp], nativeTunnel: true}
+- {name: svc-wp-0, namespace: ns, serviceAccount: svc-wp, node: n2, addresses: ["198.19.2.8"], services: [ns/svc-wp], nativeTunnel: true}
+services:
+- {name: svc, namespace: ns, addresses: ["198.18.200.1"], ports: [{port: 80}], waypoint: {namespace: ns, name: svc-wp}}
+- {name: wp, namespace: ns, addresses: ["198.18.200.9"], ports: [{port: 15008}]}
+- {name: svc-wp, namespace: ns, addresses: ["198.18.200.8"], ports: [{port: 80}]}
+"#;
+
+    #[test]
+    fn waypoint_admission_admits_only_the_waypoints_pods() {
+        let s = state(BEHIND_WAYPOINTS);
+        let w = |ip: &str| s.workload_by_ip(ip.parse().unwrap()).unwrap().clone();
+        let id = |sa: &str| Identity::new("cluster.local", "ns", sa).unwrap();
+        let (a, b, c) = (w("198.19.1.1"), w("198.19.2.1"), w("198.19.2.2"));
+        // a's own waypoint, and the waypoint of its service, which delivers
+        // the service's traffic to it.
+        assert_eq!(s.waypoint_admission(&a, Some(&id("wp"))), Ok(()));
+        assert_eq!(s.waypoint_admission(&a, Some(&id("svc-wp"))), Ok(()));
+        let err = s.waypoint_admission(&a, Some(&id("default"))).unwrap_err();
+        assert!(err.contains("not a pod of it"), "{err}");
+        assert!(s.waypoint_admission(&a, None).is_err(), "plaintext");
+        // No waypoint of its own: anyone, even though its service has one.
+        assert_eq!(s.waypoint_admission(&b, Some(&id("default"))), Ok(()));
+        assert_eq!(s.waypoint_admission(&b, None), Ok(()));
+        // A waypoint that cannot be resolved admits nobody.
+        let err = s.waypoint_admission(&c, Some(&id("wp"))).unwrap_err();
+        assert!(err.contains("has no service"), "{err}");
+        assert!(s.is_waypoint_identity(&id("wp")));
+        assert!(!s.is_waypoint_identity(&id("default")));
+    }
+
+    #[test]
+    fn pick_waypoint_ignores_ports_and_balances() {
+        let s = state(BEHIND_WAYPOINTS);
+        let route = s.waypoint_for(&s.resolve("198.18.200.1:80".parse().unwrap()).unwrap());
+        let Some(WaypointRoute::Ready { service, .. }) = route else {
+            panic!("{route:?}");
+        };
+        // svc-wp does not list 15008: a waypoint is reached on its HBONE port anyway.
+        let pod = s.pick_waypoint(&service).unwrap();
+        assert_eq!(pod.workload.name, "svc-wp-0");
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
             format!("{} is not a workload on node {}", local.ip(), state.node()),
         );
     };
+    if workload.workload.native_tunnel {
+        // A waypoint terminates its own tunnels; answering for it would put
+        // its identity in ztunnel's hands and skip its L7 policy.
+        return fail(
+            "native_tunnel",
+            format!("{} takes HBONE itself", workload.key()),
+        );
+    }
     let tls_config = match state.server_tls(&workload.identity) {
         Ok(c) => c,
         Err(e) => return fail(e.reason(), e.to_string()),
@@ -125,6 +133,16 @@ async fn serve_stream(
                 record.src_workload = Some(w.clone());
                 ip
             }
+            // A waypoint may name its own client; that is not believed (the
+            // waypoint is the source here, as in Istio's ztunnel, which reads
+            // no source from the header), but not refused either.
+            _ if mesh.is_waypoint_identity(&peer_id) => {
+                record.src_workload = mesh
+                    .workload_by_ip(peer.ip())
+                    .filter(|w| w.identity == peer_id)
+                    .cloned();
+                peer.ip()
+            }
             _ => {
                 let msg =
                     format!("forwarded source {ip} is not a workload with identity {peer_id}");
@@ -187,6 +205,19 @@ async fn serve_stream(
         return refuse(record, incoming, bad, "self_call", flags::NO_ROUTE, msg);
     }
 
+    if let Err(why) = mesh.waypoint_admission(&workload, Some(&peer_id)) {
+        // Traffic for a workload behind a waypoint must come through it, or
+        // the waypoint's L7 policy was skipped.
+        return refuse(
+            record,
+            incoming,
+            StatusCode::FORBIDDEN,
+            "waypoint_bypassed",
+            flags::RBAC,
+            why,
+        );
+    }
+
     let attrs = ConnectionAttributes {
         source: Some(&peer_id),
         source_ip: src_ip,
@@ -231,13 +262,15 @@ async fn serve_stream(
         }
     };
     record.opened(&state);
-    let stop = super::revoked(
+    let policy = super::revoked(
         state.clone(),
         dst.ip(),
         dst.port(),
         Some(peer_id.clone()),
         src_ip,
     );
+    let waypoint = waypoint_revoked(state.clone(), dst.ip(), Some(peer_id.clone()));
+    let stop = first_of(policy, waypoint);
     let outcome = copy_tcp_tunnel(upstream, tunnel, stop).await;
     let flag = super::flag_for(&outcome.error);
     let err = outcome.error.as_ref().map(|e| e as &dyn std::fmt::Display);
@@ -249,4 +282,38 @@ async fn serve_stream(
         flag,
         err,
     );
+}
+
+/// Resolves, with the reason, once a config change puts the local workload
+/// at `dst_ip` behind a waypoint that `peer` is not (`None`: plaintext).
+/// A workload that leaves this node is [`super::revoked`]'s to report.
+pub(crate) async fn waypoint_revoked(
+    state: Arc<ProxyState>,
+    dst_ip: std::net::IpAddr,
+    peer: Option<Identity>,
+) -> String {
+    let mut rx = state.watch_mesh();
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let mesh = rx.borrow_and_update().clone();
+        let Some(workload) = state.local_workload(&mesh, dst_ip) else {
+            continue;
+        };
+        if let Err(why) = mesh.waypoint_admission(&workload, peer.as_ref()) {
+            return format!("waypoint bypassed: {why}");
+        }
+    }
+}
+
+/// The reason of whichever stop condition fires first.
+pub(crate) async fn first_of(
+    a: impl std::future::Future<Output = String>,
+    b: impl std::future::Future<Output = String>,
+) -> String {
+    tokio::select! {
+        why = a => why,
+        why = b => why,
+    }
 }

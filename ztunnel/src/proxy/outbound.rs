@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
-use mesh_core::config::{Destination, ResolveError};
+use mesh_core::config::{Destination, ResolveError, WaypointRoute, WorkloadInfo};
 use mesh_core::hbone::{self, copy_tcp_tunnel, HboneError, PoolKey};
 use tokio::net::TcpStream;
 
@@ -117,6 +117,15 @@ pub async fn establish(
         }
     };
 
+    // A waypoint's own connections never go through a waypoint: it is the
+    // waypoint (Istio's ztunnel skips it for them too). Capture leaves
+    // waypoints alone; this covers one reaching us another way (SOCKS5).
+    let waypoint = if src_workload.workload.native_tunnel {
+        None
+    } else {
+        mesh.waypoint_for(&destination)
+    };
+
     match destination {
         Destination::Passthrough(addr) => {
             record.dst_addr = addr;
@@ -135,6 +144,15 @@ pub async fn establish(
             service,
             addr,
         } => {
+            // What the client addressed: the VIP (for a hostname, the
+            // service's first VIP, as resolution used) or the pod address.
+            let original = match &target {
+                Target::Addr(a) => *a,
+                Target::Host(_, p) => service
+                    .as_ref()
+                    .and_then(|s| s.service.addresses.first())
+                    .map_or(addr, |vip| SocketAddr::new(*vip, *p)),
+            };
             record.dst_addr = match &target {
                 Target::Addr(a) => *a,
                 Target::Host(..) => addr,
@@ -143,46 +161,107 @@ pub async fn establish(
             record.dst_workload = Some(workload.clone());
             record.dst_service = service;
             record.security = SecurityPolicy::mutual_tls;
-            if workload.workload.node == state.node() {
-                return establish_local(state, src, &src_workload, workload, addr, record).await;
-            }
-            let hbone_addr = SocketAddr::new(addr.ip(), state.settings.hbone_port);
-            record.via = Some(hbone_addr);
-            let key = PoolKey {
-                src: src_workload.identity.clone(),
-                dst: workload.identity.clone(),
-                dst_addr: hbone_addr,
-            };
-            let headers = forwarded_header(src);
-            let Some(pool) = state.pool() else {
-                return Err(refuse(
-                    record,
-                    "not_ready",
-                    flags::UPSTREAM_FAILURE,
-                    "pool not initialised".into(),
-                ));
-            };
-            let active = ActiveEndpoint::new(workload.clone());
-            let tls = || state.client_tls(&key.src, &key.dst);
-            match pool.open(&key, addr, &headers, tls).await {
-                Ok(tunnel) => Ok((record, Upstream::Tunnel(tunnel, active))),
-                Err(e) => {
-                    let (flag, denied) = match &e {
-                        HboneError::Status(s) if *s == http::StatusCode::FORBIDDEN => {
-                            (flags::RBAC, true)
-                        }
-                        _ => (flags::UPSTREAM_FAILURE, false),
+            match waypoint {
+                Some(WaypointRoute::Ready { waypoint, service }) => {
+                    let Some(pod) = mesh.pick_waypoint(&service) else {
+                        let msg = format!("waypoint {} has no endpoints", waypoint.key());
+                        return Err(refuse(
+                            record,
+                            "waypoint_unavailable",
+                            flags::NO_HEALTHY_UPSTREAM,
+                            msg,
+                        ));
                     };
-                    let mut r = refuse(
-                        record,
-                        e.reason(),
-                        flag,
-                        format!("hbone to {hbone_addr}: {e}"),
+                    // Istio's attribution for this hop: the waypoint is the
+                    // destination workload and principal (it is what TLS
+                    // proves), the service stays the one the client meant.
+                    record.dst_addr = original;
+                    record.dst_identity = Some(pod.identity.clone());
+                    record.dst_workload = Some(pod.clone());
+                    // Straight to the waypoint pod, never its node's ztunnel
+                    // and never the same-node shortcut: it terminates HBONE
+                    // itself, and only it may apply the destination's L7 policy.
+                    let hbone_addr =
+                        SocketAddr::new(pod.address_like(original.ip()), waypoint.hbone_port);
+                    let key = PoolKey {
+                        src: src_workload.identity.clone(),
+                        dst: pod.identity.clone(),
+                        dst_addr: hbone_addr,
+                    };
+                    // The waypoint routes on what the client addressed, so the
+                    // authority is the original destination, not an endpoint.
+                    open_tunnel(state, src, record, key, original, pod).await
+                }
+                Some(WaypointRoute::Unavailable { waypoint, reason }) => {
+                    let msg = format!(
+                        "{original} needs waypoint {}: {reason}; not sent around it",
+                        waypoint.key()
                     );
-                    r.denied = denied;
-                    Err(r)
+                    Err(refuse(
+                        record,
+                        "waypoint_unavailable",
+                        flags::NO_HEALTHY_UPSTREAM,
+                        msg,
+                    ))
+                }
+                None => {
+                    // A native-tunnel destination terminates HBONE itself:
+                    // the same-node shortcut would bypass it.
+                    if workload.workload.node == state.node() && !workload.workload.native_tunnel {
+                        return establish_local(state, src, &src_workload, workload, addr, record)
+                            .await;
+                    }
+                    let hbone_addr = SocketAddr::new(addr.ip(), state.settings.hbone_port);
+                    let key = PoolKey {
+                        src: src_workload.identity.clone(),
+                        dst: workload.identity.clone(),
+                        dst_addr: hbone_addr,
+                    };
+                    open_tunnel(state, src, record, key, addr, workload).await
                 }
             }
+        }
+    }
+}
+
+/// Opens a pooled HBONE tunnel for `key` to `authority`, counting the
+/// connection against `endpoint` (the workload or waypoint pod dialled).
+async fn open_tunnel(
+    state: &Arc<ProxyState>,
+    src: SocketAddr,
+    mut record: ConnectionRecord,
+    key: PoolKey,
+    authority: SocketAddr,
+    endpoint: Arc<WorkloadInfo>,
+) -> Result<(ConnectionRecord, Upstream), Box<Refusal>> {
+    let hbone_addr = key.dst_addr;
+    record.via = Some(hbone_addr);
+    let headers = forwarded_header(src);
+    let Some(pool) = state.pool() else {
+        return Err(Box::new(Refusal {
+            record,
+            reason: "not_ready",
+            flags: flags::UPSTREAM_FAILURE,
+            message: "pool not initialised".into(),
+            denied: false,
+        }));
+    };
+    let active = ActiveEndpoint::new(endpoint);
+    let tls = || state.client_tls(&key.src, &key.dst);
+    match pool.open(&key, authority, &headers, tls).await {
+        Ok(tunnel) => Ok((record, Upstream::Tunnel(tunnel, active))),
+        Err(e) => {
+            let (flag, denied) = match &e {
+                HboneError::Status(s) if *s == http::StatusCode::FORBIDDEN => (flags::RBAC, true),
+                _ => (flags::UPSTREAM_FAILURE, false),
+            };
+            Err(Box::new(Refusal {
+                record,
+                reason: e.reason(),
+                flags: flag,
+                message: format!("hbone to {hbone_addr}: {e}"),
+                denied,
+            }))
         }
     }
 }
@@ -192,8 +271,8 @@ pub async fn establish(
 async fn establish_local(
     state: &Arc<ProxyState>,
     src: SocketAddr,
-    src_workload: &Arc<mesh_core::config::WorkloadInfo>,
-    workload: Arc<mesh_core::config::WorkloadInfo>,
+    src_workload: &Arc<WorkloadInfo>,
+    workload: Arc<WorkloadInfo>,
     addr: SocketAddr,
     mut record: ConnectionRecord,
 ) -> Result<(ConnectionRecord, Upstream), Box<Refusal>> {
@@ -268,13 +347,21 @@ pub async fn relay(
             let mut dst_record = record.clone();
             dst_record.reporter = Reporter::destination;
             dst_record.opened(state);
-            let stop = super::revoked(
+            let policy = super::revoked(
                 state.clone(),
                 record.dst_addr_ip(),
                 upstream.peer_addr().map_or(0, |a| a.port()),
                 record.src_identity.clone(),
                 record.src_addr.ip(),
             );
+            // A waypoint given to the destination later takes over its
+            // traffic: a connection that now bypasses it is cut.
+            let waypoint = super::inbound::waypoint_revoked(
+                state.clone(),
+                record.dst_addr_ip(),
+                record.src_identity.clone(),
+            );
+            let stop = super::inbound::first_of(policy, waypoint);
             let (up, down, err) = super::copy_plain(client, upstream, stop).await;
             let flag = super::flag_for(&err);
             let err = err.as_ref().map(|e| e as &dyn std::fmt::Display);
