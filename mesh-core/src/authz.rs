@@ -75,7 +75,9 @@ fn rule_matches(rule: &Rule, conn: &ConnectionAttributes<'_>) -> bool {
         && (rule.to.is_empty() || rule.to.iter().any(|d| destination_matches(d, conn)))
 }
 
-fn source_matches(m: &SourceMatch, conn: &ConnectionAttributes<'_>) -> bool {
+/// Whether an L4 `source` clause matches the connection (shared with the
+/// waypoint's L7 evaluator).
+pub fn source_matches(m: &SourceMatch, conn: &ConnectionAttributes<'_>) -> bool {
     let principal = conn.source.map(|id| id.principal());
     let namespace = conn.source.map(|id| id.namespace());
     positive(&m.principals, principal.as_deref())
@@ -92,17 +94,17 @@ fn destination_matches(m: &DestinationMatch, conn: &ConnectionAttributes<'_>) ->
 }
 
 /// An empty list matches anything; otherwise the value must be present and match.
-fn positive(patterns: &[String], value: Option<&str>) -> bool {
+pub fn positive(patterns: &[String], value: Option<&str>) -> bool {
     patterns.is_empty() || value.is_some_and(|v| patterns.iter().any(|p| pattern_matches(p, v)))
 }
 
 /// Matches unless the value is present and matches one of the patterns.
-fn negative(patterns: &[String], value: Option<&str>) -> bool {
+pub fn negative(patterns: &[String], value: Option<&str>) -> bool {
     !value.is_some_and(|v| patterns.iter().any(|p| pattern_matches(p, v)))
 }
 
 /// Istio string matching: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
-fn pattern_matches(pattern: &str, value: &str) -> bool {
+pub fn pattern_matches(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
         return !value.is_empty();
     }
