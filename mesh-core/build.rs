@@ -1,5 +1,6 @@
 //! Compiles the protobuf definitions under `proto/` (xDS transport, Istio's
-//! workload/authorization/CA types) with protoc.
+//! workload/authorization/CA types, Ambit's extensions and L7 types) with
+//! protoc.
 
 fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
@@ -9,6 +10,7 @@ fn main() {
         "istio/authorization.proto",
         "istio/ca.proto",
         "ambit/extensions.proto",
+        "ambit/route.proto",
     ]
     .map(|f| root.join(f));
     for f in &files {

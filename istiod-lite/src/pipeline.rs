@@ -122,9 +122,10 @@ pub fn publish(
     metrics.rejected_objects.set(rejected.len() as i64);
     outputs.rejected.send_replace(Arc::new(rejected));
     let encoded = mesh_core::xds::encode(&config);
+    let l7 = mesh_core::xds::encode_l7(&config);
     let current = outputs.snapshots.borrow().clone();
     let visible = |s: Snapshot| s.with_visibility(Visibility::of(&config));
-    match current.next(encoded).map(visible) {
+    match current.next_with_l7(encoded, l7).map(visible) {
         Some(next) => {
             let changed: usize = next.changed.values().map(Vec::len).sum();
             tracing::info!(

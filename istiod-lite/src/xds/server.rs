@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use mesh_core::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use mesh_core::proto::ADDRESS_TYPE;
 
 use super::metrics::XdsMetrics;
 use super::snapshot::{Entry, Snapshot, TYPES};
+use super::visibility;
 use crate::node_auth::Authenticator;
 
 #[derive(Clone)]
@@ -314,16 +315,19 @@ impl Stream {
         };
         let mut diff = Diff::default();
         if sub.wildcard {
-            let filtered = type_url == AUTHORIZATION_TYPE;
+            let filtered = visibility::filtered(type_url);
             match &sub.held {
                 Some(held) => diff.between(held, snapshot, type_url, node.as_deref()),
                 None => diff.against_versions(&sub.sent, current, |n| {
-                    !filtered || snapshot.visibility.visible(node.as_deref(), n)
+                    !filtered || snapshot.visibility.visible(type_url, node.as_deref(), n)
                 }),
             }
             for name in std::mem::take(&mut sub.resend) {
                 // Naming a policy does not make it this node's business.
-                let visible = !filtered || snapshot.visibility.visible(node.as_deref(), &name);
+                let visible = !filtered
+                    || snapshot
+                        .visibility
+                        .visible(type_url, node.as_deref(), &name);
                 if visible && !diff.resources.iter().any(|r| r.name == name) {
                     if let Some(entry) = current.get(&name) {
                         diff.send(&name, entry);
@@ -337,9 +341,10 @@ impl Stream {
         } else {
             sub.resend.clear();
             let names = &sub.names;
-            let filtered = type_url == AUTHORIZATION_TYPE;
+            let filtered = visibility::filtered(type_url);
             diff.against_versions(&sub.sent, current, |n| {
-                names.contains(n) && (!filtered || snapshot.visibility.visible(node.as_deref(), n))
+                names.contains(n)
+                    && (!filtered || snapshot.visibility.visible(type_url, node.as_deref(), n))
             });
             for r in &diff.resources {
                 sub.sent.insert(r.name.clone(), r.version.clone());
@@ -460,17 +465,17 @@ impl Diff {
         let empty = Default::default();
         let before = old.resources.get(type_url).unwrap_or(&empty);
         let after = new.resources.get(type_url).unwrap_or(&empty);
-        let filtered = type_url == AUTHORIZATION_TYPE;
+        let filtered = visibility::filtered(type_url);
         // What the client holds of `name`, and what it should hold.
         let held = |name: &str| {
             before
                 .get(name)
-                .filter(|_| !filtered || old.visibility.visible(node, name))
+                .filter(|_| !filtered || old.visibility.visible(type_url, node, name))
         };
         let wanted = |name: &str| {
             after
                 .get(name)
-                .filter(|_| !filtered || new.visibility.visible(node, name))
+                .filter(|_| !filtered || new.visibility.visible(type_url, node, name))
         };
         let look = |diff: &mut Diff, name: &String| match (held(name), wanted(name)) {
             (Some(o), Some(e)) if o.version == e.version => {}
@@ -482,7 +487,7 @@ impl Diff {
             Some(changed) if old.version + 1 == new.version => {
                 let mut names: Vec<String> = changed.clone();
                 if filtered {
-                    names.extend(new.visibility.shifted(&old.visibility, node));
+                    names.extend(new.visibility.shifted(&old.visibility, type_url, node));
                     names.sort();
                     names.dedup();
                 }

@@ -8,15 +8,26 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use mesh_core::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
-use mesh_core::xds::{EncodedConfig, NamedResource};
+use mesh_core::proto::{
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, HTTP_AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE, TRAFFIC_POLICY_TYPE,
+};
+use mesh_core::xds::{EncodedConfig, EncodedL7, NamedResource};
 use prost_types::Any;
 
 use super::visibility::Visibility;
 
 /// The types served, in push order: policies before the addresses that name
-/// them, so a client never sees a workload whose policy it lacks.
-pub const TYPES: [&str; 2] = [AUTHORIZATION_TYPE, ADDRESS_TYPE];
+/// them, so a client never sees a workload whose policy it lacks; L7
+/// policies first and routes last, so a waypoint never holds a route (which
+/// lets requests through) without the policies that restrict it, and knows
+/// the Services a route sends to when it gets it.
+pub const TYPES: [&str; 5] = [
+    HTTP_AUTHORIZATION_TYPE,
+    TRAFFIC_POLICY_TYPE,
+    AUTHORIZATION_TYPE,
+    ADDRESS_TYPE,
+    HTTP_ROUTE_TYPE,
+];
 
 #[derive(Debug)]
 pub struct Entry {
@@ -31,7 +42,7 @@ pub struct Snapshot {
     pub resources: HashMap<&'static str, BTreeMap<String, Arc<Entry>>>,
     /// Names added, updated or removed since `version - 1`, per type.
     pub changed: HashMap<&'static str, Vec<String>>,
-    /// Which node is sent which authorization resource.
+    /// Which node is sent which authorization and L7 resource.
     pub visibility: Arc<Visibility>,
 }
 
@@ -45,14 +56,24 @@ fn content_version(any: &Any) -> String {
 }
 
 impl Snapshot {
-    /// The snapshot after `self` holding `encoded`, or `None` when nothing changed.
+    /// The snapshot after `self` holding `encoded` and no L7 resources, or
+    /// `None` when nothing changed.
     pub fn next(&self, encoded: EncodedConfig) -> Option<Snapshot> {
+        self.next_with_l7(encoded, EncodedL7::default())
+    }
+
+    /// The snapshot after `self` holding `encoded` and `l7`, or `None` when
+    /// nothing changed.
+    pub fn next_with_l7(&self, encoded: EncodedConfig, l7: EncodedL7) -> Option<Snapshot> {
         let mut resources = HashMap::new();
         let mut changed = HashMap::new();
         let mut any_change = false;
         for (type_url, list) in [
+            (HTTP_AUTHORIZATION_TYPE, l7.http_policies),
+            (TRAFFIC_POLICY_TYPE, l7.traffic_policies),
             (AUTHORIZATION_TYPE, encoded.authorizations),
             (ADDRESS_TYPE, encoded.addresses),
+            (HTTP_ROUTE_TYPE, l7.http_routes),
         ] {
             let old = self.resources.get(type_url);
             let mut map = BTreeMap::new();

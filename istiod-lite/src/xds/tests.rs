@@ -10,8 +10,11 @@ use mesh_core::proto::envoy::discovery::aggregated_discovery_service_server::Agg
 use mesh_core::proto::envoy::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status as XdsStatus,
 };
-use mesh_core::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use mesh_core::proto::{
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, HTTP_AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE, TRAFFIC_POLICY_TYPE,
+};
 use mesh_core::xds::client::{Handler, ResourceSet};
+use mesh_core::xds::{MeshHandler, WAYPOINT_TYPES};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -443,4 +446,295 @@ async fn naming_a_policy_does_not_make_it_visible() {
         "n1 asked for demo/p by name: {:?}",
         names(&first)
     );
+}
+
+/// A waypoint (Gateway demo/wp, pod on n3) in front of demo/app; demo/plain
+/// has no waypoint. `app_waypoint` is the app Service's waypoint field, and
+/// `routes` the httpRoutes section.
+fn l7_mesh(app_waypoint: &str, routes: &str) -> String {
+    format!(
+        r#"
+workloads:
+- {{name: a, namespace: demo, node: n1, addresses: [198.19.1.2], services: [demo/app]}}
+- {{name: p, namespace: demo, node: n1, addresses: [198.19.1.3], services: [demo/plain]}}
+- {{name: wp-0, namespace: demo, node: n3, addresses: [198.19.3.9], services: [demo/wp], nativeTunnel: true}}
+services:
+- {{name: wp, namespace: demo, addresses: [198.18.0.9], ports: [{{port: 15008}}]}}
+- {{name: app, namespace: demo, addresses: [198.18.0.2], ports: [{{port: 80}}]{app_waypoint}}}
+- {{name: plain, namespace: demo, addresses: [198.18.0.3], ports: [{{port: 80}}]}}
+httpRoutes:
+{routes}
+httpPolicies:
+- {{name: on-wp, namespace: demo, targets: [{{kind: Gateway, name: wp}}], action: Deny, rules: [{{to: [{{paths: [/admin]}}]}}]}}
+- {{name: on-plain, namespace: demo, targets: [{{kind: Service, name: plain}}], action: Allow, rules: [{{}}]}}
+trafficPolicies:
+- {{name: cb, namespace: demo, target: {{kind: Service, name: app}}, connectionPool: {{maxRequests: 10}}}}
+- {{name: via-route, namespace: demo, target: {{kind: HTTPRoute, name: to-app}}, rateLimit: {{maxTokens: 5, tokensPerFill: 1, fillInterval: 1s}}}}
+"#
+    )
+}
+
+const WITH_WAYPOINT: &str = ", waypoint: {namespace: demo, name: wp}";
+
+const ROUTES: &str = r#"
+- name: to-app
+  namespace: demo
+  parents: [{kind: Service, namespace: demo, name: app}]
+  rules: [{backendRefs: [{name: app, port: 80}]}]
+- name: to-plain
+  namespace: demo
+  parents: [{kind: Service, namespace: demo, name: plain}]
+  rules: [{backendRefs: [{name: plain, port: 80}]}]
+"#;
+
+const ROUTES_CHANGED: &str = r#"
+- name: to-app
+  namespace: demo
+  parents: [{kind: Service, namespace: demo, name: app}]
+  rules: [{backendRefs: [{name: app, port: 80, weight: 3}], timeouts: {request: 2s}}]
+- name: to-plain
+  namespace: demo
+  parents: [{kind: Service, namespace: demo, name: plain}]
+  rules: [{backendRefs: [{name: plain, port: 80}]}]
+"#;
+
+const ONLY_PLAIN_ROUTE: &str = r#"
+- name: to-plain
+  namespace: demo
+  parents: [{kind: Service, namespace: demo, name: plain}]
+  rules: [{backendRefs: [{name: plain, port: 80}]}]
+"#;
+
+fn publish_l7(tx: &watch::Sender<Arc<Snapshot>>, yaml: &str) {
+    let config = parse_mesh_config(yaml).unwrap();
+    let next = tx.borrow().next_with_l7(
+        mesh_core::xds::encode(&config),
+        mesh_core::xds::encode_l7(&config),
+    );
+    if let Some(next) = next {
+        let visibility = super::visibility::Visibility::of(&config);
+        tx.send_replace(Arc::new(next.with_visibility(visibility)));
+    }
+}
+
+async fn start_l7(yaml: &str) -> Harness {
+    let h = start("{}").await;
+    publish_l7(&h.snapshots, yaml);
+    h
+}
+
+#[tokio::test]
+async fn a_waypoint_node_gets_its_routes_changes_and_removals() {
+    let h = start_l7(&l7_mesh(WITH_WAYPOINT, ROUTES)).await;
+    let mut c = RawClient::connect(
+        h.addr,
+        vec![
+            subscribe_as("n3", HTTP_AUTHORIZATION_TYPE),
+            subscribe_as("n3", TRAFFIC_POLICY_TYPE),
+            subscribe_as("n3", HTTP_ROUTE_TYPE),
+        ],
+    )
+    .await;
+    let mut first = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let r = c.recv().await;
+        c.ack(&r).await;
+        first.insert(r.type_url.clone(), names(&r));
+    }
+    // Only what concerns demo/wp: not the route or policy of demo/plain.
+    assert_eq!(first[HTTP_ROUTE_TYPE], vec!["demo/to-app"]);
+    assert_eq!(first[HTTP_AUTHORIZATION_TYPE], vec!["demo/on-wp"]);
+    assert_eq!(
+        first[TRAFFIC_POLICY_TYPE],
+        vec!["demo/cb", "demo/via-route"]
+    );
+
+    // The route changes: it alone is sent again, decodable as the model.
+    publish_l7(&h.snapshots, &l7_mesh(WITH_WAYPOINT, ROUTES_CHANGED));
+    let changed = c.recv().await;
+    assert_eq!(changed.type_url, HTTP_ROUTE_TYPE);
+    assert_eq!(names(&changed), vec!["demo/to-app"]);
+    let body = changed.resources[0].resource.as_ref().unwrap();
+    let route = mesh_core::xds::decode_http_route(body).unwrap();
+    assert_eq!(route.rules[0].backend_refs[0].weight, 3);
+    c.ack(&changed).await;
+    c.nothing_for(Duration::from_millis(200)).await;
+
+    // The route is deleted: removed, and so is the traffic policy that
+    // concerned the waypoint only through it.
+    publish_l7(&h.snapshots, &l7_mesh(WITH_WAYPOINT, ONLY_PLAIN_ROUTE));
+    let mut removed = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let r = c.recv().await;
+        assert!(r.resources.is_empty(), "{:?}", names(&r));
+        c.ack(&r).await;
+        removed.insert(r.type_url.clone(), r.removed_resources.clone());
+    }
+    assert_eq!(removed[TRAFFIC_POLICY_TYPE], vec!["demo/via-route"]);
+    assert_eq!(removed[HTTP_ROUTE_TYPE], vec!["demo/to-app"]);
+    c.nothing_for(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_plain_ztunnel_node_is_sent_no_l7_resources() {
+    let h = start_l7(&l7_mesh(WITH_WAYPOINT, ROUTES)).await;
+    let mut c = RawClient::connect(
+        h.addr,
+        vec![
+            subscribe_as("n1", HTTP_AUTHORIZATION_TYPE),
+            subscribe_as("n1", TRAFFIC_POLICY_TYPE),
+            subscribe_as("n1", HTTP_ROUTE_TYPE),
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        let r = c.recv().await;
+        assert!(r.resources.is_empty(), "{}: {:?}", r.type_url, names(&r));
+        c.ack(&r).await;
+    }
+    publish_l7(&h.snapshots, &l7_mesh(WITH_WAYPOINT, ROUTES_CHANGED));
+    c.nothing_for(Duration::from_millis(300)).await;
+    // Naming a route does not make it visible either.
+    let mut named = subscribe_as("n1", HTTP_ROUTE_TYPE);
+    named.node = None;
+    named.resource_names_subscribe = vec!["demo/to-app".into()];
+    c.tx.send(named).await.unwrap();
+    c.nothing_for(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_route_follows_its_service_onto_the_waypoint() {
+    // demo/app does not use the waypoint yet: its route is not n3's business.
+    let h = start_l7(&l7_mesh("", ROUTES)).await;
+    let mut c = RawClient::connect(h.addr, vec![subscribe_as("n3", HTTP_ROUTE_TYPE)]).await;
+    let first = c.recv().await;
+    assert!(first.resources.is_empty(), "{:?}", names(&first));
+    c.ack(&first).await;
+    // The Service takes the waypoint; the route itself is unchanged.
+    publish_l7(&h.snapshots, &l7_mesh(WITH_WAYPOINT, ROUTES));
+    let gained = c.recv().await;
+    assert_eq!(names(&gained), vec!["demo/to-app"]);
+    c.ack(&gained).await;
+    publish_l7(&h.snapshots, &l7_mesh("", ROUTES));
+    let lost = c.recv().await;
+    assert_eq!(lost.removed_resources, vec!["demo/to-app"]);
+}
+
+#[tokio::test]
+async fn the_waypoint_client_assembles_l7_and_nacks_a_garbage_route() {
+    let yaml = l7_mesh(WITH_WAYPOINT, ROUTES);
+    let h = start_l7(&yaml).await;
+    let client = mesh_core::xds::client::Client::new(
+        ControlPlane::plaintext(format!("http://{}", h.addr)),
+        "waypoint~n3".into(),
+        "n3",
+        &WAYPOINT_TYPES,
+    );
+    let status = client.status();
+    let configs: Arc<Mutex<Vec<mesh_core::config::MeshConfig>>> = Arc::default();
+    let sink = {
+        let configs = configs.clone();
+        move |c: mesh_core::config::MeshConfig| {
+            configs.lock().unwrap().push(c);
+            Ok(())
+        }
+    };
+    let task = tokio::spawn(client.run(MeshHandler::new("cluster.local", Some("n3"), sink)));
+    let wait = |what: &'static str, cond: Box<dyn Fn() -> bool + Send>| {
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !cond() {
+                assert!(std::time::Instant::now() < deadline, "waiting for {what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let s = status.clone();
+    wait("sync", Box::new(move || s.lock().unwrap().synced))
+        .await
+        .unwrap();
+    {
+        let configs = configs.lock().unwrap();
+        let last = configs.last().unwrap();
+        assert_eq!(last.workloads.len(), 3);
+        let keys = |v: Vec<String>| v.join(",");
+        assert_eq!(
+            keys(last.http_routes.iter().map(|r| r.key()).collect()),
+            "demo/to-app"
+        );
+        assert_eq!(
+            keys(last.http_policies.iter().map(|p| p.key()).collect()),
+            "demo/on-wp"
+        );
+        assert_eq!(last.traffic_policies.len(), 2);
+    }
+
+    // The control plane serves garbage under the route's name.
+    let config = parse_mesh_config(&yaml).unwrap();
+    let mut l7 = mesh_core::xds::encode_l7(&config);
+    for r in &mut l7.http_routes {
+        if r.name == "demo/to-app" {
+            r.resource.value = vec![0x22, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01];
+        }
+    }
+    let next = h
+        .snapshots
+        .borrow()
+        .next_with_l7(mesh_core::xds::encode(&config), l7)
+        .unwrap()
+        .with_visibility(super::visibility::Visibility::of(&config));
+    let applied_before = configs.lock().unwrap().len();
+    h.snapshots.send_replace(Arc::new(next));
+    let s = status.clone();
+    wait("a NACK", Box::new(move || s.lock().unwrap().nacks == 1))
+        .await
+        .unwrap();
+    let st = status.lock().unwrap().clone();
+    assert!(
+        st.last_nack
+            .as_deref()
+            .unwrap_or("")
+            .contains("demo/to-app"),
+        "{st:?}"
+    );
+    // The previous route stays in force: whatever was applied still has it.
+    let configs = configs.lock().unwrap();
+    assert!(configs.len() >= applied_before);
+    assert_eq!(configs.last().unwrap().http_routes.len(), 1);
+    assert!(h
+        .scrape()
+        .contains("xds_nacks_total{type_url=\"type.googleapis.com/ambit.route.v1.HTTPRoute\"} 1"));
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_reconnecting_waypoint_resumes_its_routes() {
+    let h = start_l7(&l7_mesh(WITH_WAYPOINT, ROUTES)).await;
+    let mut held: std::collections::HashMap<String, String> = {
+        let mut c = RawClient::connect(h.addr, vec![subscribe_as("n3", HTTP_ROUTE_TYPE)]).await;
+        let first = c.recv().await;
+        c.ack(&first).await;
+        first
+            .resources
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect()
+    };
+    // Unchanged while away: nothing to send but the (empty) first answer.
+    let mut again = subscribe_as("n3", HTTP_ROUTE_TYPE);
+    again.initial_resource_versions = held.clone();
+    let mut c = RawClient::connect(h.addr, vec![again]).await;
+    let resume = c.recv().await;
+    assert!(resume.resources.is_empty() && resume.removed_resources.is_empty());
+    drop(c);
+
+    // Changed while away; and the client claims a route it may not see.
+    publish_l7(&h.snapshots, &l7_mesh(WITH_WAYPOINT, ROUTES_CHANGED));
+    held.insert("demo/to-plain".into(), "0".into());
+    let mut again = subscribe_as("n3", HTTP_ROUTE_TYPE);
+    again.initial_resource_versions = held;
+    let mut c = RawClient::connect(h.addr, vec![again]).await;
+    let resume = c.recv().await;
+    assert_eq!(names(&resume), vec!["demo/to-app"]);
+    assert_eq!(resume.removed_resources, vec!["demo/to-plain"]);
 }

@@ -1,14 +1,45 @@
-//! Which authorization policies each node is sent: those that can apply to
-//! a workload on it (mesh-wide ones, namespace-wide ones of namespaces it
-//! has workloads in, and the selector policies its workloads name). A node
-//! enforces policy only for its own workloads, so the others are none of its
-//! business, and a compromised node learns no more than it needs.
+//! Which node is sent which resource.
+//!
+//! Authorization: those that can apply to a workload on the node (mesh-wide
+//! ones, namespace-wide ones of namespaces it has workloads in, and the
+//! selector policies its workloads name). A node enforces policy only for
+//! its own workloads, so the others are none of its business, and a
+//! compromised node learns no more than it needs.
+//!
+//! L7 types (HTTPRoute, HTTPAuthorization, TrafficPolicy): only to nodes that
+//! host a waypoint (a `native_tunnel` workload), and only what concerns the
+//! waypoints there: routes whose parent is such a waypoint's Gateway or a
+//! Service using it; policies targeting that Gateway, such a Service or such
+//! a route; traffic policies targeting such a Service or route, or a Service
+//! such a route sends (or mirrors) to, whose limits apply to the waypoint's
+//! requests. A plain ztunnel node is sent none.
 //!
 //! Addresses are not filtered: any workload may be a destination.
 
 use std::collections::{BTreeSet, HashMap};
 
-use mesh_core::config::{MeshConfig, PolicyScope};
+use mesh_core::config::{
+    BackendTarget, HttpRoute, MeshConfig, ParentKind, PolicyScope, TargetKind,
+};
+use mesh_core::proto::{
+    AUTHORIZATION_TYPE, HTTP_AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE, TRAFFIC_POLICY_TYPE,
+};
+
+/// The types whose resources are sent to some nodes only.
+pub fn filtered(type_url: &str) -> bool {
+    type_url == AUTHORIZATION_TYPE || l7_type(type_url).is_some()
+}
+
+/// The L7 types, as the `&'static str` keys [`Visibility`] stores.
+fn l7_type(type_url: &str) -> Option<&'static str> {
+    [
+        HTTP_ROUTE_TYPE,
+        HTTP_AUTHORIZATION_TYPE,
+        TRAFFIC_POLICY_TYPE,
+    ]
+    .into_iter()
+    .find(|t| *t == type_url)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Audience {
@@ -26,6 +57,9 @@ pub struct Visibility {
     node_selected: HashMap<String, BTreeSet<String>>,
     /// Namespace → its namespace-wide policies.
     by_namespace: HashMap<String, Vec<String>>,
+    /// L7 type → node → the names it is sent. Nodes without a waypoint, and
+    /// names not listed, see nothing.
+    l7: HashMap<&'static str, HashMap<String, BTreeSet<String>>>,
 }
 
 impl Visibility {
@@ -67,13 +101,24 @@ impl Visibility {
                 }
             }
         }
+        v.l7 = l7_audiences(config);
         v
     }
 
-    /// Whether `node` is sent the authorization resource `name`; a client
+    /// Whether `node` is sent the resource `name` of `type_url`; a client
     /// that did not say which node it is (plaintext test port) sees all.
-    pub fn visible(&self, node: Option<&str>, name: &str) -> bool {
+    pub fn visible(&self, type_url: &str, node: Option<&str>, name: &str) -> bool {
         let Some(node) = node else { return true };
+        if let Some(t) = l7_type(type_url) {
+            return self
+                .l7
+                .get(t)
+                .and_then(|nodes| nodes.get(node))
+                .is_some_and(|names| names.contains(name));
+        }
+        if type_url != AUTHORIZATION_TYPE {
+            return true;
+        }
         match self.audience.get(name) {
             None | Some(Audience::Everyone) => true,
             Some(Audience::Namespace(ns)) => self
@@ -87,11 +132,26 @@ impl Visibility {
         }
     }
 
-    /// Names whose visibility for `node` may differ between `self` and
-    /// `other` although the resources themselves did not change.
-    pub fn shifted(&self, other: &Visibility, node: Option<&str>) -> Vec<String> {
+    /// Names of `type_url` whose visibility for `node` may differ between
+    /// `self` and `other` although the resources themselves did not change.
+    pub fn shifted(&self, other: &Visibility, type_url: &str, node: Option<&str>) -> Vec<String> {
         let Some(node) = node else { return Vec::new() };
         let empty = BTreeSet::new();
+        if let Some(t) = l7_type(type_url) {
+            let names = |v: &'_ Visibility| {
+                v.l7.get(t)
+                    .and_then(|nodes| nodes.get(node))
+                    .unwrap_or(&empty)
+                    .clone()
+            };
+            return names(self)
+                .symmetric_difference(&names(other))
+                .cloned()
+                .collect();
+        }
+        if type_url != AUTHORIZATION_TYPE {
+            return Vec::new();
+        }
         let mut out = Vec::new();
         let (a, b) = (
             self.node_namespaces.get(node).unwrap_or(&empty),
@@ -109,6 +169,111 @@ impl Visibility {
         out.extend(a.symmetric_difference(b).cloned());
         out
     }
+}
+
+/// Who is sent each L7 resource: see the module comment. Work is
+/// proportional to the L7 objects and the waypoint pods, not to the mesh.
+fn l7_audiences(config: &MeshConfig) -> HashMap<&'static str, HashMap<String, BTreeSet<String>>> {
+    // A waypoint pod serves the Gateway its Service is named after (Istio:
+    // the waypoint Service is the Gateway's); its `services` name it.
+    let mut hosts: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+    for w in config.workloads.iter().filter(|w| w.native_tunnel) {
+        for gateway in &w.services {
+            hosts.entry(gateway).or_default().insert(&w.node);
+        }
+    }
+    let mut out: HashMap<&'static str, HashMap<String, BTreeSet<String>>> = HashMap::new();
+    if hosts.is_empty() {
+        return out;
+    }
+    // Service `ns/name` → the Gateway `ns/name` of its waypoint.
+    let waypoint_of: HashMap<String, String> = config
+        .services
+        .iter()
+        .filter_map(|s| Some((s.key(), s.waypoint.as_ref()?.key())))
+        .collect();
+    let mut grant = |type_url: &'static str, gateway: &str, name: String| {
+        for node in hosts.get(gateway).into_iter().flatten() {
+            out.entry(type_url)
+                .or_default()
+                .entry(node.to_string())
+                .or_default()
+                .insert(name.clone());
+        }
+    };
+
+    // Route `ns/name` → the Gateways it concerns; Service → the Gateways
+    // whose routes send to it.
+    let mut route_gateways: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut backend_gateways: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for r in &config.http_routes {
+        let gateways: BTreeSet<String> = r
+            .parents
+            .iter()
+            .filter_map(|p| {
+                let key = format!("{}/{}", p.namespace, p.name);
+                match p.kind {
+                    ParentKind::Gateway => Some(key),
+                    ParentKind::Service => waypoint_of.get(&key).cloned(),
+                }
+            })
+            .collect();
+        for g in &gateways {
+            grant(HTTP_ROUTE_TYPE, g, r.key());
+        }
+        for backend in backends(r) {
+            backend_gateways
+                .entry(backend)
+                .or_default()
+                .extend(gateways.iter().cloned());
+        }
+        route_gateways.insert(r.key(), gateways);
+    }
+
+    let concerned = |namespace: &str, kind: TargetKind, name: &str| -> BTreeSet<String> {
+        let key = format!("{namespace}/{name}");
+        match kind {
+            TargetKind::Gateway => BTreeSet::from([key]),
+            TargetKind::Service => waypoint_of.get(&key).cloned().into_iter().collect(),
+            TargetKind::HttpRoute => route_gateways.get(&key).cloned().unwrap_or_default(),
+        }
+    };
+    for p in &config.http_policies {
+        for t in &p.targets {
+            for g in concerned(&p.namespace, t.kind, &t.name) {
+                grant(HTTP_AUTHORIZATION_TYPE, &g, p.key());
+            }
+        }
+    }
+    for p in &config.traffic_policies {
+        let mut gateways = concerned(&p.namespace, p.target.kind, &p.target.name);
+        if p.target.kind == TargetKind::Service {
+            let key = format!("{}/{}", p.namespace, p.target.name);
+            gateways.extend(backend_gateways.get(&key).into_iter().flatten().cloned());
+        }
+        for g in gateways {
+            grant(TRAFFIC_POLICY_TYPE, &g, p.key());
+        }
+    }
+    out
+}
+
+/// The Services a route sends requests to, mirrors included.
+fn backends(r: &HttpRoute) -> impl Iterator<Item = String> + '_ {
+    let ns = r.namespace.as_str();
+    r.rules.iter().flat_map(move |rule| {
+        let filters = rule
+            .filters
+            .iter()
+            .chain(rule.backend_refs.iter().flat_map(|b| &b.filters));
+        let mirrors = filters
+            .filter_map(|f| f.request_mirror.as_ref())
+            .map(move |m| m.backend_ref.service_key(ns));
+        rule.backend_refs
+            .iter()
+            .map(move |b| BackendTarget::service_key(&b.target(), ns))
+            .chain(mirrors)
+    })
 }
 
 #[cfg(test)]
@@ -135,12 +300,83 @@ policies:
         let sees = |node: &str| -> Vec<&str> {
             ["istio-system/all", "red/ns", "red/sel", "blue/ns"]
                 .into_iter()
-                .filter(|n| v.visible(Some(node), n))
+                .filter(|n| v.visible(AUTHORIZATION_TYPE, Some(node), n))
                 .collect()
         };
         assert_eq!(sees("n1"), ["istio-system/all", "red/ns", "red/sel"]);
         assert_eq!(sees("n2"), ["istio-system/all", "blue/ns"]);
         assert_eq!(sees("n9"), ["istio-system/all"]);
-        assert!(v.visible(None, "red/sel"));
+        assert!(v.visible(AUTHORIZATION_TYPE, None, "red/sel"));
+    }
+
+    #[test]
+    fn waypoint_nodes_see_what_concerns_their_waypoints() {
+        let config = parse_mesh_config(
+            r#"
+workloads:
+- {name: wp1-0, namespace: red, node: n1, addresses: [198.19.1.9], services: [red/wp1], nativeTunnel: true}
+- {name: wp2-0, namespace: red, node: n2, addresses: [198.19.2.9], services: [red/wp2], nativeTunnel: true}
+- {name: app, namespace: red, node: n3, addresses: [198.19.3.2], services: [red/app]}
+services:
+- {name: wp1, namespace: red, addresses: [198.18.0.1], ports: [{port: 15008}]}
+- {name: wp2, namespace: red, addresses: [198.18.0.2], ports: [{port: 15008}]}
+- {name: app, namespace: red, addresses: [198.18.0.3], ports: [{port: 80}], waypoint: {namespace: red, name: wp1}}
+- {name: db, namespace: red, addresses: [198.18.0.4], ports: [{port: 5432}], waypoint: {namespace: red, name: wp2}}
+- {name: shadow, namespace: blue, addresses: [198.18.0.5], ports: [{port: 80}]}
+httpRoutes:
+- name: app
+  namespace: red
+  parents: [{kind: Service, namespace: red, name: app, port: 80}]
+  rules:
+  - backendRefs: [{name: app, port: 80}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, namespace: blue, port: 80}}}]
+- name: gw2-all
+  namespace: red
+  parents: [{kind: Gateway, namespace: red, name: wp2}]
+httpPolicies:
+- {name: gw1, namespace: red, targets: [{kind: Gateway, name: wp1}], action: Deny}
+- {name: via-route, namespace: red, targets: [{kind: HTTPRoute, name: gw2-all}], action: Allow}
+- {name: db, namespace: red, targets: [{kind: Service, name: db}], action: Audit}
+trafficPolicies:
+- {name: app, namespace: red, target: {kind: Service, name: app}}
+- {name: shadow, namespace: blue, target: {kind: Service, name: shadow}}
+- {name: route, namespace: red, target: {kind: HTTPRoute, name: gw2-all}}
+"#,
+        )
+        .unwrap();
+        let v = Visibility::of(&config);
+        let sees = |node: &str, type_url: &str, names: &[&'static str]| -> Vec<&'static str> {
+            names
+                .iter()
+                .copied()
+                .filter(|n| v.visible(type_url, Some(node), n))
+                .collect()
+        };
+        let routes = ["red/app", "red/gw2-all"];
+        let policies = ["red/gw1", "red/via-route", "red/db"];
+        let traffic = ["red/app", "blue/shadow", "red/route"];
+        assert_eq!(sees("n1", HTTP_ROUTE_TYPE, &routes), ["red/app"]);
+        assert_eq!(sees("n2", HTTP_ROUTE_TYPE, &routes), ["red/gw2-all"]);
+        assert_eq!(sees("n1", HTTP_AUTHORIZATION_TYPE, &policies), ["red/gw1"]);
+        assert_eq!(
+            sees("n2", HTTP_AUTHORIZATION_TYPE, &policies),
+            ["red/via-route", "red/db"]
+        );
+        // The mirror target's limits apply to the requests wp1 sends it.
+        assert_eq!(
+            sees("n1", TRAFFIC_POLICY_TYPE, &traffic),
+            ["red/app", "blue/shadow"]
+        );
+        assert_eq!(sees("n2", TRAFFIC_POLICY_TYPE, &traffic), ["red/route"]);
+        for t in [
+            HTTP_ROUTE_TYPE,
+            HTTP_AUTHORIZATION_TYPE,
+            TRAFFIC_POLICY_TYPE,
+        ] {
+            assert!(sees("n3", t, &routes).is_empty() && sees("n3", t, &policies).is_empty());
+            assert!(v.visible(t, None, "red/app"), "no node named: all");
+        }
+        assert!(filtered(HTTP_ROUTE_TYPE) && filtered(AUTHORIZATION_TYPE));
+        assert!(!filtered(mesh_core::proto::ADDRESS_TYPE));
     }
 }

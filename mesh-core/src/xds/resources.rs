@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use prost::Message;
 use prost_types::Any;
 
+use super::l7::L7Config;
 use crate::config::{
     Cidr, DestinationMatch, LoadBalancing, MeshConfig, MtlsMode, PeerAuthentication, Policy,
     PolicyAction, PolicyScope, Rule, Service, ServicePort, SourceMatch, WaypointRef, Workload,
@@ -696,6 +697,26 @@ pub fn assemble(
     addresses: impl IntoIterator<Item = DecodedAddress>,
     policies: impl IntoIterator<Item = Policy>,
 ) -> Result<MeshConfig, String> {
+    assemble_with_l7(
+        trust_domain,
+        root_namespace,
+        local_node,
+        addresses,
+        policies,
+        L7Config::default(),
+    )
+}
+
+/// [`assemble`], with the L7 sections a waypoint was sent: they are
+/// validated together with the rest, in the same single pass.
+pub fn assemble_with_l7(
+    trust_domain: &str,
+    root_namespace: &str,
+    local_node: Option<&str>,
+    addresses: impl IntoIterator<Item = DecodedAddress>,
+    policies: impl IntoIterator<Item = Policy>,
+    l7: L7Config,
+) -> Result<MeshConfig, String> {
     let mut workloads = Vec::new();
     let mut services = Vec::new();
     for a in addresses {
@@ -794,7 +815,9 @@ pub fn assemble(
                 workloads,
             })
             .collect(),
-        ..MeshConfig::default()
+        http_routes: l7.http_routes,
+        http_policies: l7.http_policies,
+        traffic_policies: l7.traffic_policies,
     };
     crate::config::validate_mesh_config(&config).map_err(|e| e.to_string())?;
     Ok(config)
