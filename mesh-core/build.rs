@@ -3,7 +3,10 @@
 //! protoc.
 
 fn main() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time, not baked in with env!(): a build-script binary
+    // reused from another checkout of the same sources must not point there.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let root = std::path::Path::new(&manifest_dir).join("../proto");
     let files = [
         "envoy/discovery.proto",
         "istio/workload.proto",
