@@ -53,6 +53,21 @@ pub struct TargetRef {
     pub kind: String,
     #[serde(default)]
     pub name: String,
+    /// Istio allows only the policy's own namespace here.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// A `when` entry. Read strictly: an unknown field could be the one that
+/// narrows the condition.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -160,11 +175,19 @@ impl AuthorizationPolicy {
             Ok(p) => p,
             Err(e) => {
                 let (metadata, selector, action) = salvage(value);
+                // Where a waypoint policy applied is still known when only
+                // its rules are unreadable: its fail-closed stand-in then
+                // lands on the same waypoint or Service, not on the namespace.
+                let spec = value.get("spec");
+                let target = |k: &str| spec.and_then(|s| s.get(k)).cloned();
                 AuthorizationPolicy {
                     metadata,
                     spec: AuthorizationPolicySpec {
                         selector,
                         action,
+                        target_ref: read(target("targetRef")),
+                        target_refs: read::<Vec<TargetRef>>(target("targetRefs"))
+                            .unwrap_or_default(),
                         ..Default::default()
                     },
                     broken: Some(e.to_string()),
@@ -172,6 +195,10 @@ impl AuthorizationPolicy {
             }
         }
     }
+}
+
+fn read<T: serde::de::DeserializeOwned>(v: Option<serde_yaml::Value>) -> Option<T> {
+    v.and_then(|v| serde_yaml::from_value(v).ok())
 }
 
 impl PeerAuthentication {

@@ -7,6 +7,7 @@
 //!   [`node_auth`] and [`kube_auth`]: who is calling; [`tls_serve`]: TLS for both.
 //! * [`serve`]: the running process; [`monitoring`] and [`metrics`]: 15014.
 
+pub mod ambit_types;
 pub mod ca_service;
 pub mod ca_store;
 pub mod exclusions;

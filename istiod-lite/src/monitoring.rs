@@ -1,6 +1,7 @@
 //! The monitoring port (15014): `/metrics`, `/ready`, and debug views of what
 //! is being served (`/debug/config`: the mesh model; `/debug/rejected`: objects
-//! left out and why, the manifests-mode stand-in for Kubernetes status).
+//! left out and why, the manifests-mode stand-in for Kubernetes status;
+//! `/debug/routes`: every HTTPRoute's conditions per parent).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -104,6 +105,17 @@ fn route(metrics: &Metrics, outputs: &Outputs, req: &Request<Incoming>) -> Respo
                 "application/json",
                 serde_json::Value::Array(list).to_string(),
             )
+        }
+        "/debug/routes" => {
+            let routes = outputs.route_status.borrow().clone();
+            match serde_json::to_string_pretty(&*routes) {
+                Ok(json) => reply(StatusCode::OK, "application/json", json),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

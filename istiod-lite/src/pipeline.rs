@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::sources::{manifests, ClusterState, Rejected};
+use crate::translate::routes::{self, RouteStatus};
 use crate::translate::translate;
 pub use crate::translate::MeshOptions;
 use crate::xds::visibility::Visibility;
@@ -68,6 +69,9 @@ pub struct Outputs {
     pub snapshots: watch::Sender<Arc<Snapshot>>,
     pub mesh: watch::Sender<Arc<MeshConfig>>,
     pub rejected: watch::Sender<Arc<Vec<Rejected>>>,
+    /// HTTPRoute conditions of the latest build (written back as status in
+    /// Kubernetes, shown at `/debug/routes`).
+    pub route_status: watch::Sender<Arc<Vec<RouteStatus>>>,
 }
 
 impl Default for Outputs {
@@ -76,6 +80,7 @@ impl Default for Outputs {
             snapshots: watch::channel(Arc::new(Snapshot::default())).0,
             mesh: watch::channel(Arc::new(MeshConfig::default())).0,
             rejected: watch::channel(Arc::new(Vec::new())).0,
+            route_status: watch::channel(Arc::new(Vec::new())).0,
         }
     }
 }
@@ -121,6 +126,10 @@ pub fn publish(
     }
     metrics.rejected_objects.set(rejected.len() as i64);
     outputs.rejected.send_replace(Arc::new(rejected));
+    for line in routes::changes(&outputs.route_status.borrow(), &t.route_status) {
+        tracing::info!("route status: {line}");
+    }
+    outputs.route_status.send_replace(Arc::new(t.route_status));
     let encoded = mesh_core::xds::encode(&config);
     let l7 = mesh_core::xds::encode_l7(&config);
     let current = outputs.snapshots.borrow().clone();

@@ -3,7 +3,10 @@
 use crate::sources::manifests::load_str;
 use crate::sources::ClusterState;
 use crate::translate::{translate, MeshOptions, Translation};
-use mesh_core::config::{parse_mesh_config, MtlsMode, PolicyAction, PolicyScope, WaypointRef};
+use mesh_core::config::{
+    parse_mesh_config, HttpPolicyAction, MtlsMode, ParentKind, PolicyAction, PolicyScope,
+    TargetKind, WaypointRef,
+};
 
 fn run(yaml: &str) -> Translation {
     let mut state = ClusterState::default();
@@ -305,6 +308,19 @@ fn bundled_demo_manifests_render() {
     assert_eq!(t.config.services[1].name, "waypoint");
     assert!(t.config.services[1].waypoint.is_none());
     assert_eq!(t.config.peer_authentications[0].mode, MtlsMode::Strict);
+    // The 90/10 split reaches the model; its backends are no Services of
+    // the demo, so (as Gateway API says) requests to them will get 500.
+    let split = &t.config.http_routes[0];
+    assert_eq!(split.key(), "demo/reviews-split");
+    let backends: Vec<_> = split.rules[0]
+        .backend_refs
+        .iter()
+        .map(|b| (b.name.as_str(), b.weight))
+        .collect();
+    assert_eq!(backends, [("reviews-v1", 90), ("reviews-v2", 10)]);
+    let status = &t.route_status[0].parents[0];
+    assert!(status.accepted.status);
+    assert_eq!(status.resolved_refs.reason, "BackendNotFound");
     let rendered = serde_yaml::to_string(&t.config).expect("serializes");
     parse_mesh_config(&rendered).expect("ztunnel accepts the rendered demo config");
 }
@@ -861,5 +877,490 @@ spec: {parentRefs: "api"}
         t.config.workloads[0].waypoint,
         Some(WaypointRef::new("demo", "wp")),
         "kept: the data plane refuses what needs an unreachable waypoint"
+    );
+}
+
+// L7: HTTPRoute, targeted AuthorizationPolicy, TrafficPolicy.
+
+/// Services reviews, reviews-v1, reviews-v2 (port 9080) in demo, the
+/// waypoint `waypoint`, a Service in `other`, and a Gateway of another class.
+fn l7_base() -> String {
+    let svc = |ns: &str, name: &str, vip: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{selector: {{app: {name}}}, clusterIP: {vip}, ports: [{{name: http, port: 9080}}]}}\n"
+        )
+    };
+    [
+        NAMESPACES.to_string(),
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n".to_string(),
+        waypoint("demo", "waypoint", "198.19.2.30", "10.96.0.20", ""),
+        svc("demo", "reviews", "10.96.0.10"),
+        svc("demo", "reviews-v1", "10.96.0.11"),
+        svc("demo", "reviews-v2", "10.96.0.12"),
+        svc("other", "foreign", "10.96.0.13"),
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: demo}\n\
+         spec: {gatewayClassName: other-class, listeners: [{name: http, port: 80, protocol: HTTP}]}\n"
+            .to_string(),
+    ]
+    .concat()
+}
+
+fn route(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: {name}, namespace: {ns}, generation: 3, creationTimestamp: \"2026-01-02T03:04:05Z\"}}\n\
+         spec:\n{spec}"
+    )
+}
+
+/// Per parent of route `ns/name`: (parent name, Accepted, ResolvedRefs), each
+/// condition as `Reason=True|False`.
+fn conditions(t: &Translation, key: &str) -> Vec<(String, String, String)> {
+    let s = t
+        .route_status
+        .iter()
+        .find(|s| s.key() == key)
+        .unwrap_or_else(|| panic!("no status for {key}"));
+    assert_eq!(s.generation, Some(3), "observedGeneration source");
+    let c = |c: &crate::translate::routes::RouteCondition| {
+        format!("{}={}", c.reason, if c.status { "True" } else { "False" })
+    };
+    s.parents
+        .iter()
+        .map(|p| {
+            (
+                p.parent_ref.name.clone(),
+                c(&p.accepted),
+                c(&p.resolved_refs),
+            )
+        })
+        .collect()
+}
+
+fn triple(a: &str, b: &str, c: &str) -> (String, String, String) {
+    (a.into(), b.into(), c.into())
+}
+
+#[test]
+fn http_routes_become_model_routes_with_status() {
+    let yaml = [
+        l7_base(),
+        route(
+            "demo",
+            "split",
+            "  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 9080}]\n  hostnames: [reviews]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /api}}]\n    backendRefs:\n    - {name: reviews-v1, port: 9080, weight: 90}\n    - {group: \"\", kind: Service, name: reviews-v2, port: 9080, weight: 10}\n    timeouts: {request: 2s}\n",
+        ),
+        route("demo", "to-waypoint", "  parentRefs: [{name: waypoint, sectionName: mesh}]\n  rules: [{backendRefs: [{name: reviews, port: 9080}]}]\n"),
+        route("demo", "missing", "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{backendRefs: [{name: nope, port: 9080, weight: 1}, {name: reviews, port: 9080, weight: 1}]}]\n"),
+        route("demo", "wrong-port", "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{backendRefs: [{name: reviews, port: 80}]}]\n"),
+        route("demo", "cross-ns", "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{backendRefs: [{name: foreign, namespace: other, port: 9080}]}]\n"),
+        route("demo", "bad-kind", "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{backendRefs: [{group: example.com, kind: Bucket, name: b}]}]\n"),
+        route("demo", "sticky", "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{sessionPersistence: {sessionName: s}, backendRefs: [{name: reviews, port: 9080}]}]\n"),
+        route("demo", "cors", "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{filters: [{type: CORS, cors: {allowOrigins: [\"*\"]}}], backendRefs: [{name: reviews, port: 9080}]}]\n"),
+        route("demo", "bad-regex", "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{matches: [{path: {type: RegularExpression, value: \"(\"}}]}]\n"),
+        route(
+            "demo",
+            "mixed",
+            "  parentRefs:\n  - {group: \"\", kind: Service, name: ghost}\n  - {group: \"\", kind: Service, name: reviews, port: 1234}\n  - {group: \"\", kind: ConfigMap, name: cm}\n  - {name: edge}\n  - {name: nowhere}\n  - {name: waypoint, port: 80}\n  - {group: \"\", kind: Service, name: reviews, sectionName: http}\n  rules: [{backendRefs: [{name: reviews, port: 9080}]}]\n",
+        ),
+        route("other", "consumer", "  parentRefs: [{name: waypoint, namespace: demo}, {group: \"\", kind: Service, name: reviews, namespace: demo}]\n  rules: [{backendRefs: [{name: foreign, port: 9080}]}]\n"),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let by_name = |n: &str| t.config.http_routes.iter().find(|r| r.name == n);
+
+    let split = by_name("split").expect("split applied");
+    assert_eq!(
+        split.creation_timestamp.as_deref(),
+        Some("2026-01-02T03:04:05Z")
+    );
+    assert_eq!(split.hostnames, ["reviews"]);
+    assert_eq!(
+        (
+            split.parents[0].kind,
+            split.parents[0].namespace.as_str(),
+            split.parents[0].name.as_str(),
+            split.parents[0].port
+        ),
+        (ParentKind::Service, "demo", "reviews", Some(9080))
+    );
+    let weights: Vec<_> = split.rules[0]
+        .backend_refs
+        .iter()
+        .map(|b| (b.name.as_str(), b.port, b.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [("reviews-v1", 9080, 90), ("reviews-v2", 9080, 10)]
+    );
+    assert_eq!(
+        conditions(&t, "demo/split"),
+        [triple("reviews", "Accepted=True", "ResolvedRefs=True")]
+    );
+
+    let wp = by_name("to-waypoint").expect("applied");
+    assert_eq!(
+        (
+            wp.parents[0].kind,
+            wp.parents[0].name.as_str(),
+            wp.parents[0].port
+        ),
+        (ParentKind::Gateway, "waypoint", None)
+    );
+
+    // Unresolvable backends stay, with their weight: their share gets 500.
+    let missing = by_name("missing").expect("still applied");
+    assert_eq!(missing.rules[0].backend_refs[0].name, "nope");
+    assert_eq!(
+        conditions(&t, "demo/missing"),
+        [triple("reviews", "Accepted=True", "BackendNotFound=False")]
+    );
+    assert_eq!(
+        conditions(&t, "demo/wrong-port"),
+        [triple("reviews", "Accepted=True", "BackendNotFound=False")]
+    );
+    // References that must not be followed resolve to nothing.
+    let cross = &by_name("cross-ns").expect("applied").rules[0].backend_refs[0];
+    assert_eq!(
+        (cross.name.as_str(), cross.namespace.as_deref()),
+        ("RefNotPermitted.foreign", Some("other"))
+    );
+    assert_eq!(
+        conditions(&t, "demo/cross-ns"),
+        [triple("reviews", "Accepted=True", "RefNotPermitted=False")]
+    );
+    let kind = &by_name("bad-kind").expect("applied").rules[0].backend_refs[0];
+    assert_eq!((kind.name.as_str(), kind.port), ("InvalidKind.b", 1));
+    assert_eq!(
+        conditions(&t, "demo/bad-kind"),
+        [triple("reviews", "Accepted=True", "InvalidKind=False")]
+    );
+
+    // Whole routes refused, never half-applied.
+    for name in ["sticky", "cors", "bad-regex"] {
+        assert!(by_name(name).is_none(), "{name} must not be applied");
+        assert_eq!(
+            conditions(&t, &format!("demo/{name}"))[0].1,
+            "UnsupportedValue=False",
+            "{name}"
+        );
+    }
+    let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
+    for want in [
+        "HTTPRoute demo/sticky (translation): rules[0]: unknown field `sessionPersistence`",
+        "HTTPRoute demo/cors (translation): rules[0]: filter type \"CORS\" is not supported by Ambit; the route is not applied",
+        "HTTPRoute demo/bad-regex (translation): rules[0]: regular expression \"(\"",
+    ] {
+        assert!(reasons.iter().any(|r| r.starts_with(want)), "missing {want:?} in {reasons:#?}");
+    }
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("HTTPRoute"))
+            .count(),
+        3,
+        "{reasons:#?}"
+    );
+
+    // Each parent on its own; another class's Gateway gets no entry from us.
+    assert_eq!(
+        conditions(&t, "demo/mixed"),
+        [
+            triple("ghost", "NoMatchingParent=False", "ResolvedRefs=True"),
+            triple("reviews", "NoMatchingParent=False", "ResolvedRefs=True"),
+            triple("cm", "UnsupportedValue=False", "ResolvedRefs=True"),
+            triple("nowhere", "NoMatchingParent=False", "ResolvedRefs=True"),
+            triple("waypoint", "NoMatchingParent=False", "ResolvedRefs=True"),
+            triple("reviews", "Accepted=True", "ResolvedRefs=True"),
+        ]
+    );
+    let mixed = by_name("mixed").expect("applied to its good parent");
+    assert_eq!(mixed.parents.len(), 1);
+    assert_eq!(
+        mixed.parents[0].port,
+        Some(9080),
+        "sectionName names the port"
+    );
+
+    // The waypoint's listener takes routes of its own namespace only.
+    assert_eq!(
+        conditions(&t, "other/consumer"),
+        [
+            triple(
+                "waypoint",
+                "NotAllowedByListeners=False",
+                "ResolvedRefs=True"
+            ),
+            triple("reviews", "Accepted=True", "ResolvedRefs=True"),
+        ]
+    );
+    let consumer = by_name("consumer").expect("a GAMMA consumer route");
+    assert_eq!(
+        (
+            consumer.parents[0].namespace.as_str(),
+            consumer.namespace.as_str()
+        ),
+        ("demo", "other")
+    );
+}
+
+#[test]
+fn targeted_authorization_policies_become_http_policies() {
+    let policy = |name: &str, spec: &str| {
+        format!("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n{spec}")
+    };
+    let yaml = [
+        l7_base(),
+        pod("demo", "web", "198.19.1.30", "app: web"),
+        policy(
+            "full",
+            r#"  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/client"]
+        notPrincipals: ["*/sa/bad"]
+        serviceAccounts: ["demo/robot"]
+        namespaces: [demo]
+        notNamespaces: [legacy]
+        ipBlocks: ["198.19.0.0/16"]
+        remoteIpBlocks: ["203.0.113.0/24"]
+        notIpBlocks: ["198.19.9.0/24"]
+    to:
+    - operation:
+        methods: [GET, HEAD]
+        notMethods: [DELETE]
+        paths: ["/api/*"]
+        notPaths: ["/api/admin"]
+        hosts: ["reviews.demo.svc.cluster.local"]
+        notHosts: ["*.internal"]
+        ports: ["9080"]
+        notPorts: ["9090"]
+    when:
+    - {key: "request.headers[x-user]", values: [alice]}
+    - {key: source.namespace, notValues: [legacy]}
+"#,
+        ),
+        policy("on-service", "  targetRef: {kind: Service, group: \"\", name: reviews}\n  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n"),
+        policy("audit", "  targetRefs: [{kind: Service, name: reviews}]\n  action: AUDIT\n  rules: [{}]\n"),
+        policy("custom", "  targetRefs: [{kind: Service, name: reviews}]\n  action: CUSTOM\n  provider: {name: ext}\n  rules: [{}]\n"),
+        policy("jwt", "  targetRefs: [{kind: Service, name: reviews}]\n  rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]\n"),
+        policy("claims", "  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules: [{when: [{key: \"request.auth.claims[iss]\", values: [x]}]}]\n"),
+        policy("both", "  selector: {matchLabels: {app: web}}\n  targetRefs: [{kind: Service, name: reviews}]\n  rules: [{}]\n"),
+        policy("entry-only", "  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: ext}]\n  rules: [{}]\n"),
+        policy("route-and-service", "  targetRefs: [{kind: HTTPRoute, group: gateway.networking.k8s.io, name: r}, {kind: Service, name: reviews}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [/x]}}]}]\n"),
+        policy("unreadable", "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  rules: [{to: [{operation: {futurePaths: [/x]}}]}]\n"),
+        policy("l4", "  selector: {matchLabels: {app: web}}\n  rules: [{from: [{source: {namespaces: [demo]}}]}]\n"),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let http = |n: &str| t.config.http_policies.iter().find(|p| p.name == n);
+    let targets = |n: &str| {
+        http(n)
+            .unwrap_or_else(|| panic!("{n} missing"))
+            .targets
+            .iter()
+            .map(|t| (t.kind, t.name.clone()))
+            .collect::<Vec<_>>()
+    };
+
+    let full = http("full").expect("full translated");
+    assert_eq!(full.action, HttpPolicyAction::Allow);
+    assert_eq!(
+        targets("full"),
+        [(TargetKind::Gateway, "waypoint".to_string())]
+    );
+    let from = &full.rules[0].from[0];
+    assert_eq!(
+        from.principals,
+        ["cluster.local/ns/demo/sa/client", "*/ns/demo/sa/robot"]
+    );
+    assert_eq!(from.not_principals, ["*/sa/bad"]);
+    assert_eq!(
+        (from.namespaces.clone(), from.not_namespaces.clone()),
+        (vec!["demo".to_string()], vec!["legacy".to_string()])
+    );
+    let blocks: Vec<String> = from.ip_blocks.iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        blocks,
+        ["198.19.0.0/16", "203.0.113.0/24"],
+        "remoteIpBlocks join ipBlocks"
+    );
+    assert_eq!(from.not_ip_blocks.len(), 1);
+    let to = &full.rules[0].to[0];
+    assert_eq!(
+        (to.methods.clone(), to.not_methods.clone()),
+        (
+            vec!["GET".to_string(), "HEAD".into()],
+            vec!["DELETE".to_string()]
+        )
+    );
+    assert_eq!(
+        (to.paths.clone(), to.not_paths.clone()),
+        (vec!["/api/*".to_string()], vec!["/api/admin".to_string()])
+    );
+    assert_eq!(
+        (to.hosts.clone(), to.not_hosts.clone()),
+        (
+            vec!["reviews.demo.svc.cluster.local".to_string()],
+            vec!["*.internal".to_string()]
+        )
+    );
+    assert_eq!(
+        (to.ports.clone(), to.not_ports.clone()),
+        (vec![9080], vec![9090])
+    );
+    let when = &full.rules[0].when;
+    assert_eq!(
+        (when[0].key.as_str(), when[0].values.clone()),
+        ("request.headers[x-user]", vec!["alice".to_string()])
+    );
+    assert_eq!(
+        (when[1].key.as_str(), when[1].not_values.clone()),
+        ("source.namespace", vec!["legacy".to_string()])
+    );
+
+    assert_eq!(
+        targets("on-service"),
+        [(TargetKind::Service, "reviews".to_string())]
+    );
+    assert_eq!(
+        http("on-service").map(|p| p.action),
+        Some(HttpPolicyAction::Deny)
+    );
+    assert_eq!(
+        http("audit").map(|p| p.action),
+        Some(HttpPolicyAction::Audit)
+    );
+
+    // Fail closed on the targets that can be read.
+    let stand_in = |n: &str| {
+        let p = http(n).unwrap_or_else(|| panic!("{n}: no stand-in"));
+        (
+            p.action,
+            p.rules.len(),
+            p.rules
+                .iter()
+                .all(|r| r.from.is_empty() && r.to.is_empty() && r.when.is_empty()),
+        )
+    };
+    assert_eq!(
+        stand_in("custom"),
+        (HttpPolicyAction::Deny, 1, true),
+        "CUSTOM denies everything"
+    );
+    assert_eq!(
+        stand_in("jwt"),
+        (HttpPolicyAction::Allow, 0, true),
+        "an ALLOW allows nothing"
+    );
+    assert_eq!(stand_in("claims"), (HttpPolicyAction::Deny, 1, true));
+    assert_eq!(
+        stand_in("route-and-service"),
+        (HttpPolicyAction::Deny, 1, true)
+    );
+    assert_eq!(
+        targets("route-and-service"),
+        [(TargetKind::Service, "reviews".to_string())]
+    );
+    assert_eq!(stand_in("unreadable"), (HttpPolicyAction::Allow, 0, true));
+    assert_eq!(
+        targets("unreadable"),
+        [(TargetKind::Gateway, "waypoint".to_string())]
+    );
+    assert!(http("entry-only").is_none() && http("both").is_none());
+
+    // Selector and targetRefs: the L4 stand-in on the selected workloads.
+    let l4 = |n: &str| t.config.policies.iter().find(|p| p.name == n);
+    let both = l4("both").expect("L4 stand-in");
+    assert_eq!(
+        (both.scope, both.rules.len()),
+        (PolicyScope::WorkloadSelector, 0)
+    );
+    assert!(
+        l4("l4").is_some(),
+        "selector policies keep their L4 translation"
+    );
+    assert!(
+        l4("full").is_none() && l4("unreadable").is_none(),
+        "targeted policies are not ztunnel's"
+    );
+
+    let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
+    for want in [
+        "AuthorizationPolicy demo/custom (translation): action CUSTOM (external authorization) is not supported by Ambit; enforced as deny-all",
+        "AuthorizationPolicy demo/jwt (translation): rules[0]: requestPrincipals (JWT) is not supported by Ambit; enforced as deny-all",
+        "AuthorizationPolicy demo/claims (translation): rules[0]: condition key \"request.auth.claims[iss]\" is not supported by Ambit; enforced as deny-all",
+        "AuthorizationPolicy demo/both (translation): both selector and targetRefs are set; enforced as deny-all",
+        "AuthorizationPolicy demo/entry-only (translation): targetRef kind \"ServiceEntry\" of group \"networking.istio.io\" is not supported",
+        "AuthorizationPolicy demo/route-and-service (translation): targetRef kind \"HTTPRoute\"",
+        "AuthorizationPolicy demo/unreadable (translation): ",
+    ] {
+        assert!(reasons.iter().any(|r| r.starts_with(want)), "missing {want:?} in {reasons:#?}");
+    }
+    assert!(reasons
+        .iter()
+        .any(|r| r.starts_with("AuthorizationPolicy demo/entry-only")
+            && r.ends_with("not enforced (no target Ambit supports)")));
+    assert_eq!(reasons.len(), 7, "{reasons:#?}");
+}
+
+#[test]
+fn traffic_policies_are_read_and_checked() {
+    let tp = |name: &str, spec: &str| {
+        format!("---\napiVersion: ambit.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n{spec}")
+    };
+    let yaml = [
+        l7_base(),
+        tp("svc", "  targetRef: {kind: Service, name: reviews}\n  connectionPool: {maxRequests: 100, maxPendingRequests: 10}\n  outlierDetection: {consecutive5xx: 5, baseEjectionTime: 30s, maxEjectionPercent: 50}\n"),
+        tp("per-route", "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: split}\n  rateLimit: {maxTokens: 10, tokensPerFill: 5, fillInterval: 1s}\n"),
+        tp("gateway", "  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}\n"),
+        tp("zero", "  targetRef: {kind: Service, name: reviews}\n  outlierDetection: {consecutive5xx: 0, baseEjectionTime: 1s}\n"),
+        tp("typo", "  targetRef: {kind: Service, name: reviews}\n  retries: {attempts: 3}\n"),
+        "---\napiVersion: example.com/v1\nkind: TrafficPolicy\nmetadata: {name: foreign, namespace: demo}\nspec: {}\n".to_string(),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let names: Vec<_> = t
+        .config
+        .traffic_policies
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, ["per-route", "svc"]);
+    let svc = &t.config.traffic_policies[1];
+    assert_eq!(
+        (svc.target.kind, svc.target.name.as_str()),
+        (TargetKind::Service, "reviews")
+    );
+    assert_eq!(svc.connection_pool.and_then(|c| c.max_requests), Some(100));
+    assert_eq!(svc.outlier_detection.map(|o| o.consecutive_5xx), Some(5));
+    let route = &t.config.traffic_policies[0];
+    assert_eq!(
+        (route.target.kind, route.rate_limit.map(|r| r.max_tokens)),
+        (TargetKind::HttpRoute, Some(10))
+    );
+    assert!(
+        t.notes.iter().any(|n| n
+            .contains("TrafficPolicy demo/per-route: target HTTPRoute demo/split does not exist")),
+        "{:?}",
+        t.notes
+    );
+    let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
+    for want in [
+        "TrafficPolicy demo/gateway (translation): targetRef kind \"Gateway\"",
+        "TrafficPolicy demo/zero (translation): outlierDetection.consecutive5xx must be at least 1; not applied",
+        "TrafficPolicy demo/typo (test.yaml, document",
+        "TrafficPolicy demo/foreign (test.yaml, document",
+    ] {
+        assert!(reasons.iter().any(|r| r.starts_with(want)), "missing {want:?} in {reasons:#?}");
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown field `retries`")),
+        "{reasons:#?}"
     );
 }

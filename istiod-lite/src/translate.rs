@@ -1,8 +1,12 @@
 //! Cluster objects → the mesh model proxies consume: which pods are in the
 //! mesh (Istio's labels), their identities and addresses, services with their
-//! endpoints, the L4 part of authorization and peer authentication, and
-//! which waypoint each service and workload uses ([`waypoints`]).
+//! endpoints, the L4 part of authorization and peer authentication, which
+//! waypoint each service and workload uses ([`waypoints`]), and what
+//! waypoints enforce: HTTPRoutes ([`routes`], with their status), targeted
+//! AuthorizationPolicies and TrafficPolicies ([`l7_policies`]).
 
+pub mod l7_policies;
+pub mod routes;
 pub mod waypoints;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -28,6 +32,8 @@ pub struct Translation {
     pub rejected: Vec<Rejected>,
     /// Objects accepted but only partly applicable at L4 (say, L7 rules).
     pub notes: Vec<String>,
+    /// Every HTTPRoute's conditions (Kubernetes status, `/debug/routes`).
+    pub route_status: Vec<routes::RouteStatus>,
 }
 
 /// What the translation settles on, beyond the source objects.
@@ -55,6 +61,7 @@ pub fn translate(state: &ClusterState, options: &MeshOptions) -> Translation {
     let (trust_domain, root_namespace) = (&options.trust_domain, &options.root_namespace);
     let mut t = Translator {
         state,
+        trust_domain,
         root_namespace,
         allow_loopback_pods: options.allow_loopback_pods,
         waypoints: BTreeMap::new(),
@@ -67,6 +74,9 @@ pub fn translate(state: &ClusterState, options: &MeshOptions) -> Translation {
     let policies = t.policies(&mut workloads);
     t.assign_waypoints(&mut workloads, &mut services);
     let peer_authentications = t.peer_authentications(&workloads);
+    let (http_routes, route_status) = t.http_routes(&services);
+    let http_policies = t.http_policies();
+    let traffic_policies = t.traffic_policies();
     let config = MeshConfig {
         trust_domain: trust_domain.to_string(),
         root_namespace: root_namespace.to_string(),
@@ -74,17 +84,21 @@ pub fn translate(state: &ClusterState, options: &MeshOptions) -> Translation {
         services,
         policies,
         peer_authentications,
-        ..MeshConfig::default()
+        http_routes,
+        http_policies,
+        traffic_policies,
     };
     Translation {
         config,
         rejected: t.rejected,
         notes: t.notes,
+        route_status,
     }
 }
 
 struct Translator<'a> {
     state: &'a ClusterState,
+    trust_domain: &'a str,
     root_namespace: &'a str,
     allow_loopback_pods: bool,
     /// Gateways of class istio-waypoint, by `namespace/name`.
@@ -439,15 +453,27 @@ impl Translator<'_> {
     }
 
     fn policy(&mut self, key: &str, ap: &AuthorizationPolicy) -> Result<Option<Policy>, String> {
-        if let Some(reason) = &ap.broken {
-            return Err(reason.clone());
+        let targeted = !ap.spec.target_refs.is_empty() || ap.spec.target_ref.is_some();
+        let selector = ap
+            .spec
+            .selector
+            .as_ref()
+            .is_some_and(|s| !s.match_labels.is_empty());
+        if targeted && selector {
+            // Istio refuses this combination; which one was meant is
+            // unknown, so the selected workloads fail closed.
+            return Err("both selector and targetRefs are set".into());
         }
-        if let Some(target) = ap.spec.target_refs.first().or(ap.spec.target_ref.as_ref()) {
+        if targeted {
+            // A waypoint's policy, even one that does not parse: see
+            // l7_policies, which enforces it (or its stand-in) there.
             self.notes.push(format!(
-                "AuthorizationPolicy {key}: targets {} {}/{} (a waypoint's job), not enforced by ztunnel",
-                target.kind, target.group, target.name
+                "AuthorizationPolicy {key}: targetRefs (a waypoint's job), not enforced by ztunnel"
             ));
             return Ok(None);
+        }
+        if let Some(reason) = &ap.broken {
+            return Err(reason.clone());
         }
         let action = match ap.spec.action.as_deref().unwrap_or("ALLOW") {
             "ALLOW" => PolicyAction::Allow,

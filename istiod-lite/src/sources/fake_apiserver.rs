@@ -12,9 +12,17 @@
 //! What it does not: pagination (`limit` is ignored, which the real server
 //! also does when serving from its watch cache, so no `continue` token is
 //! ever returned), label/field selectors (refused with 400: istiod-lite sends
-//! none, so a request with one is a test bug), writes over HTTP, validation.
+//! none, so a request with one is a test bug), writes over HTTP other than
+//! the one below, validation.
 //! Beyond list/watch it answers TokenReviews of tokens tests register and
-//! reads single pods, for node authentication.
+//! reads single pods, for node authentication, and takes JSON merge patches
+//! of a namespaced object's `status` subresource (`PATCH
+//! .../namespaces/<ns>/<plural>/<name>/status`), as istiod-lite writes
+//! HTTPRoute status: only `status` is changed, a `metadata.resourceVersion`
+//! in the patch must be the current one (else 409 Conflict), and the change
+//! is a MODIFIED event like any other. Like the real server, `generation`
+//! starts at 1 and grows when `spec` changes, and an [`FakeApiServer::apply`]
+//! without `status` keeps the object's status.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -83,6 +91,12 @@ const RESOURCES: &[Resource] = &[
         kind: "HTTPRoute",
         api_version: "gateway.networking.k8s.io/v1",
         path: "/apis/gateway.networking.k8s.io/v1/httproutes",
+        namespaced: true,
+    },
+    Resource {
+        kind: "TrafficPolicy",
+        api_version: "ambit.dev/v1alpha1",
+        path: "/apis/ambit.dev/v1alpha1/trafficpolicies",
         namespaced: true,
     },
 ];
@@ -167,6 +181,9 @@ impl FakeApiServer {
                         async move {
                             Ok::<_, Infallible>(match auth_route(&req) {
                                 Some(route) => serve_auth(&s, route, req).await,
+                                None if req.method() == hyper::Method::PATCH => {
+                                    patch_status(&s, req).await
+                                }
                                 None => handle(&s, req),
                             })
                         }
@@ -228,14 +245,31 @@ impl FakeApiServer {
                 .objects
                 .get(&resource)
                 .and_then(|m| m.get(&(ns.clone(), name.clone())))
-                .map(|o| o["metadata"]["uid"].clone());
-            let uid = match previous {
-                Some(uid) => uid,
+                .cloned();
+            let uid = match &previous {
+                Some(p) => p["metadata"]["uid"].clone(),
                 None => {
                     inner.next_uid += 1;
                     json!(format!("00000000-0000-0000-0000-{:012}", inner.next_uid))
                 }
             };
+            let generation = match &previous {
+                None => 1,
+                Some(p) => {
+                    let g = p["metadata"]["generation"].as_i64().unwrap_or(1);
+                    if p["spec"] == obj["spec"] {
+                        g
+                    } else {
+                        g + 1
+                    }
+                }
+            };
+            obj["metadata"]["generation"] = json!(generation);
+            if let Some(p) = &previous {
+                if obj.get("status").is_none() && p.get("status").is_some() {
+                    obj["status"] = p["status"].clone();
+                }
+            }
             let event = if inner
                 .objects
                 .get(&resource)
@@ -341,8 +375,20 @@ impl FakeApiServer {
         self.shared.paused.send_replace(false);
     }
 
+    /// The stored object, as a GET would return it.
+    pub fn get(&self, kind: &str, ns: &str, name: &str) -> Option<Value> {
+        let resource = resource_of_kind(kind)?;
+        let ns = if resource.namespaced { ns } else { "" };
+        self.lock()
+            .objects
+            .get(&resource)?
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
     /// How many requests of each sort were served: `list <path>`,
-    /// `watch <path>`, `expired <path>` (410s sent).
+    /// `watch <path>`, `expired <path>` (410s sent), `patch status <path>`
+    /// (accepted), `conflict <path>` (409s sent).
     pub fn requests(&self, what: &str) -> u64 {
         self.lock().requests.get(what).copied().unwrap_or(0)
     }
@@ -400,6 +446,122 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         watch(shared, resource, &query)
     } else {
         list(shared, resource)
+    }
+}
+
+/// `PATCH /api[s]/.../namespaces/<ns>/<plural>/<name>/status` with a JSON
+/// merge patch: only the `status` subresource changes.
+async fn patch_status(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let target = segments
+        .iter()
+        .position(|s| *s == "namespaces")
+        .filter(|&i| segments.len() == i + 5 && segments[i + 4] == "status")
+        .and_then(|i| {
+            let list = format!("/{}/{}", segments[..i].join("/"), segments[i + 2]);
+            let resource = RESOURCES.iter().copied().find(|r| r.path == list)?;
+            Some((
+                resource,
+                segments[i + 1].to_string(),
+                segments[i + 3].to_string(),
+            ))
+        });
+    let Some((resource, ns, name)) = target else {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the fake only patches status subresources",
+        );
+    };
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if content_type != "application/merge-patch+json" {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the fake takes JSON merge patches only, not {content_type:?}"),
+        );
+    }
+    let Ok(body) = req.into_body().collect().await else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    let patch: Value = match serde_json::from_slice(&body.to_bytes()) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+    };
+    let (rv, object) = {
+        let mut inner = shared.inner.lock().expect("fake API server lock");
+        let current = inner
+            .objects
+            .get(&resource)
+            .and_then(|m| m.get(&(ns.clone(), name.clone())))
+            .cloned();
+        let Some(mut obj) = current else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{} {ns}/{name} not found", resource.kind),
+            );
+        };
+        if let Some(want) = patch["metadata"]["resourceVersion"].as_str() {
+            if obj["metadata"]["resourceVersion"] != want {
+                count(&mut inner, format!("conflict {}", resource.path));
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
+        }
+        if let Some(s) = patch.get("status") {
+            let mut merged = obj.get("status").cloned().unwrap_or(Value::Null);
+            merge_patch(&mut merged, s);
+            obj["status"] = merged;
+        }
+        inner.rv += 1;
+        let rv = inner.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        inner
+            .objects
+            .entry(resource)
+            .or_default()
+            .insert((ns, name), obj.clone());
+        inner.history.push(Change {
+            rv,
+            resource,
+            kind: "MODIFIED",
+            object: obj.clone(),
+        });
+        count(&mut inner, format!("patch status {}", resource.path));
+        (rv, obj)
+    };
+    shared.changed.send_replace(rv);
+    json_response(StatusCode::OK, &object)
+}
+
+/// RFC 7386: objects merge key by key, `null` deletes, anything else
+/// (arrays included) replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
     }
 }
 

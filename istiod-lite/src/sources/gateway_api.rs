@@ -1,12 +1,15 @@
 //! The parts of Gateway API objects (`gateway.networking.k8s.io/v1`)
-//! istiod-lite reads: which Gateways are waypoints, and what HTTPRoutes attach
-//! to. Unknown fields are tolerated, as the API server would keep them; full
-//! HTTPRoute rules are the waypoint's business.
+//! istiod-lite reads: which Gateways are waypoints (and which routes their
+//! listeners allow), and HTTPRoutes. Unknown fields are tolerated here, as
+//! the API server would keep them; an HTTPRoute's rules are kept as raw YAML
+//! and read strictly during translation, so a route using something Ambit
+//! does not implement is refused with a status condition instead of being
+//! dropped by the source.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The Gateway class that declares a waypoint.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
@@ -31,6 +34,7 @@ pub struct GatewaySpec {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Listener {
     #[serde(default)]
     pub name: String,
@@ -38,6 +42,43 @@ pub struct Listener {
     pub port: i32,
     #[serde(default)]
     pub protocol: String,
+    #[serde(default)]
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AllowedRoutes {
+    #[serde(default)]
+    pub namespaces: Option<RouteNamespaces>,
+    #[serde(default)]
+    pub kinds: Option<Vec<RouteGroupKind>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RouteNamespaces {
+    /// `Same` (the default), `All` or `Selector`.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    /// Not evaluated: a selector using it matches nothing (fail closed).
+    #[serde(default)]
+    pub match_expressions: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RouteGroupKind {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: String,
 }
 
 impl Gateway {
@@ -71,26 +112,37 @@ pub struct HttpRoute {
 pub struct HttpRouteSpec {
     #[serde(default)]
     pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Read strictly by translation (`translate::routes`).
+    #[serde(default)]
+    pub rules: Vec<serde_yaml::Value>,
+    /// Spec fields Ambit does not read: translation refuses a route with
+    /// any, rather than apply it without them.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Serialized back as it was written (absent fields stay absent): Gateway
+/// API matches status entries to parentRefs by these fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ParentRef {
     /// Absent means `gateway.networking.k8s.io`; `""` is the core group.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// Absent means `Gateway`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// Absent means the route's namespace.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default)]
     pub name: String,
-    #[serde(default)]
-    pub port: Option<i32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
 }
 
 /// What a parent reference attaches a route to.

@@ -23,6 +23,16 @@
 //!   Any other error keeps the first publish waiting: publishing without a
 //!   kind that exists but could not be read might widen access.
 //!
+//! * Ambit's `TrafficPolicy` (`ambit.dev/v1alpha1`) is watched the same way
+//!   (optional like the other CRDs); one that does not parse is left out and
+//!   reported.
+//! * HTTPRoute status: after each publish, the conditions translation
+//!   computed are written to `httproutes/status` ([`write_route_status`]):
+//!   a JSON merge patch carrying the object's `resourceVersion`, so a
+//!   concurrent writer makes it fail (409) rather than be overwritten; only
+//!   entries with our `controllerName` are replaced, and only when they
+//!   differ.
+//!
 //! Not watched yet: EndpointSlices (translation derives endpoints from pod
 //! selectors) and ServiceAccounts (identity comes from the pod spec).
 
@@ -32,8 +42,8 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use kube::api::{Api, ApiResource, DynamicObject};
-use kube::runtime::reflector::{self, Store};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -46,8 +56,10 @@ use tokio::time::Instant;
 
 use super::gateway_api::{Gateway, HttpRoute};
 use super::{ClusterState, Rejected};
+use crate::ambit_types::{self, TrafficPolicy};
 use crate::istio_types::{AuthorizationPolicy, PeerAuthentication};
 use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
+use crate::translate::routes::{self, RouteStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
@@ -116,9 +128,10 @@ enum Kind {
     PeerAuthentication,
     Gateway,
     HttpRoute,
+    TrafficPolicy,
 }
 
-const KINDS: usize = 7;
+const KINDS: usize = 8;
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -130,6 +143,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::TrafficPolicy => "TrafficPolicy",
         }
     }
 
@@ -139,7 +153,11 @@ impl Kind {
     fn optional(self) -> bool {
         matches!(
             self,
-            Kind::Gateway | Kind::HttpRoute | Kind::AuthorizationPolicy | Kind::PeerAuthentication
+            Kind::Gateway
+                | Kind::HttpRoute
+                | Kind::AuthorizationPolicy
+                | Kind::PeerAuthentication
+                | Kind::TrafficPolicy
         )
     }
 
@@ -163,6 +181,16 @@ fn gateway_resource(kind: &str, plural: &str) -> ApiResource {
         group: "gateway.networking.k8s.io".into(),
         version: "v1".into(),
         api_version: "gateway.networking.k8s.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn ambit_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: ambit_types::GROUP.into(),
+        version: "v1alpha1".into(),
+        api_version: format!("{}/v1alpha1", ambit_types::GROUP),
         kind: kind.into(),
         plural: plural.into(),
     }
@@ -242,6 +270,7 @@ struct Stores {
     peer_authentications: Store<DynamicObject>,
     gateways: Store<DynamicObject>,
     http_routes: Store<DynamicObject>,
+    traffic_policies: Store<DynamicObject>,
 }
 
 fn key<K: Resource>(o: &K) -> String {
@@ -263,7 +292,7 @@ fn as_yaml(o: &DynamicObject, kind: Kind) -> Result<serde_yaml::Value, Rejected>
     serde_yaml::to_value(json).map_err(|e| reject(e.to_string()))
 }
 
-/// A Gateway API object in its serde type, or why it is left out.
+/// A CRD object (Gateway API, Ambit) in its serde type, or why it is left out.
 fn gateway_api_object<T: DeserializeOwned>(o: &DynamicObject, kind: Kind) -> Result<T, Rejected> {
     serde_yaml::from_value(as_yaml(o, kind)?).map_err(|e| Rejected {
         origin: "kubernetes".into(),
@@ -332,6 +361,15 @@ impl Stores {
                 Err(r) => rejected.push(r),
             }
         }
+        for o in self.traffic_policies.state() {
+            match gateway_api_object::<TrafficPolicy>(&o, Kind::TrafficPolicy) {
+                Ok(mut p) => {
+                    p.metadata.namespace = o.metadata.namespace.clone();
+                    state.traffic_policies.insert(key(&*o), p);
+                }
+                Err(r) => rejected.push(r),
+            }
+        }
         (state, rejected)
     }
 }
@@ -377,6 +415,17 @@ pub async fn follow_kubernetes(
         &wc,
         Kind::HttpRoute,
     );
+    let (traffic_policies, tp_stream) = watch_dynamic(
+        &client,
+        &ambit_resource("TrafficPolicy", "trafficpolicies"),
+        &wc,
+        Kind::TrafficPolicy,
+    );
+    tokio::spawn(write_route_status(
+        client.clone(),
+        http_routes.clone(),
+        outputs.route_status.subscribe(),
+    ));
     let stores = Stores {
         namespaces,
         pods,
@@ -385,6 +434,7 @@ pub async fn follow_kubernetes(
         peer_authentications,
         gateways,
         http_routes,
+        traffic_policies,
     };
     let mut events = futures::stream::select_all([
         watch(Api::all(client.clone()), ns_writer, &wc, Kind::Namespace),
@@ -394,6 +444,7 @@ pub async fn follow_kubernetes(
         pa_stream,
         gw_stream,
         hr_stream,
+        tp_stream,
     ]);
 
     let mut listed = [false; KINDS];
@@ -455,6 +506,74 @@ pub async fn follow_kubernetes(
                     }
                     Ok(Err(e)) => tracing::error!("cluster state not applied, keeping the last good state: {e}"),
                     Err(e) => tracing::error!("publish task failed, keeping the last good state: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Writes each published route status to its HTTPRoute, for as long as
+/// statuses are published.
+async fn write_route_status(
+    client: Client,
+    routes_store: Store<DynamicObject>,
+    mut statuses: tokio::sync::watch::Receiver<Arc<Vec<RouteStatus>>>,
+) {
+    let resource = gateway_resource("HTTPRoute", "httproutes");
+    // The resourceVersion each route had when we last patched it: until the
+    // store shows a newer one it has not seen our write, and comparing with
+    // it would write the same status again.
+    let mut patched_from: std::collections::HashMap<String, String> = Default::default();
+    while statuses.changed().await.is_ok() {
+        let current = statuses.borrow_and_update().clone();
+        for status in current.iter() {
+            let reference = ObjectRef::<DynamicObject>::new_with(&status.name, resource.clone())
+                .within(&status.namespace);
+            let Some(obj) = routes_store.get(&reference) else {
+                continue;
+            };
+            // Computed from an older spec: the next publish brings the right one.
+            if obj.metadata.generation != status.generation {
+                continue;
+            }
+            let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+            if patched_from.get(&status.key()) == Some(&rv) {
+                continue;
+            }
+            let existing = obj.data["status"]["parents"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ))
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+            let Some(parents) = routes::merged_parents(&existing, status, &now) else {
+                continue;
+            };
+            let body = serde_json::json!({
+                "metadata": {"resourceVersion": rv},
+                "status": {"parents": parents},
+            });
+            let api =
+                Api::<DynamicObject>::namespaced_with(client.clone(), &status.namespace, &resource);
+            match api
+                .patch_status(&status.name, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+            {
+                Ok(_) => {
+                    tracing::debug!(route = %status.key(), "status written");
+                    patched_from.insert(status.key(), rv);
+                }
+                // Someone else wrote first: their change is an event, and
+                // the publish it causes brings us back here.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    tracing::debug!(route = %status.key(), "status write conflicted; retried after the next change")
+                }
+                Err(e) => {
+                    tracing::warn!(route = %status.key(), "writing HTTPRoute status failed: {e}")
                 }
             }
         }

@@ -581,6 +581,7 @@ async fn a_cluster_without_istio_or_gateway_api_crds_is_still_followed() {
         "HTTPRoute",
         "AuthorizationPolicy",
         "PeerAuthentication",
+        "TrafficPolicy",
     ] {
         fake.uninstall(kind);
     }
@@ -597,7 +598,201 @@ status: {podIP: "198.19.1.10"}
 "#,
     );
     // Harness::follow waits for the first publish: it must come although
-    // four kinds can never be listed.
+    // five kinds can never be listed.
     let h = Harness::follow(fake, None).await;
     assert_eq!(h.outputs.mesh.borrow().workloads.len(), 1);
+}
+
+/// Our entries of `status.parents`: (parent name, [(type, status, reason,
+/// observedGeneration)]).
+type Entries = Vec<(String, Vec<(String, String, String, i64)>)>;
+
+fn our_entries(route: &serde_json::Value) -> Entries {
+    route["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["controllerName"] == crate::translate::routes::CONTROLLER_NAME)
+        .map(|e| {
+            let conditions = e["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    (
+                        c["type"].as_str().unwrap_or_default().to_string(),
+                        c["status"].as_str().unwrap_or_default().to_string(),
+                        c["reason"].as_str().unwrap_or_default().to_string(),
+                        c["observedGeneration"].as_i64().unwrap_or(-1),
+                    )
+                })
+                .collect();
+            (
+                e["parentRef"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                conditions,
+            )
+        })
+        .collect()
+}
+
+fn cond(t: &str, s: &str, r: &str, g: i64) -> (String, String, String, i64) {
+    (t.into(), s.into(), r.into(), g)
+}
+
+#[tokio::test]
+async fn route_status_is_written_back_without_fighting() {
+    let fake = FakeApiServer::start_with(Duration::from_millis(200)).await;
+    fake.apply_yaml(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: demo}
+spec: {clusterIP: 10.96.0.10, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: ambit.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: limits, namespace: demo}
+spec: {targetRef: {kind: Service, name: reviews}, connectionPool: {maxRequests: 10}}
+"#,
+    );
+    let other_controller = json!({
+        "parentRef": {"name": "edge"},
+        "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                        "message": "theirs", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    });
+    let route = |backend: &str| {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "demo"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "reviews"},
+                               {"group": "", "kind": "Service", "name": "ghost"}],
+                "rules": [{"backendRefs": [{"name": backend, "port": 9080}]}],
+            },
+        })
+    };
+    let mut first = route("reviews");
+    first["status"] = json!({"parents": [other_controller.clone()]});
+    fake.apply(first);
+    let h = Harness::follow(fake.clone(), None).await;
+    let patches = "patch status /apis/gateway.networking.k8s.io/v1/httproutes";
+
+    wait_for("our status entries", || {
+        fake.get("HTTPRoute", "demo", "r")
+            .is_some_and(|r| our_entries(&r).len() == 2)
+    })
+    .await;
+    let r = fake.get("HTTPRoute", "demo", "r").unwrap();
+    assert_eq!(
+        our_entries(&r),
+        [
+            (
+                "reviews".to_string(),
+                vec![
+                    cond("Accepted", "True", "Accepted", 1),
+                    cond("ResolvedRefs", "True", "ResolvedRefs", 1)
+                ]
+            ),
+            (
+                "ghost".to_string(),
+                vec![
+                    cond("Accepted", "False", "NoMatchingParent", 1),
+                    cond("ResolvedRefs", "True", "ResolvedRefs", 1)
+                ]
+            ),
+        ]
+    );
+    assert_eq!(
+        r["status"]["parents"][0], other_controller,
+        "another controller's entry is kept as it was"
+    );
+    let m = h.outputs.mesh.borrow().clone();
+    assert_eq!(m.http_routes.len(), 1);
+    assert_eq!(
+        m.traffic_policies[0].name, "limits",
+        "TrafficPolicy flows from the API server"
+    );
+
+    // Our own write is a change like any other; it must not cause another.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(fake.requests(patches), 1, "written once");
+
+    // A new generation: the conditions follow it.
+    let accepted_since = r["status"]["parents"][1]["conditions"][0]["lastTransitionTime"].clone();
+    fake.apply(route("nope"));
+    wait_for("status of generation 2", || {
+        fake.get("HTTPRoute", "demo", "r").is_some_and(|r| {
+            our_entries(&r)
+                .first()
+                .is_some_and(|(_, c)| c[1] == cond("ResolvedRefs", "False", "BackendNotFound", 2))
+        })
+    })
+    .await;
+    let r = fake.get("HTTPRoute", "demo", "r").unwrap();
+    assert_eq!(r["status"]["parents"][0], other_controller);
+    assert_eq!(
+        r["status"]["parents"][1]["conditions"][0]["lastTransitionTime"], accepted_since,
+        "Accepted did not change, so neither does its transition time"
+    );
+    assert_eq!(h.outputs.route_status.borrow()[0].generation, Some(2));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(fake.requests(patches), 2);
+}
+
+#[tokio::test]
+async fn the_fake_api_server_patches_status_with_optimistic_concurrency() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "demo"},
+        "spec": {"parentRefs": []},
+    }));
+    let rv = fake.get("HTTPRoute", "demo", "r").unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api = kube::Api::<kube::api::DynamicObject>::namespaced_with(
+        fake.client(),
+        "demo",
+        &kube::api::ApiResource {
+            group: "gateway.networking.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: "HTTPRoute".into(),
+            plural: "httproutes".into(),
+        },
+    );
+    let patch = |rv: &str| {
+        json!({"metadata": {"resourceVersion": rv}, "status": {"parents": [{"controllerName": "x"}]},
+               "spec": {"hostnames": ["ignored"]}})
+    };
+    let pp = kube::api::PatchParams::default();
+    api.patch_status("r", &pp, &kube::api::Patch::Merge(&patch(&rv)))
+        .await
+        .unwrap();
+    let r = fake.get("HTTPRoute", "demo", "r").unwrap();
+    assert_eq!(r["status"]["parents"][0]["controllerName"], "x");
+    assert!(r["spec"].get("hostnames").is_none(), "only status changes");
+    assert_eq!(r["metadata"]["generation"], 1);
+    // The same, stale, version now conflicts.
+    match api
+        .patch_status("r", &pp, &kube::api::Patch::Merge(&patch(&rv)))
+        .await
+    {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 409),
+        other => panic!("expected 409, got {other:?}"),
+    }
+    assert!(api
+        .patch_status("nope", &pp, &kube::api::Patch::Merge(&patch(&rv)))
+        .await
+        .is_err());
 }

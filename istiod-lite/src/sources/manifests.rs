@@ -1,7 +1,7 @@
 //! The manifests-directory source: multi-document YAML files holding the same
 //! objects a cluster would (Namespace, Pod, Service, ServiceAccount,
 //! AuthorizationPolicy, PeerAuthentication, Gateway API Gateway and
-//! HTTPRoute). Pods carry their IP and node explicitly.
+//! HTTPRoute, Ambit's TrafficPolicy). Pods carry their IP and node explicitly.
 
 use std::path::Path;
 
@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::gateway_api::{Gateway, HttpRoute};
 use super::{ClusterState, Rejected};
+use crate::ambit_types::{self, TrafficPolicy};
 use crate::istio_types::{AuthorizationPolicy, PeerAuthentication};
 
 /// Kinds that are valid in a manifests directory but not used yet.
@@ -131,6 +132,13 @@ fn add(at: &str, value: serde_yaml::Value, state: &mut ClusterState) -> Result<(
             let mut r: HttpRoute = serde_yaml::from_value(value).map_err(parse_err)?;
             r.metadata.namespace = Some(ns);
             state.http_routes.insert(key, r);
+        }
+        // Not a security object: one that does not parse is left out.
+        "TrafficPolicy" => {
+            check_api(&value, &format!("{}/", ambit_types::GROUP)).map_err(reject)?;
+            let mut p: TrafficPolicy = serde_yaml::from_value(value).map_err(parse_err)?;
+            p.metadata.namespace = Some(ns);
+            state.traffic_policies.insert(key, p);
         }
         k if ACCEPTED_UNUSED.contains(&k) => {}
         "" => return Err(reject("no kind".into())),

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 
+use crate::ambit_types::TrafficPolicy;
 use crate::istio_types::{AuthorizationPolicy, PeerAuthentication};
 use gateway_api::{Gateway, HttpRoute};
 
@@ -26,6 +27,7 @@ pub struct ClusterState {
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
     pub gateways: BTreeMap<String, Gateway>,
     pub http_routes: BTreeMap<String, HttpRoute>,
+    pub traffic_policies: BTreeMap<String, TrafficPolicy>,
 }
 
 /// An object that was not accepted, and why. The rest of the state still flows.
