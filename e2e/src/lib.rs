@@ -8,6 +8,7 @@ pub mod istiod;
 pub mod loopback;
 pub mod mesh;
 pub mod netns;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod servers;
