@@ -5,6 +5,7 @@ pub mod client;
 pub mod cluster;
 pub mod demo;
 pub mod istiod;
+pub mod l7;
 pub mod loopback;
 pub mod mesh;
 pub mod netns;

@@ -1,4 +1,4 @@
-//! A ztunnel child process with its own log file; killed on drop.
+//! A ztunnel or waypoint child process with its own log file; killed on drop.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -47,7 +47,10 @@ impl Source {
     }
 }
 
-pub struct Ztunnel {
+/// A proxy process of ours: a node's ztunnel or a waypoint.
+pub struct Proxy {
+    /// `ztunnel` or `waypoint`.
+    kind: &'static str,
     child: Option<Child>,
     pub node: String,
     pub ip: IpAddr,
@@ -56,7 +59,10 @@ pub struct Ztunnel {
     netns: Option<String>,
 }
 
-impl Ztunnel {
+pub type Ztunnel = Proxy;
+pub type Waypoint = Proxy;
+
+impl Proxy {
     /// Starts a ztunnel for `node`, every listener on `ip` (HBONE per workload).
     pub fn spawn(
         dir: &Path,
@@ -179,9 +185,55 @@ impl Ztunnel {
         ip: IpAddr,
         args: &[&str],
     ) -> anyhow::Result<Self> {
-        let log_path = dir.join(format!("ztunnel-{node}.log"));
+        let mut common = vec!["--node", node, "--reload-interval", "200ms"];
+        common.extend_from_slice(args);
+        Self::launch_bin("ztunnel", netns, dir, source, node, ip, &common)
+    }
+
+    /// Starts the waypoint of Gateway `gateway` (`namespace/name`), its pod
+    /// at `ip` (HBONE on `ip`:15008, admin ports on `ip` too) on `node`.
+    pub fn spawn_waypoint(
+        dir: &Path,
+        source: &Source,
+        gateway: &str,
+        node: &str,
+        ip: IpAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let addr = |port: u16| SocketAddr::new(ip, port).to_string();
+        let (hbone, admin, metrics, ready) = (addr(15008), addr(15000), addr(15020), addr(15021));
+        let mut args = vec![
+            "--gateway",
+            gateway,
+            "--node",
+            node,
+            "--hbone-addr",
+            hbone.as_str(),
+            "--admin-addr",
+            admin.as_str(),
+            "--metrics-addr",
+            metrics.as_str(),
+            "--readiness-addr",
+            ready.as_str(),
+            "--reload-interval",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        Self::launch_bin("waypoint", None, dir, source, gateway, ip, &args)
+    }
+
+    fn launch_bin(
+        kind: &'static str,
+        netns: Option<&str>,
+        dir: &Path,
+        source: &Source,
+        name: &str,
+        ip: IpAddr,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let log_path = dir.join(format!("{kind}-{}.log", name.replace('/', "-")));
         let log = std::fs::File::create(&log_path)?;
-        let bin = bin_path("ztunnel")?;
+        let bin = bin_path(kind)?;
         let mut cmd = match netns {
             Some(ns) => {
                 // nsenter, not `ip netns exec`: the latter remounts /sys in a new
@@ -194,8 +246,7 @@ impl Ztunnel {
         };
         let child = cmd
             .args(&source.0)
-            .args(["--node", node])
-            .args(["--reload-interval", "200ms", "--drain-timeout", "5s"])
+            .args(["--drain-timeout", "5s"])
             .args(args)
             .env(
                 "RUST_LOG",
@@ -204,10 +255,11 @@ impl Ztunnel {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("spawning ztunnel")?;
-        let mut z = Ztunnel {
+            .with_context(|| format!("spawning {kind}"))?;
+        let mut z = Proxy {
+            kind,
             child: Some(child),
-            node: node.to_string(),
+            node: name.to_string(),
             ip,
             log_path,
             netns: netns.map(str::to_string),
@@ -244,7 +296,8 @@ impl Ztunnel {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     bail!(
-                        "ztunnel {} exited with {status}:\n{}",
+                        "{} {} exited with {status}:\n{}",
+                        self.kind,
                         self.node,
                         self.log()
                     );
@@ -256,7 +309,8 @@ impl Ztunnel {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!(
-            "ztunnel {} not ready after {timeout:?}:\n{}",
+            "{} {} not ready after {timeout:?}:\n{}",
+            self.kind,
             self.node,
             self.log()
         )
@@ -276,7 +330,8 @@ impl Ztunnel {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{needle:?} not in ztunnel {} log after {timeout:?}:\n{log}",
+                    "{needle:?} not in {} {} log after {timeout:?}:\n{log}",
+                    self.kind,
                     self.node
                 );
             }
@@ -342,14 +397,18 @@ impl Ztunnel {
                 return Ok(status.code());
             }
             if Instant::now() > deadline {
-                bail!("ztunnel {} still running after {timeout:?}", self.node);
+                bail!(
+                    "{} {} still running after {timeout:?}",
+                    self.kind,
+                    self.node
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-impl Drop for Ztunnel {
+impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -45,6 +45,7 @@ impl TunnelIo {
     /// Ends the tunnel abruptly (RST_STREAM CANCEL), telling the far side the
     /// exchange failed rather than ended.
     pub fn reset(&mut self) {
+        self.shut = true;
         self.send.send_reset(h2::Reason::CANCEL);
     }
 
@@ -57,6 +58,17 @@ impl TunnelIo {
                 .map_err(h2_to_io)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for TunnelIo {
+    fn drop(&mut self) {
+        // Whatever the protocol inside wrote last (an HTTP/2 GOAWAY, say) is
+        // still queued: END_STREAM lets it reach the peer, where a reset
+        // would discard it. `reset` is the way to signal failure.
+        if !self.shut {
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
     }
 }
 

@@ -1,0 +1,237 @@
+//! Command-line settings of the waypoint process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_core::sys::{parse_duration, parse_positive_duration};
+
+/// Ambit waypoint: the L7 proxy a namespace's traffic passes when L7 policy applies.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "waypoint", version)]
+pub struct Settings {
+    /// The waypoint Gateway this proxy serves, `namespace/name` (routes and
+    /// policies attached to it apply here).
+    #[arg(long, env = "AMBIT_WAYPOINT")]
+    pub gateway: String,
+
+    /// HBONE listener: this waypoint pod's address, port 15008. The waypoint's
+    /// own workload is the one with this IP in the mesh config.
+    #[arg(long, env = "AMBIT_HBONE_ADDR")]
+    pub hbone_addr: SocketAddr,
+
+    /// Static mesh config file (workloads, services, routes, policies),
+    /// reloaded when it changes; the alternative to --xds-address.
+    #[arg(
+        long,
+        env = "AMBIT_CONFIG",
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// The control plane's delta ADS endpoint (https://HOST:15012).
+    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// The CA endpoint [default: the xDS address].
+    #[arg(long, env = "AMBIT_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// The mesh root certificate (trust anchor for peers and the control plane).
+    #[arg(long, env = "AMBIT_CA_ROOT_CERT")]
+    pub ca_root_cert: Option<PathBuf>,
+
+    /// File with the bearer token for the control plane (re-read per call).
+    #[arg(long, env = "AMBIT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// DNS name the control plane's certificate must carry.
+    #[arg(long, default_value = mesh_core::grpc::CONTROL_PLANE_NAME)]
+    pub control_plane_name: String,
+
+    /// Trust domain of the mesh (xDS mode; a static config names its own).
+    #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Name of the node the waypoint pod runs on (the CA checks it).
+    #[arg(long, env = "AMBIT_NODE_NAME")]
+    pub node: String,
+
+    /// Static certificates: root-cert.pem and <ns>/<sa>/{cert-chain,key}.pem.
+    #[arg(long, env = "AMBIT_CERTS_DIR")]
+    pub certs: Option<PathBuf>,
+
+    /// Lifetime asked of the CA for the waypoint's certificate.
+    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
+    pub cert_ttl: Duration,
+
+    /// Admin (config dump, log level); loopback only by default.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// OTLP/gRPC trace collector, e.g. http://otel-collector:4317 [default: no tracing].
+    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of requests traced when the caller did not decide (0.0–1.0).
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_sampling: f64,
+
+    /// Largest request head (request line and headers) accepted; beyond it, 431.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Time a client has to send a complete request head (slowloris bound).
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub header_read_timeout: Duration,
+
+    /// How long to wait for a tunnel's first bytes to tell HTTP from other
+    /// protocols; a client that sends nothing first (server-first protocols)
+    /// is passed through at L4 after it.
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
+    pub protocol_detection_timeout: Duration,
+
+    /// HTTP/2 streams a client may have open at once on one tunnel.
+    #[arg(long, default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// Largest request body buffered so the request can be retried or mirrored;
+    /// larger bodies are streamed and not retried.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_buffered_body: usize,
+
+    /// Timeout for dialing an endpoint's ztunnel.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pub connect_timeout: Duration,
+
+    /// How often the static config file and certificate directory are checked.
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
+    pub reload_interval: Duration,
+
+    /// How long open requests may finish after SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Idle upstream connections are closed after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub pool_idle_timeout: Duration,
+
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Settings {
+    /// The Gateway as (namespace, name).
+    pub fn gateway(&self) -> Result<(String, String), String> {
+        match self.gateway.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok((ns.to_string(), name.to_string()))
+            }
+            _ => Err(format!(
+                "--gateway {:?} is not namespace/name",
+                self.gateway
+            )),
+        }
+    }
+
+    /// Checks combinations clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        self.gateway()?;
+        if !(0.0..=1.0).contains(&self.trace_sampling) {
+            return Err(format!(
+                "--trace-sampling {} is not between 0 and 1",
+                self.trace_sampling
+            ));
+        }
+        if self.certs.is_none() && (self.ca_root_cert.is_none() || self.ca_address().is_none()) {
+            return Err(
+                "without --certs, certificates come from the CA: give --ca-root-cert and --ca-address or --xds-address"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn ca_address(&self) -> Option<&str> {
+        self.ca_address.as_deref().or(self.xds_address.as_deref())
+    }
+
+    /// The control plane at `address`, trusted through --ca-root-cert.
+    pub fn control_plane(&self, address: &str) -> anyhow::Result<mesh_core::grpc::ControlPlane> {
+        let roots = match &self.ca_root_cert {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                Some(
+                    mesh_core::tls::TrustRoots::from_pem(&pem)
+                        .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        Ok(mesh_core::grpc::ControlPlane {
+            address: address.to_string(),
+            roots,
+            server_name: self.control_plane_name.clone(),
+            token_file: self.token_file.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Settings {
+        let mut args = vec![
+            "waypoint",
+            "--gateway",
+            "demo/waypoint",
+            "--hbone-addr",
+            "127.0.0.1:15008",
+            "--node",
+            "n1",
+        ];
+        args.extend_from_slice(extra);
+        Settings::parse_from(args)
+    }
+
+    #[test]
+    fn gateway_must_be_namespaced() {
+        let s = parse(&["--config", "c.yaml", "--certs", "d"]);
+        assert_eq!(
+            s.gateway().unwrap(),
+            ("demo".to_string(), "waypoint".to_string())
+        );
+        assert!(s.validate().is_ok());
+        for bad in ["waypoint", "/w", "demo/", "a/b/c"] {
+            let mut s = s.clone();
+            s.gateway = bad.to_string();
+            assert!(s.validate().is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn certificates_need_a_source() {
+        assert!(parse(&["--config", "c.yaml"]).validate().is_err());
+        let s = parse(&[
+            "--xds-address",
+            "https://cp:15012",
+            "--ca-root-cert",
+            "root.pem",
+        ]);
+        assert!(s.validate().is_ok());
+        assert_eq!(s.ca_address(), Some("https://cp:15012"));
+    }
+}
