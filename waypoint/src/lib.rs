@@ -8,6 +8,7 @@
 //! * [`authz`]: L7 AuthorizationPolicy decisions.
 //! * [`resilience`]: circuit breaking, outlier ejection, local rate limits.
 //! * [`telemetry`]: OpenTelemetry spans over OTLP, W3C trace context.
+//! * [`xds`]: the mesh and L7 config from the control plane.
 //! * [`state`], [`settings`], [`metrics`], [`admin`]: the process around them.
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod sniff;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;
+pub mod xds;
 
 use std::sync::Arc;
 
@@ -108,6 +110,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     ];
     let hbone = bind(s.hbone_addr, "HBONE")?;
 
+    let xds_address = state.settings.xds_address.clone();
     let admin_state = state.clone();
     std::thread::Builder::new()
         .name("admin".into())
@@ -120,6 +123,14 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                         }
                         Err(e) => tracing::error!(?kind, "admin listener: {e}"),
                     }
+                }
+                if let Some(addr) = xds_address {
+                    let st = admin_state.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = xds::run(st, addr).await {
+                            tracing::error!("xDS client stopped: {e:#}");
+                        }
+                    });
                 }
                 if let Some(ca) = ca_client {
                     tokio::spawn(ca.run(admin_state.watch_mesh()));
