@@ -95,6 +95,9 @@ pub async fn handle(
         .instrument(span.clone())
         .await;
     strip_hop_by_hop(response.headers_mut());
+    if let Some(endpoint) = &record.endpoint {
+        telemetry::record_destination(&span, &endpoint.identity.to_string());
+    }
     telemetry::record_response(&span, response.status());
     account(
         &state, &view, &ds, &record, protocol, &method, &path, &response, start,
@@ -142,6 +145,9 @@ async fn serve(
         Selection::Matched(m) => Some(m),
     };
     record.route = matched.as_ref().map(|m| m.route.to_string());
+    if let Some(route) = &record.route {
+        telemetry::record_route(&tracing::Span::current(), &parts.method, route);
+    }
 
     // Authorization comes before anything with an effect (rate-limit
     // tokens, mirrors, upstream work).

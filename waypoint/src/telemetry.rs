@@ -508,6 +508,23 @@ pub fn request_span(parts: &http::request::Parts, attrs: &SpanAttributes) -> Spa
     span
 }
 
+/// Names the route that matched, once routing has decided: `http.route`, and
+/// the span name becomes `METHOD ns/name`.
+pub fn record_route(span: &Span, method: &http::Method, route: &str) {
+    let (method, _) = semconv_method(method);
+    span.record("http.route", route);
+    // Once the span has started, tracing-opentelemetry ignores `otel.name`
+    // records: rename the OpenTelemetry span itself (a no-op when untraced).
+    span.context()
+        .span()
+        .update_name(format!("{method} {route}"));
+}
+
+/// Names the upstream that served the request (`destination_principal`).
+pub fn record_destination(span: &Span, principal: &str) {
+    span.record("destination_principal", principal);
+}
+
 /// Records the response status on a span from [`request_span`]: 5xx marks it as
 /// an error (4xx does not: for a server span it is the client's error).
 pub fn record_response(span: &Span, status: http::StatusCode) {
