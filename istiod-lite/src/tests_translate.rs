@@ -1308,6 +1308,34 @@ fn targeted_authorization_policies_become_http_policies() {
 }
 
 #[test]
+fn the_waypoint_gateway_class_targets_every_waypoint_only_from_the_root_namespace() {
+    let policy = |ns: &str, name: &str| {
+        format!("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  targetRefs: [{{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}}]\n  action: DENY\n  rules: [{{to: [{{operation: {{methods: [TRACE]}}}}]}}]\n")
+    };
+    let yaml = [
+        l7_base(),
+        policy("istio-system", "mesh-wide"),
+        policy("demo", "not-root"),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let mesh_wide = t
+        .config
+        .http_policies
+        .iter()
+        .find(|p| p.name == "mesh-wide")
+        .expect("translated");
+    assert_eq!(mesh_wide.targets[0].kind, TargetKind::GatewayClass);
+    assert_eq!(mesh_wide.action, HttpPolicyAction::Deny);
+    let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("AuthorizationPolicy demo/not-root")
+            && r.contains("GatewayClass target must be \"istio-waypoint\" on a policy in the root namespace")),
+        "{reasons:#?}"
+    );
+}
+
+#[test]
 fn traffic_policies_are_read_and_checked() {
     let tp = |name: &str, spec: &str| {
         format!("---\napiVersion: ambit.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n{spec}")

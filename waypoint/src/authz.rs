@@ -30,18 +30,12 @@ use http::{HeaderMap, Method};
 use mesh_core::authz::{negative, pattern_matches, positive, source_matches, ConnectionAttributes};
 use mesh_core::config::{
     Cidr, Condition, HttpPolicy, HttpPolicyAction, HttpRule, Operation, TargetKind,
-    HEADER_CONDITION_PREFIX,
+    HEADER_CONDITION_PREFIX, WAYPOINT_GATEWAY_CLASS,
 };
 use mesh_core::Identity;
 
 #[cfg(test)]
 mod tests;
-
-/// Istio lets a policy in the root namespace target `kind: GatewayClass,
-/// name: istio-waypoint` to apply to every waypoint. The model has no
-/// GatewayClass kind, so that target is carried as a `Gateway` target of this
-/// name on a policy in the root namespace.
-pub const GATEWAY_CLASS_TARGET: &str = "istio-waypoint";
 
 /// The `policy` of a denial for a path [`normalize_path`] refuses. Not a
 /// policy key: Kubernetes names cannot hold parentheses.
@@ -95,8 +89,8 @@ impl L7Decision {
 /// order. A policy applies when one of its targets, which name objects in the
 /// policy's own namespace (Istio), is:
 /// * `Gateway` naming this waypoint;
-/// * `Gateway` named [`GATEWAY_CLASS_TARGET`] on a policy in the root
-///   namespace: Istio's GatewayClass target, every waypoint;
+/// * `GatewayClass` `istio-waypoint` on a policy in the root namespace:
+///   every waypoint;
 /// * `Service` naming `service`;
 /// * `HTTPRoute` naming `route`.
 ///
@@ -117,9 +111,9 @@ pub fn applicable<'a>(
         .iter()
         .filter(|p| {
             p.targets.iter().any(|t| match t.kind {
-                TargetKind::Gateway => {
-                    (p.namespace == waypoint.0 && t.name == waypoint.1)
-                        || (p.namespace == root_namespace && t.name == GATEWAY_CLASS_TARGET)
+                TargetKind::Gateway => p.namespace == waypoint.0 && t.name == waypoint.1,
+                TargetKind::GatewayClass => {
+                    p.namespace == root_namespace && t.name == WAYPOINT_GATEWAY_CLASS
                 }
                 TargetKind::Service => names(service, &p.namespace, &t.name),
                 TargetKind::HttpRoute => names(route, &p.namespace, &t.name),

@@ -528,7 +528,7 @@ impl Resilience {
                 }
                 // Refused by validation: a waypoint-wide policy has no
                 // meaning here.
-                TargetKind::Gateway => {}
+                TargetKind::Gateway | TargetKind::GatewayClass => {}
             }
         }
 

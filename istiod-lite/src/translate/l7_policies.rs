@@ -15,6 +15,7 @@
 use mesh_core::config::{
     validate_mesh_config, Condition, HttpPolicy, HttpPolicyAction, HttpRule, MeshConfig, Operation,
     PolicyTarget, SourceMatch, TargetKind, TrafficPolicy, CONDITION_KEYS, HEADER_CONDITION_PREFIX,
+    WAYPOINT_GATEWAY_CLASS,
 };
 
 use super::{cidrs, ports, sa_principals, Translator};
@@ -46,7 +47,7 @@ impl Translator<'_> {
             let mut targets = Vec::new();
             let mut problem = ap.broken.clone();
             for t in refs {
-                match target(t, &ns) {
+                match target(t, &ns, self.root_namespace) {
                     Ok(target) => {
                         if !targets.contains(&target) {
                             targets.push(target)
@@ -166,6 +167,7 @@ impl Translator<'_> {
     fn check_policy_alone(&self, p: &HttpPolicy) -> Result<(), String> {
         let alone = MeshConfig {
             trust_domain: self.trust_domain.to_string(),
+            root_namespace: self.root_namespace.to_string(),
             http_policies: vec![p.clone()],
             ..MeshConfig::default()
         };
@@ -190,7 +192,7 @@ fn has_selector(ap: &AuthorizationPolicy) -> bool {
         .is_some_and(|s| !s.match_labels.is_empty())
 }
 
-fn target(t: &istio_types::TargetRef, ns: &str) -> Result<PolicyTarget, String> {
+fn target(t: &istio_types::TargetRef, ns: &str, root: &str) -> Result<PolicyTarget, String> {
     if t.namespace.as_deref().is_some_and(|n| n != ns) {
         return Err(format!(
             "targetRef {} {:?} is in another namespace (Istio allows only the policy's own)",
@@ -202,6 +204,14 @@ fn target(t: &istio_types::TargetRef, ns: &str) -> Result<PolicyTarget, String> 
     }
     let kind = match (t.group.as_str(), t.kind.as_str()) {
         (GATEWAY_GROUP, "Gateway") => TargetKind::Gateway,
+        (GATEWAY_GROUP, "GatewayClass") if ns == root && t.name == WAYPOINT_GATEWAY_CLASS => {
+            TargetKind::GatewayClass
+        }
+        (GATEWAY_GROUP, "GatewayClass") => {
+            return Err(format!(
+                "a GatewayClass target must be {WAYPOINT_GATEWAY_CLASS:?} on a policy in the root namespace {root:?}"
+            ))
+        }
         ("" | "core", "Service") => TargetKind::Service,
         (group, kind) => {
             return Err(format!(

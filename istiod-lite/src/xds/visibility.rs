@@ -234,6 +234,7 @@ fn l7_audiences(config: &MeshConfig) -> HashMap<&'static str, HashMap<String, BT
         let key = format!("{namespace}/{name}");
         match kind {
             TargetKind::Gateway => BTreeSet::from([key]),
+            TargetKind::GatewayClass => hosts.keys().map(|g| g.to_string()).collect(),
             TargetKind::Service => waypoint_of.get(&key).cloned().into_iter().collect(),
             TargetKind::HttpRoute => route_gateways.get(&key).cloned().unwrap_or_default(),
         }

@@ -380,7 +380,9 @@ pub struct HttpPolicy {
     pub name: String,
     pub namespace: String,
     /// In `namespace`. A Gateway target applies to all traffic the waypoint
-    /// serves; a Service target to traffic addressed to that Service.
+    /// serves; a Service target to traffic addressed to that Service; the
+    /// GatewayClass [`WAYPOINT_GATEWAY_CLASS`] (from the root namespace) to
+    /// every waypoint.
     pub targets: Vec<PolicyTarget>,
     pub action: HttpPolicyAction,
     #[serde(default)]
@@ -403,6 +405,8 @@ pub struct PolicyTarget {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub enum TargetKind {
     Gateway,
+    /// Every waypoint: only `istio-waypoint`, from the root namespace (Istio).
+    GatewayClass,
     Service,
     #[serde(rename = "HTTPRoute")]
     HttpRoute,
@@ -415,6 +419,10 @@ pub enum HttpPolicyAction {
     /// Matches are logged and counted, never enforced.
     Audit,
 }
+
+/// The Gateway class of waypoints; as a policy target (from the root
+/// namespace) it means every waypoint of the mesh.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
 
 /// Istio's rule: every non-empty list must have a matching entry.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -701,9 +709,17 @@ fn check_regex(re: &str) -> Result<(), String> {
         .map_err(|e| format!("regular expression {re:?}: {e}"))
 }
 
-pub(super) fn check_policy(p: &HttpPolicy) -> Result<(), String> {
+pub(super) fn check_policy(p: &HttpPolicy, root_namespace: &str) -> Result<(), String> {
     if p.targets.is_empty() {
         return Err("no targets".into());
+    }
+    for t in &p.targets {
+        let mesh_wide = p.namespace == root_namespace && t.name == WAYPOINT_GATEWAY_CLASS;
+        if t.kind == TargetKind::GatewayClass && !mesh_wide {
+            return Err(format!(
+                "a GatewayClass target must be {WAYPOINT_GATEWAY_CLASS:?} on a policy in the root namespace {root_namespace:?}"
+            ));
+        }
     }
     for rule in &p.rules {
         for op in &rule.to {
@@ -727,7 +743,10 @@ pub(super) fn check_policy(p: &HttpPolicy) -> Result<(), String> {
 }
 
 pub(super) fn check_traffic_policy(p: &TrafficPolicy) -> Result<(), String> {
-    if p.target.kind == TargetKind::Gateway {
+    if matches!(
+        p.target.kind,
+        TargetKind::Gateway | TargetKind::GatewayClass
+    ) {
         return Err("target must be a Service or an HTTPRoute".into());
     }
     if let Some(o) = &p.outlier_detection {

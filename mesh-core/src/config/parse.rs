@@ -220,7 +220,7 @@ impl Validator<'_> {
         }
         self.unique("httpPolicies", c.http_policies.iter().map(|p| p.key()))?;
         for (i, p) in c.http_policies.iter().enumerate() {
-            super::http::check_policy(p)
+            super::http::check_policy(p, &c.root_namespace)
                 .map_err(|e| self.fail("httpPolicies", i, format!("policy {}: {e}", p.key())))?;
         }
         self.unique("trafficPolicies", c.traffic_policies.iter().map(|p| p.key()))?;

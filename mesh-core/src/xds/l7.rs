@@ -614,6 +614,7 @@ fn encode_target_ref(t: &PolicyTarget) -> pb::PolicyTarget {
             TargetKind::Gateway => Kind::Gateway,
             TargetKind::Service => Kind::Service,
             TargetKind::HttpRoute => Kind::HttpRoute,
+            TargetKind::GatewayClass => Kind::GatewayClass,
         } as i32,
         name: t.name.clone(),
     }
@@ -625,6 +626,7 @@ fn decode_target_ref(t: &pb::PolicyTarget) -> Result<PolicyTarget, String> {
         Ok(Kind::Gateway) => TargetKind::Gateway,
         Ok(Kind::Service) => TargetKind::Service,
         Ok(Kind::HttpRoute) => TargetKind::HttpRoute,
+        Ok(Kind::GatewayClass) => TargetKind::GatewayClass,
         Ok(Kind::Unspecified) | Err(_) => {
             return Err(format!("target {:?}: unknown kind {}", t.name, t.kind))
         }

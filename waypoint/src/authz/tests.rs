@@ -515,7 +515,8 @@ fn targeting() {
 - {name: on-reviews, namespace: demo, targets: [{kind: Service, name: reviews}], action: Allow}
 - {name: on-reviews-prod, namespace: prod, targets: [{kind: Service, name: reviews}], action: Allow}
 - {name: on-route, namespace: demo, targets: [{kind: HTTPRoute, name: reviews-route}], action: Allow}
-- {name: mesh-wide, namespace: istio-system, targets: [{kind: Gateway, name: istio-waypoint}], action: Allow}
+- {name: mesh-wide, namespace: istio-system, targets: [{kind: GatewayClass, name: istio-waypoint}], action: Allow}
+- {name: gateway-named-like-the-class, namespace: istio-system, targets: [{kind: Gateway, name: istio-waypoint}], action: Allow}
 - {name: root-other, namespace: istio-system, targets: [{kind: Service, name: reviews}], action: Allow}
 - name: two-targets
   namespace: prod
@@ -548,8 +549,8 @@ fn targeting() {
         keys(Some("malformed"), Some("")),
         ["on-waypoint", "mesh-wide"]
     );
-    // A different root namespace: the GatewayClass stand-in is a plain
-    // Gateway name.
+    // A different root namespace: the class target applies nowhere, and a
+    // Gateway that happens to share the class's name is just a Gateway.
     let elsewhere = applicable(&ps, "mesh-root", ("demo", "waypoint"), None, None);
     assert_eq!(elsewhere.len(), 1);
 }
