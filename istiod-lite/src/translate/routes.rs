@@ -247,6 +247,16 @@ impl Translator<'_> {
         let kind = p.kind.as_deref().unwrap_or("Gateway");
         match (group, kind) {
             ("", "Service") => {
+                if ns != route_ns {
+                    // A GAMMA consumer route binds only the route namespace's
+                    // own clients; the waypoint cannot scope a route to its
+                    // callers yet, and applying it to everyone would let any
+                    // namespace reroute another's Service.
+                    return refused(
+                        "UnsupportedValue",
+                        format!("Service {key} is in another namespace: consumer routes are not supported by Ambit yet"),
+                    );
+                }
                 let Some(svc) = self.state.services.get(&key) else {
                     return refused("NoMatchingParent", format!("Service {key} does not exist"));
                 };

@@ -553,6 +553,19 @@ pub(super) fn check_route(r: &HttpRoute) -> Result<(), String> {
     if r.parents.is_empty() {
         return Err("no parents".into());
     }
+    if let Some(p) = r
+        .parents
+        .iter()
+        .find(|p| p.kind == ParentKind::Service && p.namespace != r.namespace)
+    {
+        // GAMMA consumer routes bind only their own namespace's clients,
+        // which a waypoint cannot tell apart yet; applied to everyone they
+        // would let any namespace reroute another's Service.
+        return Err(format!(
+            "parent Service {}/{} is in another namespace: consumer routes are not supported",
+            p.namespace, p.name
+        ));
+    }
     for (i, rule) in r.rules.iter().enumerate() {
         let at = |e: String| format!("rules[{i}]: {e}");
         for m in &rule.matches {
