@@ -80,17 +80,44 @@ async fn l7_authorization_allow_deny_and_audit() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn circuit_breaker_rejects_beyond_max_requests() -> anyhow::Result<()> {
+async fn circuit_breaker_rejects_beyond_max_requests_and_max_connections() -> anyhow::Result<()> {
     let mesh = L7Mesh::start(
         r#"trafficPolicies:
 - name: ratings-limits
   namespace: demo
   target: {kind: Service, name: ratings}
   connectionPool: {maxRequests: 2}
+- name: flaky-connections
+  namespace: demo
+  target: {kind: Service, name: flaky}
+  connectionPool: {maxConnections: 1}
 "#,
     )
     .await?;
     let client = std::sync::Arc::new(mesh.client("demo", "client").await?);
+
+    // One upstream connection allowed: concurrent requests that would need
+    // a second one overflow; sequential ones reuse it.
+    let flaky = mesh.addrs.service("flaky");
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get(flaky, "/", &[("x-echo-delay-ms", "500")]).await })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for task in burst {
+        codes.push(task.await??.status.as_u16());
+    }
+    assert!(codes.contains(&200) && codes.contains(&503), "{codes:?}");
+    for _ in 0..3 {
+        assert_eq!(
+            client.get(flaky, "/", &[]).await?.status,
+            200,
+            "the one connection is reused"
+        );
+    }
+
     let t = mesh.addrs.service("ratings");
     let mut tasks = Vec::new();
     for _ in 0..10 {
@@ -116,9 +143,10 @@ async fn circuit_breaker_rejects_beyond_max_requests() -> anyhow::Result<()> {
     assert_eq!(ok + overflow, 10);
     assert!(mesh.served("ratings") <= 10 - overflow);
     let m = mesh.waypoint.metrics()?;
+    let flaky_overflow = codes.iter().filter(|c| **c == 503).count() as u64;
     assert_eq!(
         metric_sum(&m, "istio_requests_total", &[("response_flags", "UO")]),
-        overflow as f64,
+        (overflow + flaky_overflow) as f64,
         "{m}"
     );
     Ok(())

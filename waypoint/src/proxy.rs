@@ -400,6 +400,9 @@ async fn forward(
     let outliers = backend
         .service_key()
         .and_then(|k| state.resilience.outliers(&k));
+    let breaker = backend
+        .service_key()
+        .and_then(|k| state.resilience.breaker(&k));
     let mut last: Option<Response<Body>> = None;
     for attempt in 0..=retries {
         if attempt > 0 {
@@ -417,7 +420,14 @@ async fn forward(
         record.attempts = attempt + 1;
         let mut req = Request::from_parts(parts.clone(), attempt_body);
         *req.version_mut() = http::Version::HTTP_11;
-        let send = upstream.send(&own.identity, &endpoint, addr, ds.client_ip, req);
+        let send = upstream.send(
+            &own.identity,
+            &endpoint,
+            addr,
+            ds.client_ip,
+            req,
+            breaker.as_ref(),
+        );
         let result = match per_try {
             Some(limit) => tokio::time::timeout(limit, send).await.ok(),
             None => Some(send.await),
@@ -430,6 +440,12 @@ async fn forward(
                 if !more {
                     return text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
                 }
+            }
+            Some(Err(e @ UpstreamError::Overflow(..))) => {
+                // Our own limit, not the endpoint's failure: no ejection, no retry.
+                tracing::debug!(endpoint = %addr, "{e}");
+                record.flags = e.flag();
+                return text(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
             }
             Some(Err(e)) => {
                 note_outlier(outliers.as_deref(), backend, addr, None);
@@ -578,7 +594,7 @@ fn mirror(
     tokio::spawn(async move {
         let sent = tokio::time::timeout(
             Duration::from_secs(10),
-            upstream.send(&own.identity, &endpoint, addr, client, req),
+            upstream.send(&own.identity, &endpoint, addr, client, req, None),
         )
         .await;
         if let Ok(Ok(resp)) = sent {

@@ -23,6 +23,8 @@ use mesh_core::hbone::{self, HboneError, Pool, PoolKey, TunnelIo};
 use mesh_core::tls::CertificateStore;
 use mesh_core::Identity;
 
+use crate::resilience::{CircuitBreaker, ConnectionPermit};
+
 /// Every body the waypoint sends or returns.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -34,6 +36,10 @@ pub enum UpstreamError {
     Handshake(SocketAddr, hyper::Error),
     #[error("request to {0}: {1}")]
     Request(SocketAddr, hyper::Error),
+    /// The service's circuit breaker has no room for another connection, or
+    /// for another request waiting on one.
+    #[error("circuit breaker for {0}: {1}")]
+    Overflow(SocketAddr, &'static str),
 }
 
 impl UpstreamError {
@@ -48,6 +54,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Tunnel(..) | UpstreamError::Handshake(..) => "UF",
             UpstreamError::Request(..) => "UC",
+            UpstreamError::Overflow(..) => "UO",
         }
     }
 }
@@ -134,7 +141,9 @@ impl Upstream {
     }
 
     /// Sends `req` to `endpoint` (a workload address and target port) as
-    /// `src`, on behalf of the client at `client`.
+    /// `src`, on behalf of the client at `client`. A new connection, and
+    /// waiting for one, count against `limits` (the backend service's
+    /// circuit breaker): `maxConnections`, `maxPendingRequests`.
     pub async fn send(
         self: &Arc<Self>,
         src: &Identity,
@@ -142,11 +151,31 @@ impl Upstream {
         addr: SocketAddr,
         client: IpAddr,
         req: Request<Body>,
+        limits: Option<&Arc<CircuitBreaker>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = (addr, client);
         let mut sender = match self.take_idle(&key) {
             Some(s) => s,
-            None => self.connect(src, endpoint, addr, client).await?,
+            None => {
+                let (pending, connection) = match limits {
+                    Some(b) => (
+                        Some(
+                            b.enter_pending()
+                                .ok_or(UpstreamError::Overflow(addr, "maxPendingRequests"))?,
+                        ),
+                        Some(
+                            b.try_acquire_connection()
+                                .ok_or(UpstreamError::Overflow(addr, "maxConnections"))?,
+                        ),
+                    ),
+                    None => (None, None),
+                };
+                let sender = self
+                    .connect(src, endpoint, addr, client, connection)
+                    .await?;
+                drop(pending);
+                sender
+            }
         };
         let response = sender
             .send_request(req)
@@ -214,6 +243,7 @@ impl Upstream {
         endpoint: &WorkloadInfo,
         addr: SocketAddr,
         client: IpAddr,
+        permit: Option<ConnectionPermit>,
     ) -> Result<http1::SendRequest<Body>, UpstreamError> {
         // The pool slot stays taken for as long as the HTTP connection lives.
         let (tunnel, slot) = self.open_tunnel(src, endpoint, addr, client).await?;
@@ -225,7 +255,8 @@ impl Upstream {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, "upstream connection ended: {e}");
             }
-            drop(slot);
+            // The connection counts against the breaker while it lives.
+            drop((slot, permit));
         });
         Ok(sender)
     }
