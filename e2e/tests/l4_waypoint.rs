@@ -47,6 +47,11 @@ fn extra(a: &Addrs) -> Extra {
 /// waypoint does not exist), the waypoint pod on node3 (no ztunnel there:
 /// it speaks HBONE itself).
 fn config(a: &Addrs, policies: &str) -> String {
+    config_with_waypoint_on(a, policies, "node3")
+}
+
+/// As [`config`], with the waypoint pod on `wp_node`.
+fn config_with_waypoint_on(a: &Addrs, policies: &str, wp_node: &str) -> String {
     let Addrs {
         client,
         intruder,
@@ -73,7 +78,7 @@ fn config(a: &Addrs, policies: &str) -> String {
   services: [demo/echo]
   waypoint: {{namespace: demo, name: wp}}
 - {{name: plain, namespace: demo, serviceAccount: server, node: node2, addresses: ["{plain}"], services: [demo/plain, demo/broken]}}
-- {{name: wp-0, namespace: demo, serviceAccount: waypoint, node: node3, addresses: ["{waypoint}"], services: [demo/wp], nativeTunnel: true}}
+- {{name: wp-0, namespace: demo, serviceAccount: waypoint, node: {wp_node}, addresses: ["{waypoint}"], services: [demo/wp], nativeTunnel: true}}
 services:
 - {{name: echo, namespace: demo, addresses: ["{vip}"], ports: [{{port: 80, targetPort: {SERVER_PORT}}}], waypoint: {{namespace: demo, name: wp}}}}
 - {{name: plain, namespace: demo, addresses: ["{plain_vip}"], ports: [{{port: 80, targetPort: {SERVER_PORT}}}]}}
@@ -92,9 +97,14 @@ struct Setup {
 }
 
 async fn setup() -> anyhow::Result<Setup> {
-    let mesh = TwoNodes::launch(|a| config(a, "[]"), &[], &[])?;
+    setup_with_waypoint_on("node3").await
+}
+
+async fn setup_with_waypoint_on(wp_node: &str) -> anyhow::Result<Setup> {
+    let yaml = |a: &Addrs| config_with_waypoint_on(a, "[]", wp_node);
+    let mesh = TwoNodes::launch(yaml, &[], &[])?;
     let extra = extra(&mesh.addrs());
-    let state = MeshState::new(parse_mesh_config(&config(&mesh.addrs(), "[]"))?);
+    let state = MeshState::new(parse_mesh_config(&yaml(&mesh.addrs()))?);
     let stub = WaypointStub::start(
         SocketAddr::new(extra.waypoint, HBONE_PORT),
         &mesh.pki,
@@ -297,6 +307,193 @@ async fn unavailable_waypoint_refuses_and_never_goes_direct() -> anyhow::Result<
     assert!(
         !z2.contains(&format!("dst.addr={}:{SERVER_PORT}", extra.plain)),
         "{z2}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_leaves_a_local_waypoints_hbone_port_to_it() -> anyhow::Result<()> {
+    // TwoNodes::launch returns once both ztunnels are ready, so node2's
+    // per-workload HBONE listeners are bound before anything below.
+    let mesh = TwoNodes::launch(|a| config_with_waypoint_on(a, "[]", "node2"), &[], &[])?;
+    let extra = extra(&mesh.addrs());
+    let wp_hbone = SocketAddr::new(extra.waypoint, HBONE_PORT);
+    mesh.z2.wait_log(
+        &format!("hbone listener ready addr={}:{HBONE_PORT}", mesh.server),
+        Duration::from_secs(5),
+    )?;
+    let free = std::net::TcpListener::bind(wp_hbone);
+    assert!(
+        free.is_ok(),
+        "{wp_hbone} must be left to the waypoint: {free:?}\n{}",
+        mesh.z2.log()
+    );
+    drop(free);
+    assert!(
+        !mesh.z2.log().contains(&format!("addr={wp_hbone}")),
+        "{}",
+        mesh.z2.log()
+    );
+
+    // The waypoint takes its port, and a client on the destination's own
+    // node still goes through it (never the same-node shortcut): `plain`
+    // (node2, identity demo/server) to `server`, which is behind it.
+    let state = MeshState::new(parse_mesh_config(&config_with_waypoint_on(
+        &mesh.addrs(),
+        "[]",
+        "node2",
+    ))?);
+    let stub = WaypointStub::start(
+        wp_hbone,
+        &mesh.pki,
+        &Pki::identity("demo", "waypoint"),
+        state,
+    )
+    .await?;
+    let _servers = [servers::echo(mesh.server_addr()).await?];
+    echo_roundtrip(mesh.z2.socks5(), extra.plain, mesh.server_addr()).await?;
+    let seen = stub.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].peer, Pki::identity("demo", "server"));
+    assert_eq!(seen[0].authority, mesh.server_addr().to_string());
+    mesh.z2
+        .wait_log(&format!("dst.via={wp_hbone}"), Duration::from_secs(5))?;
+    // The waypoint's tunnel on to the server still ends at node2's ztunnel.
+    mesh.z2.wait_log(
+        "src.identity=spiffe://cluster.local/ns/demo/sa/waypoint",
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}
+
+/// Plaintext (15006) to a workload behind a waypoint: refused, and an open
+/// plaintext connection is cut once its workload is put behind one. Needs
+/// capture to reach 15006 with the original destination, so it runs in a
+/// namespace cluster as root: `outsider` (node1, not in the mesh) to
+/// `server` and `open` on node2.
+#[test]
+fn plaintext_to_a_workload_behind_a_waypoint_is_refused() -> anyhow::Result<()> {
+    use e2e::cluster::Cluster;
+    use std::io::{Read, Write};
+
+    if !e2e::netns::root_or_skip("plaintext_to_a_workload_behind_a_waypoint_is_refused") {
+        return Ok(());
+    }
+    let cluster = Cluster::build(2, 2)?;
+    let outsider = cluster.pod(1, 0);
+    let (server, open) = (cluster.pod(2, 0), cluster.pod(2, 1));
+    let yaml = |open_waypoint: &str| {
+        format!(
+            r#"workloads:
+- {{name: server, namespace: demo, serviceAccount: server, node: node2, addresses: ["{server}"], waypoint: {{namespace: demo, name: wp}}}}
+- {{name: open, namespace: demo, serviceAccount: open, node: node2, addresses: ["{open}"]{open_waypoint}}}
+- {{name: wp-0, namespace: demo, serviceAccount: waypoint, node: node3, addresses: ["198.19.3.10"], services: [demo/wp], nativeTunnel: true}}
+services:
+- {{name: wp, namespace: demo, addresses: ["198.18.100.9"], ports: [{{port: 15008}}]}}
+"#,
+            server = server.ip,
+            open = open.ip,
+        )
+    };
+    let dir = e2e::mesh::TempDir::new("ambit-waypoint-plaintext")?;
+    let config = dir.path().join("mesh.yaml");
+    std::fs::write(&config, yaml(""))?;
+    let pki = Pki::new()?;
+    let certs = dir.path().join("certs2");
+    pki.write_root(&certs)?;
+    for sa in ["server", "open"] {
+        pki.write_cert(&certs, &Pki::identity("demo", sa))?;
+    }
+    let pins = e2e::netns::PinDir::new()?;
+    let z2 =
+        e2e::Ztunnel::spawn_capturing(cluster.node(2), dir.path(), &config, &certs, pins.path())?;
+
+    // 1. Refused at 15006, though the workload is PERMISSIVE and no policy
+    // denies it. An echo server shows whether anything got through.
+    let _echo = server.echo_peers(8080, 1, 1)?;
+    let to = SocketAddr::new(server.ip.into(), 8080);
+    let got = outsider.ns.run(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let _ = s.write_all(b"x");
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back);
+        Ok(back)
+    })?;
+    assert!(got.is_empty(), "plaintext around the waypoint: {got:?}");
+    let log = z2.wait_log("waypoint_bypassed", Duration::from_secs(5))?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("plaintext connection refused")
+                && l.contains("demo/server is behind waypoint demo/wp")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains(" access: ")
+            && l.contains("dst.workload=demo/server")
+            && l.contains("result=\"RBAC\"")),
+        "{log}"
+    );
+    let text = z2.metrics()?;
+    let refused = e2e::process::metric_sum(
+        &text,
+        "ambit_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "waypoint_bypassed")],
+    );
+    assert_eq!(refused, 1.0, "{text}");
+
+    // 2. An open plaintext connection to `open` (no waypoint yet) is cut
+    // when `open` is put behind one.
+    let addr = SocketAddr::new(open.ip.into(), 8081);
+    let listener = open
+        .ns
+        .run(move || Ok(std::net::TcpListener::bind(addr)?))?;
+    let _server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            s.write_all(&buf[..n])?;
+        }
+    });
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = outsider.ns.spawn(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"a")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        let _ = ready_tx.send(());
+        let _ = go_rx.recv();
+        // Cut: EOF or a reset, never a timeout.
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => Ok(rest),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(rest),
+            Err(e) => Err(e.into()),
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow::anyhow!("plaintext to open never established:\n{}", z2.log()))?;
+    std::fs::write(&config, yaml(", waypoint: {namespace: demo, name: wp}"))?;
+    z2.wait_log("waypoint bypassed:", Duration::from_secs(10))?;
+    let _ = go_tx.send(());
+    let rest = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    assert!(rest.is_empty(), "{rest:?}");
+    let log = z2.log();
+    assert!(
+        log.lines().any(|l| l.contains(" access: ")
+            && l.contains("dst.workload=demo/open")
+            && l.contains("result=\"RBAC\"")
+            && l.contains("waypoint bypassed: demo/open is behind waypoint demo/wp")),
+        "{log}"
     );
     Ok(())
 }

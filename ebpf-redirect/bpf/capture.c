@@ -9,6 +9,9 @@
 // capture_inbound: tc ingress of the node's uplink; new connections to an
 //   enrolled pod go to the HBONE listener (15008) if they target port 15008,
 //   else to the inbound plaintext listener (15006), so policy cannot be skipped.
+//   Also on tc ingress of a local waypoint pod's veth: its HBONE to an enrolled
+//   pod on the same node never crosses the uplink, and bpf_sk_assign works only
+//   at ingress, so it is taken where it enters the node.
 //
 //  1. A packet of a connection some node socket already owns (established,
 //     SYN_SENT, request socket, TIME_WAIT) goes to that socket.

@@ -26,6 +26,7 @@ const MAPS: [&str; 4] = [
 ];
 const OUTBOUND_LINK: &str = "link-out-";
 const INBOUND_LINK: &str = "link-in-";
+const WAYPOINT_LINK: &str = "link-wp-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -130,6 +131,8 @@ pub struct Capture {
     links: HashMap<String, Attached>,
     /// Node uplinks (inbound program).
     uplinks: HashMap<String, Attached>,
+    /// Veths of local waypoint pods (inbound program).
+    waypoints: HashMap<String, Attached>,
 }
 
 impl Capture {
@@ -160,6 +163,7 @@ impl Capture {
             pin_dir: pin_dir.to_path_buf(),
             links: HashMap::new(),
             uplinks: HashMap::new(),
+            waypoints: HashMap::new(),
         };
         capture.set_listener(Some(listener))?;
         Ok(capture)
@@ -195,6 +199,9 @@ impl Capture {
         for ifname in self.pinned(INBOUND_LINK) {
             self.detach_uplink(&ifname)?;
             release_pin(&self.pin_dir.join(format!("{INBOUND_LINK}{ifname}")))?;
+        }
+        for ifname in self.pinned(WAYPOINT_LINK) {
+            self.detach_waypoint(&ifname)?;
         }
         for map in MAPS {
             match std::fs::remove_file(self.pin_dir.join(map)) {
@@ -413,11 +420,37 @@ impl Capture {
         detach_from(&mut self.uplinks, interface, &pin)
     }
 
+    /// Attaches the inbound program at tc ingress of `interface`, the host
+    /// side of a local waypoint pod's veth. Its HBONE to an enrolled pod on
+    /// this node never crosses the uplink, and `bpf_sk_assign` works only at
+    /// ingress, so it is steered where it enters the node: to the HBONE
+    /// listener (port 15008) or the plaintext one, as from the uplink.
+    pub fn attach_waypoint(&mut self, interface: &str) -> Result<(), CaptureError> {
+        self.ensure_maps_pinned()?;
+        let pin = self.pin_dir.join(format!("{WAYPOINT_LINK}{interface}"));
+        attach_to(&mut self.ebpf, &mut self.waypoints, INBOUND, interface, pin)
+    }
+
+    pub fn detach_waypoint(&mut self, interface: &str) -> Result<(), CaptureError> {
+        let pin = self.pin_dir.join(format!("{WAYPOINT_LINK}{interface}"));
+        detach_from(&mut self.waypoints, interface, &pin)
+    }
+
+    /// Waypoint interfaces with a pinned link, whether or not this instance
+    /// holds them (a previous one may have left them).
+    pub fn pinned_waypoint_interfaces(&self) -> Vec<String> {
+        self.pinned(WAYPOINT_LINK)
+    }
+
+    pub fn attached_waypoints(&self) -> impl Iterator<Item = &str> {
+        self.waypoints.keys().map(String::as_str)
+    }
+
     /// Forgets (and unpins) links whose interface is gone or was replaced by a
     /// same-named one, so the next attach makes a fresh link. Returns their names.
     pub fn drop_stale_links(&mut self) -> Vec<String> {
         let mut gone = Vec::new();
-        for links in [&mut self.links, &mut self.uplinks] {
+        for links in [&mut self.links, &mut self.uplinks, &mut self.waypoints] {
             let stale: Vec<String> = links
                 .iter()
                 .filter(|(name, a)| ifindex(name) != a.ifindex)

@@ -3,7 +3,7 @@
 //! veth of every local workload, follow config changes, export counters.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +70,28 @@ fn captured<'a>(
         .filter(|w| !w.workload.native_tunnel)
 }
 
+/// The host-side interface of a local workload's address, if capture may
+/// use it (never the uplink: that would take the node's own traffic).
+fn pod_interface(
+    state: &ProxyState,
+    w: &mesh_core::config::WorkloadInfo,
+    ip: Ipv4Addr,
+) -> Option<String> {
+    match interface_for(ip) {
+        Ok(ifname) if Some(&ifname) == state.settings.capture_uplink.as_ref() => {
+            tracing::warn!(workload = %w.key(), interface = %ifname, "not capturing: the address routes via the uplink");
+            state.metrics.failure("capture", "no_interface");
+            None
+        }
+        Ok(ifname) => Some(ifname),
+        Err(e) => {
+            tracing::warn!(workload = %w.key(), "cannot capture: {e}");
+            state.metrics.failure("capture", "no_interface");
+            None
+        }
+    }
+}
+
 fn reconcile(state: &ProxyState, capture: &mut Capture) {
     let mesh = state.mesh();
     let mut want = BTreeSet::new();
@@ -78,19 +100,20 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
         for ip in &w.workload.addresses {
             let IpAddr::V4(v4) = ip else { continue };
             enrolled.insert(*v4);
-            match interface_for(*v4) {
-                Ok(ifname) if Some(&ifname) == state.settings.capture_uplink.as_ref() => {
-                    tracing::warn!(workload = %w.key(), interface = %ifname, "not capturing: the address routes via the uplink");
-                    state.metrics.failure("capture", "no_interface");
-                }
-                Ok(ifname) => {
-                    want.insert(ifname);
-                }
-                Err(e) => {
-                    tracing::warn!(workload = %w.key(), "cannot capture: {e}");
-                    state.metrics.failure("capture", "no_interface");
-                }
-            }
+            want.extend(pod_interface(state, w, *v4));
+        }
+    }
+    // Local waypoints are not captured (they speak HBONE themselves), but
+    // their connections to enrolled pods here never meet the uplink program:
+    // the inbound program goes on their veths instead.
+    let mut waypoints = BTreeSet::new();
+    for w in mesh
+        .local_workloads(state.node())
+        .filter(|w| w.workload.native_tunnel)
+    {
+        for ip in &w.workload.addresses {
+            let IpAddr::V4(v4) = ip else { continue };
+            waypoints.extend(pod_interface(state, w, *v4));
         }
     }
     if enrolled.is_empty() {
@@ -121,6 +144,7 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
             }
         }
     }
+    reconcile_waypoints(state, capture, &waypoints);
     // Links a previous ztunnel pinned for pods that are gone.
     for ifname in capture.pinned_interfaces() {
         if !want.contains(&ifname) {
@@ -184,6 +208,31 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
         .metrics
         .capture_interfaces
         .set(capture.attached().count() as i64);
+}
+
+/// Makes the inbound program's waypoint attachments exactly `want`.
+fn reconcile_waypoints(state: &ProxyState, capture: &mut Capture, want: &BTreeSet<String>) {
+    let attached: BTreeSet<String> = capture.attached_waypoints().map(str::to_string).collect();
+    // Links a previous ztunnel pinned for waypoints that are gone, too.
+    let mut stale = attached.clone();
+    stale.extend(capture.pinned_waypoint_interfaces());
+    for ifname in stale.iter().filter(|i| !want.contains(*i)) {
+        match capture.detach_waypoint(ifname) {
+            Ok(()) => tracing::info!(interface = %ifname, "waypoint capture detached"),
+            Err(e) => tracing::warn!(interface = %ifname, "waypoint detach failed: {e}"),
+        }
+    }
+    for ifname in want.iter().filter(|i| !attached.contains(*i)) {
+        match capture.attach_waypoint(ifname) {
+            Ok(()) => {
+                tracing::info!(interface = %ifname, "capturing a local waypoint's traffic to enrolled pods")
+            }
+            Err(e) => {
+                tracing::error!(interface = %ifname, "waypoint attach failed: {e}");
+                state.metrics.failure("capture", "attach_failed");
+            }
+        }
+    }
 }
 
 fn export(state: &ProxyState, capture: &Capture, last: CaptureStats) -> CaptureStats {

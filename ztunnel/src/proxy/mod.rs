@@ -190,8 +190,11 @@ fn reconcile_per_workload(
     listeners: &mut HashMap<IpAddr, JoinHandle<()>>,
 ) {
     let mesh = state.mesh();
+    // A waypoint (native tunnel) binds its own <ip>:15008 and terminates its
+    // tunnels there; holding that address would keep it from starting.
     let want: Vec<IpAddr> = mesh
         .local_workloads(state.node())
+        .filter(|w| !w.workload.native_tunnel)
         .flat_map(|w| w.workload.addresses.iter().copied())
         .collect();
     listeners.retain(|ip, task| {

@@ -59,6 +59,11 @@ pub async fn serve_connection(
             ),
         );
     }
+    if let Err(why) = mesh.waypoint_admission(&workload, None) {
+        // Plaintext has no identity, so it cannot be the waypoint's: admitting
+        // it would skip the waypoint's L7 policy (PERMISSIVE or not).
+        return refuse(record, "waypoint_bypassed", flags::RBAC, why);
+    }
     let attrs = ConnectionAttributes {
         source: None,
         source_ip: peer.ip(),
@@ -76,7 +81,11 @@ pub async fn serve_connection(
         };
     record.via = Some(dst);
     record.opened(&state);
-    let stop = super::revoked(state.clone(), dst.ip(), dst.port(), None, peer.ip());
+    let policy = super::revoked(state.clone(), dst.ip(), dst.port(), None, peer.ip());
+    // A waypoint given to the workload later takes its traffic over: an open
+    // plaintext connection now bypasses it and is cut.
+    let waypoint = super::inbound::waypoint_revoked(state.clone(), dst.ip(), None);
+    let stop = super::inbound::first_of(policy, waypoint);
     let (up, down, err) = super::copy_plain(client, upstream, stop).await;
     let flag = super::flag_for(&err);
     let err = err.as_ref().map(|e| e as &dyn std::fmt::Display);
