@@ -67,7 +67,7 @@ pub struct Settings {
     #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
     pub cert_ttl: Duration,
 
-    /// Admin (config dump, log level); loopback only by default.
+    /// Admin (`/config_dump`); loopback only by default.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
