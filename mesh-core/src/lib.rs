@@ -7,12 +7,14 @@
 //! * [`drain`]: graceful shutdown of a proxy's connections.
 //! * [`hbone`]: HTTP/2 CONNECT tunnels over mTLS (client, pool, server, copy).
 //! * [`config`]: the mesh data model (workloads, services, policies) and its YAML form.
+//! * [`admin`]: the admin, metrics and readiness HTTP servers of a proxy.
 //! * [`authz`]: L4 authorization decisions.
 //! * [`grpc`]: channels from proxies to the control plane (TLS, bearer token).
 //! * [`reload`]: polling a proxy's static config file and certificate directory.
 //! * [`proto`]: generated xDS, Istio workload/authorization and CA types.
 //! * [`xds`]: the mesh model as Istio's xDS resources, and back.
 
+pub mod admin;
 pub mod authz;
 pub mod backoff;
 pub mod ca;

@@ -1,16 +1,14 @@
 //! Admin (15000, `/config_dump`), metrics (15020) and readiness (15021), on
 //! their own single-thread runtime so a scrape never competes with requests.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use mesh_core::admin::{text, typed, OPENMETRICS};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -24,29 +22,12 @@ pub enum Endpoint {
 }
 
 pub async fn serve(listener: TcpListener, kind: Endpoint, state: Arc<WaypointState>) {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(?kind, "admin accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = route(kind, &state, req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(tcp), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-        });
-    }
+    let name = match kind {
+        Endpoint::Admin => "admin",
+        Endpoint::Metrics => "metrics",
+        Endpoint::Readiness => "readiness",
+    };
+    mesh_core::admin::serve(listener, name, move |req| route(kind, &state, req)).await
 }
 
 fn route(kind: Endpoint, state: &WaypointState, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -59,23 +40,11 @@ fn route(kind: Endpoint, state: &WaypointState, req: Request<Incoming>) -> Respo
             }
         }
         (Endpoint::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => {
-            let mut resp = text(StatusCode::OK, state.metrics.encode());
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            resp
+            typed(OPENMETRICS, state.metrics.encode())
         }
         (Endpoint::Admin, &Method::GET, "/config_dump") => {
             let body = serde_json::to_string_pretty(&config_dump(state)).unwrap_or_default();
-            let mut resp = text(StatusCode::OK, body);
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            resp
+            typed("application/json", body)
         }
         (Endpoint::Admin, &Method::GET, "/") => text(
             StatusCode::OK,
@@ -83,12 +52,6 @@ fn route(kind: Endpoint, state: &WaypointState, req: Request<Incoming>) -> Respo
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp
 }
 
 fn unix(t: std::time::SystemTime) -> u64 {

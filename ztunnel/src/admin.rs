@@ -1,7 +1,6 @@
 //! Admin (15000), metrics (15020) and readiness (15021) HTTP servers. They run on
 //! their own single-thread runtime so a slow scrape never competes with traffic.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -9,8 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use mesh_core::admin::{text, typed, OPENMETRICS};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -27,31 +25,19 @@ pub enum Endpoint {
 }
 
 pub async fn serve(listener: TcpListener, kind: Endpoint, state: Arc<ProxyState>, log: LogControl) {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(?kind, "admin accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        let log = log.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = route(kind, &state, &log, req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            // Bounded like any exposed endpoint: a client that never finishes its
-            // request, or idles, must not hold a descriptor the data plane needs.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(tcp), svc);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
-        });
+    mesh_core::admin::serve(listener, kind.name(), move |req| {
+        route(kind, &state, &log, req)
+    })
+    .await
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Admin => "admin",
+            Endpoint::Metrics => "metrics",
+            Endpoint::Readiness => "readiness",
+        }
     }
 }
 
@@ -71,23 +57,11 @@ fn route(
             }
         }
         (Endpoint::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => {
-            let mut resp = text(StatusCode::OK, state.metrics.encode());
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            resp
+            typed(OPENMETRICS, state.metrics.encode())
         }
         (Endpoint::Admin, &Method::GET, "/config_dump") => {
             let body = serde_json::to_string_pretty(&config_dump(state)).unwrap_or_default();
-            let mut resp = text(StatusCode::OK, body);
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            resp
+            typed("application/json", body)
         }
         (Endpoint::Admin, m, "/logging") if m == Method::GET || m == Method::POST => {
             let query = req.uri().query().unwrap_or("");
@@ -120,12 +94,6 @@ fn route(
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp
 }
 
 fn unix(t: std::time::SystemTime) -> u64 {
