@@ -200,6 +200,16 @@ impl Cluster {
             });
         }
         for node in &built {
+            // Pods reach a control plane in the fabric too (a waypoint pod
+            // follows istiod-lite itself): the fabric routes each node's pod
+            // range back through that node.
+            fabric.ip(&[
+                "route",
+                "add",
+                &format!("198.19.{}.0/24", node.index),
+                "via",
+                &node.ip.to_string(),
+            ])?;
             for other in &built {
                 if other.index != node.index {
                     let net = format!("198.19.{}.0/24", other.index);

@@ -145,6 +145,28 @@ impl Proxy {
         Ok(z)
     }
 
+    /// As [`Ztunnel::spawn_capturing_from`], for a node without a captured
+    /// pod (one that runs only a waypoint pod, which is not captured):
+    /// ztunnel attaches nothing until a pod there is enrolled, so this
+    /// returns once it is ready (its first config from `source` applied).
+    pub fn spawn_capturing_idle(
+        node: &crate::cluster::Node,
+        dir: &Path,
+        source: &Source,
+        pin_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let pin = pin_dir.display().to_string();
+        let args = [
+            "--capture",
+            "--capture-uplink",
+            node.uplink.as_str(),
+            "--bpf-pin-dir",
+            pin.as_str(),
+        ];
+        let name = format!("node{}", node.index);
+        Self::spawn_in_netns(node.ns.name(), dir, source, &name, node.ip.into(), &args)
+    }
+
     /// Waits until every local workload in its config dump has a certificate
     /// (with a CA, they are fetched once the mesh arrives).
     pub fn wait_certificates(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -220,6 +242,49 @@ impl Proxy {
         ];
         args.extend_from_slice(extra);
         Self::launch_bin("waypoint", None, dir, source, gateway, ip, &args)
+    }
+
+    /// Starts the waypoint of Gateway `gateway` (`namespace/name`) inside
+    /// `pod`'s network namespace of a namespace cluster, as that waypoint
+    /// pod (HBONE on `<pod ip>:15008`, admin ports on the pod address), for
+    /// the pod's node `node` (whose bootstrap token `source` carries: the CA
+    /// signs only identities of pods on the caller's node). Returns once it
+    /// is ready: config synced and its own certificate issued.
+    pub fn spawn_waypoint_in_netns(
+        pod: &crate::cluster::Pod,
+        dir: &Path,
+        source: &Source,
+        gateway: &str,
+        node: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let ip = IpAddr::V4(pod.ip);
+        let addr = |port: u16| SocketAddr::new(ip, port).to_string();
+        let (hbone, admin, metrics, ready) = (addr(15008), addr(15000), addr(15020), addr(15021));
+        let mut args = vec![
+            "--gateway",
+            gateway,
+            "--node",
+            node,
+            "--hbone-addr",
+            hbone.as_str(),
+            "--admin-addr",
+            admin.as_str(),
+            "--metrics-addr",
+            metrics.as_str(),
+            "--readiness-addr",
+            ready.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        Self::launch_bin(
+            "waypoint",
+            Some(pod.ns.name()),
+            dir,
+            source,
+            gateway,
+            ip,
+            &args,
+        )
     }
 
     fn launch_bin(

@@ -49,31 +49,98 @@ fn loopback_demo_reports_identities_denial_and_metrics() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Requests in the namespace demo's split sample: with weights 90/10 the
+/// share of reviews-v2 is Binomial(400, 0.1), mean 10 %, standard deviation
+/// 1.5 %; the bounds below (5 % to 16 %) fail a correct waypoint about once in
+/// 6,000 runs, and are far from L4 round robin's 50 %. 400 curls take a few
+/// seconds.
+const SPLIT_SAMPLE: usize = 400;
+
+/// `<name> <number>` in `line` (e.g. `v1 361,`).
+fn count_after(line: &str, name: &str) -> Option<usize> {
+    let rest = line.split(&format!(" {name} ")).nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The last number on the first report line containing `needle`.
+fn metric_line(report: &str, needle: &str) -> f64 {
+    report
+        .lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 #[test]
-fn namespace_demo_reports_capture_mtls_and_refusal() -> anyhow::Result<()> {
-    if !e2e::netns::root_or_skip("namespace_demo_reports_capture_mtls_and_refusal") {
+fn namespace_demo_reports_waypoint_split_denial_capture_and_mtls() -> anyhow::Result<()> {
+    if !e2e::netns::root_or_skip("namespace_demo_reports_waypoint_split_denial_capture_and_mtls") {
         return Ok(());
     }
-    let (report, pid) = demo_with_pid(&["--requests", "6"])?;
+    let n = SPLIT_SAMPLE.to_string();
+    let (report, pid) = demo_with_pid(&["--requests", &n])?;
     expect(
         &report,
         &[
-            "6/6 requests answered; v1 3, v2 3",
-            "reviews saw the caller as 198.19.1.10",
+            &format!("{n}/{n} requests answered"),
+            "split by HTTPRoute demo/reviews-split (weights 90/10), applied per request by the waypoint",
+            "waypoint demo/waypoint up in pod demo/waypoint-0 (198.19.3.30:15008",
+            // reviews is reached through the waypoint, which opens its own tunnel.
+            "reviews saw the caller as 198.19.3.30",
+            "POST http://198.18.128.10:9080/: 403 RBAC: access denied",
             "refused: plaintext to a STRICT mTLS namespace",
             "TCP ports {15008}; marker in cleartext: no",
-            "spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/reviews  mTLS=yes  src=198.19.1.10",
+            // Source side: the client's ztunnel tunnels straight to the waypoint pod.
+            "spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/waypoint  mTLS=yes  src=198.19.1.10",
+            // Destination side: reviews' ztunnel sees the waypoint's identity.
+            "spiffe://cluster.local/ns/demo/sa/waypoint -> spiffe://cluster.local/ns/demo/sa/reviews  mTLS=yes  src=198.19.3.30",
             "demo OK",
         ],
     );
-    let captured = report
+
+    // The split is the HTTPRoute's 90/10, not L4 round robin.
+    let line = report
         .lines()
-        .find(|l| l.contains("captured_new"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|n| n.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    assert!(captured >= 6.0, "capture counters: {report}");
-    // Nothing of the demo's left behind: namespaces and pins carry its pid.
+        .find(|l| l.contains("requests answered"))
+        .unwrap_or_default();
+    let (v1, v2) = (
+        count_after(line, "v1").unwrap_or(0),
+        count_after(line, "v2").unwrap_or(0),
+    );
+    assert_eq!(v1 + v2, SPLIT_SAMPLE, "every answer from v1 or v2: {line}");
+    let share = v2 as f64 / SPLIT_SAMPLE as f64;
+    assert!(
+        (0.05..=0.16).contains(&share),
+        "reviews-v2 got {:.1} % of {SPLIT_SAMPLE} requests, want about 10 %: {line}",
+        share * 100.0
+    );
+
+    // The waypoint counted every request it served: the sample, the denied
+    // POST and the wire check's request; the split is in its labels too.
+    let waypoint_total = metric_line(&report, "istio_requests_total{reporter=\"waypoint\"}");
+    assert!(
+        waypoint_total >= (SPLIT_SAMPLE + 2) as f64,
+        "waypoint istio_requests_total: {report}"
+    );
+    let v2_served = metric_line(&report, "destination_service_name=\"reviews-v2\"");
+    assert!(
+        v2_served >= v2 as f64,
+        "waypoint metrics for reviews-v2: {report}"
+    );
+    assert!(
+        metric_line(&report, "response_code=\"403\"") >= 1.0,
+        "{report}"
+    );
+    assert!(
+        metric_line(&report, "captured_new") >= SPLIT_SAMPLE as f64,
+        "capture counters: {report}"
+    );
+
+    // Nothing of the demo's left behind: namespaces and pins carry its pid,
+    // and every process it started names its work dir in its arguments.
     let mine = format!("ambit-{pid}-");
     let leftover = e2e::netns::ip(&["netns", "list"])?;
     assert!(
@@ -85,5 +152,21 @@ fn namespace_demo_reports_capture_mtls_and_refusal() -> anyhow::Result<()> {
         .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))
         .collect();
     assert!(pins.is_empty(), "pins left: {pins:?}");
+    let work_dir = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("work dir "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(!work_dir.is_empty(), "no work dir in the report: {report}");
+    assert!(!std::path::Path::new(&work_dir).exists(), "{work_dir} left");
+    let procs: Vec<String> = std::fs::read_dir("/proc")?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&work_dir))
+        .collect();
+    assert!(procs.is_empty(), "processes left: {procs:?}");
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The namespace-cluster demo: istiod-lite serving the bundled manifests
-//! (examples/demo) over xDS, with its CA signing workload certificates; two
-//! nodes with a capturing ztunnel each following it; unmodified curl in the
-//! pods, and a report.
+//! (examples/demo) over xDS, with its CA signing workload certificates; a
+//! capturing ztunnel per node following it; the namespace's waypoint running
+//! in its pod (routes and L7 policy over xDS); unmodified curl in the pods,
+//! and a report.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -16,7 +17,7 @@ use crate::cluster::{Cluster, Pod, PodSpec, CONTROL_PLANE_IP};
 use crate::istiod::Istiod;
 use crate::mesh::TempDir;
 use crate::netns::PinDir;
-use crate::process::{metric_sum, Ztunnel};
+use crate::process::{metric_sum, Waypoint, Ztunnel};
 use crate::sniff::Sniffer;
 
 const MARKER: &str = "ambit-wire-check-7c1d";
@@ -28,8 +29,19 @@ pub fn manifests_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"))
 }
 
+/// A Pod of the manifests, as the cluster builds it.
+struct ManifestPod {
+    spec: PodSpec,
+    /// The waypoint Gateway the pod serves (its
+    /// `gateway.networking.k8s.io/gateway-name` label), as `namespace/name`.
+    gateway: Option<String>,
+}
+
+/// The label a waypoint pod carries (Istio deploys waypoint pods with it).
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
 /// Every Pod in the manifests (mesh or not): the cluster needs them all.
-fn pods_in(dir: &Path) -> anyhow::Result<Vec<(PodSpec, String, String)>> {
+fn pods_in(dir: &Path) -> anyhow::Result<Vec<ManifestPod>> {
     let mut out = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
@@ -64,21 +76,21 @@ fn pods_in(dir: &Path) -> anyhow::Result<Vec<(PodSpec, String, String)>> {
                 );
             };
             let ns = s(&["metadata", "namespace"]).unwrap_or_else(|| "default".into());
-            let sa = s(&["spec", "serviceAccountName"]).unwrap_or_else(|| "default".into());
             let node: u8 = node
                 .strip_prefix("node")
                 .and_then(|n| n.parse().ok())
                 .context("nodeName must be nodeN")?;
             let ip: Ipv4Addr = ip.parse().context("podIP")?;
-            out.push((
-                PodSpec {
+            let gateway =
+                s(&["metadata", "labels", GATEWAY_NAME_LABEL]).map(|gw| format!("{ns}/{gw}"));
+            out.push(ManifestPod {
+                spec: PodSpec {
                     name: format!("{ns}/{name}"),
                     node,
                     ip,
                 },
-                ns,
-                sa,
-            ));
+                gateway,
+            });
         }
     }
     Ok(out)
@@ -104,29 +116,100 @@ fn http_app(pod: &Pod, port: u16, body: &'static str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Unmodified curl inside a pod's namespace.
-fn curl(pod: &Pod, url: &str) -> (bool, String) {
-    super::run_client(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", pod.ns.name()))
-            .args(["--", "curl", "-sS", "--max-time", "3", url]),
-    )
+/// What curl got: exit status, HTTP status (0 when there was no response)
+/// and the body or curl's error.
+struct Curl {
+    ok: bool,
+    status: u16,
+    body: String,
+}
+
+/// Unmodified curl inside a pod's namespace; `method` None is a GET.
+fn curl(pod: &Pod, method: Option<&str>, url: &str) -> Curl {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", pod.ns.name()))
+        .args(["--", "curl", "-sS", "--max-time", "3"]);
+    if let Some(m) = method {
+        cmd.args(["-X", m]);
+    }
+    // The status on a line of its own after the body.
+    let out = match cmd.args(["-w", "\n%{http_code}", url]).output() {
+        Ok(o) => o,
+        Err(e) => {
+            return Curl {
+                ok: false,
+                status: 0,
+                body: format!("curl not runnable: {e}"),
+            }
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    Curl {
+        ok: out.status.success(),
+        status: status.trim().parse().unwrap_or(0),
+        // curl's own error, if any, after what the server sent.
+        body: format!("{body}{}", String::from_utf8_lossy(&out.stderr))
+            .trim()
+            .to_string(),
+    }
+}
+
+/// The peer address the stand-in app reported ("... (you are IP)").
+fn seen_as(body: &str) -> &str {
+    body.rsplit("you are ")
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(')')
+}
+
+/// Prints the flows in `log`'s access lines, one line per distinct (source,
+/// destination, mTLS, source IP, result) with its count, in order of first
+/// appearance.
+fn flows(log: &str) {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for line in log.lines().filter(|l| l.contains(" access: ")) {
+        let src = field(line, "src.addr");
+        // The IP only: every connection has a port of its own.
+        let src_ip = src.rsplit_once(':').map_or(src, |(ip, _)| ip);
+        let flow = format!(
+            "{} -> {}  mTLS={}  src={src_ip}  result={}",
+            field(line, "src.identity"),
+            field(line, "dst.identity"),
+            if field(line, "security") == "mutual_tls" {
+                "yes"
+            } else {
+                "no"
+            },
+            field(line, "result"),
+        );
+        match seen.iter_mut().find(|(f, _)| *f == flow) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((flow, 1)),
+        }
+    }
+    for (flow, n) in seen {
+        println!(
+            "  {flow}  ({n} connection{})",
+            if n == 1 { "" } else { "s" }
+        );
+    }
 }
 
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let manifests = args.manifests.clone().unwrap_or_else(manifests_dir);
+    let pods = pods_in(&manifests)?;
+    let specs: Vec<PodSpec> = pods.iter().map(|p| p.spec.clone()).collect();
+    let nodes = specs.iter().map(|s| s.node).max().unwrap_or(1).max(2);
     println!(
-        "Ambit demo: two nodes in network namespaces, eBPF capture, manifests from {}",
+        "Ambit demo: {nodes} nodes in network namespaces, eBPF capture, a waypoint, manifests from {}",
         manifests.display()
     );
     let dir = TempDir::new("ambit-demo")?;
 
     // The cluster, then the control plane in the fabric namespace (reached
-    // by every node at CONTROL_PLANE_IP), then one capturing ztunnel per node
-    // following it over xDS, with certificates from its CA.
-    let pods = pods_in(&manifests)?;
-    let specs: Vec<PodSpec> = pods.iter().map(|(s, _, _)| s.clone()).collect();
-    let nodes = specs.iter().map(|s| s.node).max().unwrap_or(1).max(2);
+    // by every node and pod at CONTROL_PLANE_IP), then one capturing ztunnel
+    // per node following it over xDS, with certificates from its CA.
     let cluster = Cluster::build_with(nodes, &specs)?;
     let node_names: Vec<String> = (1..=nodes).map(|n| format!("node{n}")).collect();
     let names: Vec<&str> = node_names.iter().map(String::as_str).collect();
@@ -138,32 +221,68 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         &names,
     )?;
     let mesh = istiod.mesh_config()?;
-    // Waypoints speak HBONE themselves: in the mesh, not captured.
-    let captured = |name: &str| {
+    let native = |name: &str| {
         mesh.workloads
             .iter()
-            .any(|w| !w.native_tunnel && format!("{}/{}", w.namespace, w.name) == name)
+            .find(|w| format!("{}/{}", w.namespace, w.name) == name)
+            .map(|w| w.native_tunnel)
     };
     println!(
-        "  istiod-lite at {CONTROL_PLANE_IP}:15012 serves {} workloads, {} services, {} policies over xDS; its CA signs each node's workload certificates",
+        "  istiod-lite at {CONTROL_PLANE_IP}:15012 serves {} workloads, {} services, {} L4 and {} L7 policies, {} HTTPRoutes over xDS; its CA signs each node's workload certificates",
         mesh.workloads.len(),
         mesh.services.len(),
-        mesh.policies.len()
+        mesh.policies.len(),
+        mesh.http_policies.len(),
+        mesh.http_routes.len()
     );
+    println!("  work dir {} (removed at exit)", dir.path().display());
     let pins = PinDir::new()?;
     let mut ztunnels = Vec::new();
     for n in 1..=nodes {
         let node = cluster.node(n);
         let source = istiod.source_for(&format!("node{n}"))?;
-        let z = Ztunnel::spawn_capturing_from(node, dir.path(), &source, pins.path())?;
+        let captured = node
+            .pods
+            .iter()
+            .filter(|p| native(&p.name) == Some(false))
+            .count();
+        // A node running only a waypoint pod has nothing to capture yet.
+        let z = if captured > 0 {
+            Ztunnel::spawn_capturing_from(node, dir.path(), &source, pins.path())?
+        } else {
+            Ztunnel::spawn_capturing_idle(node, dir.path(), &source, pins.path())?
+        };
         z.wait_certificates(Duration::from_secs(15))?;
         println!(
-            "  node{n} {}: ztunnel up (config and certificates from istiod-lite), capturing {} pod(s)",
+            "  node{n} {}: ztunnel up (config and certificates from istiod-lite), capturing {captured} pod(s)",
             node.ip,
-            node.pods.iter().filter(|p| captured(&p.name)).count()
         );
         ztunnels.push(z);
     }
+
+    // Each waypoint pod runs the waypoint in its own namespace: HBONE on
+    // <pod ip>:15008 as the pod's identity, config (routes, L7 policies) over
+    // xDS and its certificate from the CA with its node's bootstrap token,
+    // as the ztunnels get theirs.
+    let mut waypoints = Vec::new();
+    for p in pods.iter().filter(|p| native(&p.spec.name) == Some(true)) {
+        let Some(gateway) = &p.gateway else { continue };
+        let pod = cluster
+            .pod_named(&p.spec.name)
+            .with_context(|| format!("pod {} not built", p.spec.name))?;
+        let node = format!("node{}", p.spec.node);
+        let source = istiod.source_for(&node)?;
+        let w = Waypoint::spawn_waypoint_in_netns(pod, dir.path(), &source, gateway, &node, &[])?;
+        println!(
+            "  {node}: waypoint {gateway} up in pod {} ({}:15008; routes, L7 policy and certificate from istiod-lite)",
+            p.spec.name, pod.ip
+        );
+        waypoints.push((pod.ip, w));
+    }
+    let (waypoint_ip, waypoint) = waypoints
+        .first()
+        .context("the manifests declare no waypoint pod (a pod labelled gateway.networking.k8s.io/gateway-name of a Gateway of class istio-waypoint)")?;
+
     let pod = |name: &str| {
         cluster
             .pod_named(name)
@@ -178,48 +297,65 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .find(|s| s.namespace == "demo" && s.name == "reviews")
         .and_then(|s| s.addresses.first())
         .context("no demo/reviews service in the manifests")?;
+    let route = mesh
+        .http_routes
+        .iter()
+        .find(|r| r.namespace == "demo" && r.name == "reviews-split")
+        .map(|r| r.key())
+        .unwrap_or_else(|| "-".into());
     let url = format!("http://{vip}:9080/");
     println!();
 
-    // Traffic.
-    let (mut v1, mut v2, mut ok, mut seen_as) = (0, 0, 0, String::new());
+    // Traffic: each request a curl of its own, so each is a new connection;
+    // the split is the waypoint's choice per request, not L4 balancing.
+    let (mut v1, mut v2, mut ok, mut seen) = (0usize, 0usize, 0usize, String::new());
+    let mut failures = Vec::new();
     for _ in 0..args.requests {
-        let (success, out) = curl(client, &url);
-        if success {
+        let r = curl(client, None, &url);
+        if r.ok && r.status == 200 {
             ok += 1;
-            v1 += usize::from(out.contains("reviews v1"));
-            v2 += usize::from(out.contains("reviews v2"));
-            seen_as = out
-                .rsplit("you are ")
-                .next()
-                .unwrap_or("")
-                .trim_end_matches(')')
-                .to_string();
+            v1 += usize::from(r.body.contains("reviews v1"));
+            v2 += usize::from(r.body.contains("reviews v2"));
+            seen = seen_as(&r.body).to_string();
+        } else if failures.len() < 3 {
+            failures.push(format!("{} {}", r.status, r.body));
         }
     }
+    let pct = |n: usize| 100.0 * n as f64 / ok.max(1) as f64;
     println!(
-        "demo/client -> {url}: {ok}/{} requests answered; v1 {v1}, v2 {v2}",
-        args.requests
+        "demo/client -> {url}: {ok}/{} requests answered; v1 {v1}, v2 {v2} ({:.0}% / {:.0}%)",
+        args.requests,
+        pct(v1),
+        pct(v2)
     );
-    println!("  (L4 round robin; the 90/10 HTTPRoute in the manifests needs the waypoint)");
+    for f in &failures {
+        println!("  failed: {f}");
+    }
+    println!("  split by HTTPRoute {route} (weights 90/10), applied per request by the waypoint");
     println!(
-        "  reviews saw the caller as {seen_as} (demo/client is {}: source IP preserved)",
+        "  reviews saw the caller as {seen} (the waypoint pod: it opens its own tunnel to reviews; demo/client is {})",
         client.ip
     );
+    let denied = curl(client, Some("POST"), &url);
+    println!(
+        "demo/client -> POST {url}: {} {} (L7 policy demo/reviews-readers allows only GET, enforced by the waypoint)",
+        denied.status, denied.body
+    );
     let direct = format!("http://{}:9080/", pod("demo/reviews-v1")?.ip);
-    let (outsider_ok, outsider_out) = curl(outsider, &direct);
+    let outsider_r = curl(outsider, None, &direct);
     println!(
         "legacy/outsider -> {direct}: {}",
-        if outsider_ok {
-            format!("ANSWERED (unexpected!): {outsider_out}")
+        if outsider_r.ok {
+            format!("ANSWERED (unexpected!): {}", outsider_r.body)
         } else {
             "refused: plaintext to a STRICT mTLS namespace".into()
         }
     );
 
-    // Wire check: a marker in the request must never cross between nodes in clear.
+    // Wire check: a marker in the request must never cross between nodes in
+    // clear, on either hop (client's node -> waypoint -> reviews' node).
     let sniffer = Sniffer::start(cluster.fabric_name())?;
-    let _ = curl(client, &format!("{url}{MARKER}"));
+    let _ = curl(client, None, &format!("{url}{MARKER}"));
     let wire = sniffer.stop()?;
     let ports: std::collections::BTreeSet<u16> = wire
         .tcp_ports()
@@ -237,30 +373,41 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     // Capture counters are copied from the BPF map once a second.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    println!("\nflows seen by node2's ztunnel (destination side):");
-    let log2 = ztunnels[1].log();
-    let mut shown = 0;
-    for line in log2.lines().filter(|l| l.contains(" access: ")) {
-        let refused = !line.contains("result=\"ok\"");
-        if shown < 2 || refused {
-            println!(
-                "  {} -> {}  mTLS={}  src={}  result={}",
-                field(line, "src.identity"),
-                field(line, "dst.identity"),
-                if field(line, "security") == "mutual_tls" {
-                    "yes"
-                } else {
-                    "no"
-                },
-                field(line, "src.addr"),
-                field(line, "result"),
-            );
-            shown += 1;
-        }
-    }
+    println!("\nflows seen by node1's ztunnel (source side: straight to the waypoint):");
+    flows(&ztunnels[0].log());
+    println!("flows seen by node2's ztunnel (destination side: from the waypoint):");
+    flows(&ztunnels[1].log());
     let m1 = ztunnels[0].metrics()?;
     let m2 = ztunnels[1].metrics()?;
+    let mw = waypoint.metrics()?;
+    let requests = |labels: &[(&str, &str)]| {
+        let mut all = vec![("reporter", "waypoint")];
+        all.extend_from_slice(labels);
+        metric_sum(&mw, "istio_requests_total", &all)
+    };
     println!("\nkey metrics:");
+    println!(
+        "  waypoint istio_requests_total{{reporter=\"waypoint\"}}                {}",
+        requests(&[])
+    );
+    println!(
+        "  waypoint   destination_service_name=\"reviews-v1\", response_code=\"200\" {}",
+        requests(&[
+            ("destination_service_name", "reviews-v1"),
+            ("response_code", "200")
+        ])
+    );
+    println!(
+        "  waypoint   destination_service_name=\"reviews-v2\", response_code=\"200\" {}",
+        requests(&[
+            ("destination_service_name", "reviews-v2"),
+            ("response_code", "200")
+        ])
+    );
+    println!(
+        "  waypoint   response_code=\"403\" (RBAC)                               {}",
+        requests(&[("response_code", "403")])
+    );
     println!(
         "  node1 istio_tcp_connections_opened_total{{reporter=\"source\"}}       {}",
         metric_sum(
@@ -293,11 +440,14 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             &[("result", "captured_new")]
         )
     );
-    println!("\n(traces and the L7 split arrive with the waypoint; see docs/status.md)");
 
     if args.keep {
         println!("\nthe mesh is up; try, as root:");
         println!("  nsenter --net=/run/netns/{} curl {url}", client.ns.name());
+        println!(
+            "  nsenter --net=/run/netns/{} curl http://{waypoint_ip}:15020/metrics",
+            pod_of(&cluster, *waypoint_ip)?
+        );
         println!(
             "  nsenter --net=/run/netns/{} curl http://{}:15020/metrics",
             cluster.node(1).ns.name(),
@@ -308,8 +458,9 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             cluster.fabric_name()
         );
         println!(
-            "  logs: {} {} {}",
+            "  logs: {} {} {} {}",
             istiod.log_path.display(),
+            waypoint.log_path.display(),
             ztunnels[0].log_path.display(),
             ztunnels[1].log_path.display()
         );
@@ -322,15 +473,37 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         args.requests
     );
     anyhow::ensure!(
-        seen_as == client.ip.to_string(),
-        "the server did not see the client's address"
+        v1 + v2 == ok,
+        "answers from neither reviews-v1 nor reviews-v2"
     );
-    anyhow::ensure!(!outsider_ok, "the outsider was not refused");
+    anyhow::ensure!(
+        seen == waypoint_ip.to_string(),
+        "reviews saw {seen}, not the waypoint {waypoint_ip}"
+    );
+    anyhow::ensure!(
+        denied.status == 403 && denied.body.contains("RBAC: access denied"),
+        "the POST was not denied by the waypoint: {} {}",
+        denied.status,
+        denied.body
+    );
+    anyhow::ensure!(!outsider_r.ok, "the outsider was not refused");
     anyhow::ensure!(
         !wire.contains(MARKER.as_bytes()) && ports == [15008].into(),
         "traffic between nodes was not only HBONE"
     );
     println!("\ndemo OK; tearing down");
+    drop(waypoints);
     drop(ztunnels);
     Ok(())
+}
+
+/// The namespace of the pod at `ip`.
+fn pod_of(cluster: &Cluster, ip: Ipv4Addr) -> anyhow::Result<&str> {
+    cluster
+        .nodes
+        .iter()
+        .flat_map(|n| &n.pods)
+        .find(|p| p.ip == ip)
+        .map(|p| p.ns.name())
+        .with_context(|| format!("no pod at {ip}"))
 }
