@@ -3,6 +3,7 @@
 //! * [`identity`]: SPIFFE workload identities.
 //! * [`tls`]: workload certificates, trust roots and the mTLS configs built from them.
 //! * [`ca`]: certificate issuance (the mesh CA, also used by tests).
+//! * [`cli`]: the command-line arguments of config and certificate sources.
 //! * [`ca_client`]: proxies fetch and renew their workloads' certificates from the CA.
 //! * [`drain`]: graceful shutdown of a proxy's connections.
 //! * [`hbone`]: HTTP/2 CONNECT tunnels over mTLS (client, pool, server, copy).
@@ -19,6 +20,7 @@ pub mod authz;
 pub mod backoff;
 pub mod ca;
 pub mod ca_client;
+pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod grpc;

@@ -75,7 +75,7 @@ fn config_dump(state: &WaypointState) -> serde_json::Value {
         "ready": state.is_ready(),
         "draining": state.drain.is_draining(),
         "upstreamIdleConnections": state.upstream().map(|u| u.idle_connections()),
-        "configSource": match (&state.settings.xds_address, &state.settings.config) {
+        "configSource": match (&state.settings.control_plane.xds_address, &state.settings.config) {
             (Some(addr), _) => json!({"xds": addr, "status": state.xds_status()}),
             (None, Some(path)) => json!({"file": path}),
             (None, None) => json!(null),

@@ -31,7 +31,6 @@ use anyhow::Context;
 use mesh_core::config::MeshConfig;
 use mesh_core::hbone::{Pool, PoolConfig};
 use mesh_core::reload::Reloaded;
-use mesh_core::tls::{dir, CertificateStore, TrustRoots};
 
 use crate::metrics::ResultLabels;
 use crate::settings::Settings;
@@ -43,54 +42,31 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let config = match &settings.config {
         Some(path) => mesh_core::reload::load_config(path).map_err(anyhow::Error::msg)?,
         None => MeshConfig {
-            trust_domain: settings.trust_domain.clone(),
+            trust_domain: settings.control_plane.trust_domain.clone(),
             ..MeshConfig::default()
         },
     };
-    let store = CertificateStore::default();
-    match (&settings.certs, &settings.ca_root_cert) {
-        (Some(d), _) => dir::apply(&store, dir::load_dir(d)?),
-        (None, Some(root)) => {
-            let pem = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
-            store.set_roots(
-                TrustRoots::from_pem(&pem)
-                    .with_context(|| format!("parsing {}", root.display()))?,
-            );
-        }
-        (None, None) => {}
-    }
+    let store = settings.control_plane.initial_certificates()?;
     let state = Arc::new(WaypointState::new(settings, config, store));
 
     let admin_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("building the admin runtime")?;
-    let ca_client = match (&state.settings.certs, state.settings.ca_address()) {
-        (None, Some(addr)) => {
-            let cp = state.settings.control_plane(addr)?;
-            let _in_runtime = admin_rt.enter();
-            let observed = state.clone();
-            Some(
-                mesh_core::ca_client::CaClient::new(
-                    &cp,
-                    state.settings.node.clone(),
-                    state.certs.clone(),
-                    state.settings.cert_ttl,
-                )?
-                .with_observer(move |_, outcome| {
-                    let result = match outcome {
-                        Ok(()) => "issued",
-                        Err(e) => e.label(),
-                    };
-                    observed
-                        .metrics
-                        .certificate_fetches
-                        .get_or_create(&ResultLabels { result })
-                        .inc();
-                }),
-            )
-        }
-        _ => None,
+    let ca_client = {
+        let _in_runtime = admin_rt.enter();
+        let observed = state.clone();
+        state.settings.control_plane.ca_client(
+            &state.settings.node,
+            &state.certs,
+            move |result| {
+                observed
+                    .metrics
+                    .certificate_fetches
+                    .get_or_create(&ResultLabels { result })
+                    .inc();
+            },
+        )?
     };
 
     // Bound up front so a port clash fails the start, not a later request.
@@ -110,7 +86,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     ];
     let hbone = bind(s.hbone_addr, "HBONE")?;
 
-    let xds_address = state.settings.xds_address.clone();
+    let xds_address = state.settings.control_plane.xds_address.clone();
     let admin_state = state.clone();
     std::thread::Builder::new()
         .name("admin".into())
@@ -184,7 +160,7 @@ async fn watch_static(state: Arc<WaypointState>) {
     let s = &state.settings;
     mesh_core::reload::watch(
         s.config.clone(),
-        s.certs.clone(),
+        s.control_plane.certs.clone(),
         state.certs.clone(),
         s.reload_interval,
         |change| {

@@ -31,41 +31,13 @@ pub struct Settings {
     )]
     pub config: Option<PathBuf>,
 
-    /// The control plane's delta ADS endpoint (https://HOST:15012).
-    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
-    pub xds_address: Option<String>,
-
-    /// The CA endpoint [default: the xDS address].
-    #[arg(long, env = "AMBIT_CA_ADDRESS")]
-    pub ca_address: Option<String>,
-
-    /// The mesh root certificate (trust anchor for peers and the control plane).
-    #[arg(long, env = "AMBIT_CA_ROOT_CERT")]
-    pub ca_root_cert: Option<PathBuf>,
-
-    /// File with the bearer token for the control plane (re-read per call).
-    #[arg(long, env = "AMBIT_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-
-    /// DNS name the control plane's certificate must carry.
-    #[arg(long, default_value = mesh_core::grpc::CONTROL_PLANE_NAME)]
-    pub control_plane_name: String,
-
-    /// Trust domain of the mesh (xDS mode; a static config names its own).
-    #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
+    /// Where certificates (and, with --xds-address, the mesh) come from.
+    #[command(flatten)]
+    pub control_plane: mesh_core::cli::ControlPlaneArgs,
 
     /// Name of the node the waypoint pod runs on (the CA checks it).
     #[arg(long, env = "AMBIT_NODE_NAME")]
     pub node: String,
-
-    /// Static certificates: root-cert.pem and <ns>/<sa>/{cert-chain,key}.pem.
-    #[arg(long, env = "AMBIT_CERTS_DIR")]
-    pub certs: Option<PathBuf>,
-
-    /// Lifetime asked of the CA for the waypoint's certificate.
-    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
-    pub cert_ttl: Duration,
 
     /// Admin (`/config_dump`); loopback only by default.
     #[arg(long, default_value = "127.0.0.1:15000")]
@@ -154,38 +126,7 @@ impl Settings {
                 self.trace_sampling
             ));
         }
-        if self.certs.is_none() && (self.ca_root_cert.is_none() || self.ca_address().is_none()) {
-            return Err(
-                "without --certs, certificates come from the CA: give --ca-root-cert and --ca-address or --xds-address"
-                    .into(),
-            );
-        }
-        Ok(())
-    }
-
-    pub fn ca_address(&self) -> Option<&str> {
-        self.ca_address.as_deref().or(self.xds_address.as_deref())
-    }
-
-    /// The control plane at `address`, trusted through --ca-root-cert.
-    pub fn control_plane(&self, address: &str) -> anyhow::Result<mesh_core::grpc::ControlPlane> {
-        let roots = match &self.ca_root_cert {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-                Some(
-                    mesh_core::tls::TrustRoots::from_pem(&pem)
-                        .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?,
-                )
-            }
-            None => None,
-        };
-        Ok(mesh_core::grpc::ControlPlane {
-            address: address.to_string(),
-            roots,
-            server_name: self.control_plane_name.clone(),
-            token_file: self.token_file.clone(),
-        })
+        self.control_plane.validate()
     }
 }
 
@@ -220,18 +161,5 @@ mod tests {
             s.gateway = bad.to_string();
             assert!(s.validate().is_err(), "{bad} must be refused");
         }
-    }
-
-    #[test]
-    fn certificates_need_a_source() {
-        assert!(parse(&["--config", "c.yaml"]).validate().is_err());
-        let s = parse(&[
-            "--xds-address",
-            "https://cp:15012",
-            "--ca-root-cert",
-            "root.pem",
-        ]);
-        assert!(s.validate().is_ok());
-        assert_eq!(s.ca_address(), Some("https://cp:15012"));
     }
 }

@@ -122,7 +122,8 @@ impl WaypointState {
         self.ready.load(Ordering::Acquire)
             && has_cert
             && !self.drain.is_draining()
-            && (self.settings.xds_address.is_none() || self.xds_status().is_some_and(|s| s.synced))
+            && (self.settings.control_plane.xds_address.is_none()
+                || self.xds_status().is_some_and(|s| s.synced))
     }
 
     pub fn init_upstream(&self, upstream: Arc<Upstream>) {

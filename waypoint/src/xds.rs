@@ -45,7 +45,7 @@ fn count(state: &WaypointState, result: &'static str) {
 /// Follows the control plane forever; the status handle goes into the state
 /// for the config dump and readiness.
 pub async fn run(state: Arc<WaypointState>, address: String) -> anyhow::Result<()> {
-    let cp = state.settings.control_plane(&address)?;
+    let cp = state.settings.control_plane.control_plane(&address)?;
     let node = state.settings.node.clone();
     let client = Client::new(cp, format!("waypoint~{node}"), &node, &WAYPOINT_TYPES);
     state.set_xds_status(client.status());
@@ -53,7 +53,7 @@ pub async fn run(state: Arc<WaypointState>, address: String) -> anyhow::Result<(
     // No local node: a waypoint enforces no workload's L4 policy, so none
     // needs the missing-policy guard ztunnel applies to its own workloads.
     let handler = MeshHandler::new(
-        &state.settings.trust_domain,
+        &state.settings.control_plane.trust_domain,
         None,
         Apply {
             state: state.clone(),

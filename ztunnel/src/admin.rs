@@ -141,7 +141,7 @@ fn config_dump(state: &ProxyState) -> serde_json::Value {
         "localWorkloads": local,
         "certificates": certs,
         "hbonePool": pool,
-        "configSource": match (&state.settings.xds_address, &state.settings.config) {
+        "configSource": match (&state.settings.control_plane.xds_address, &state.settings.config) {
             (Some(addr), _) => json!({"xds": addr, "status": state.xds_status()}),
             (None, Some(path)) => json!({"file": path}),
             (None, None) => json!(null),

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use mesh_core::config::{MeshConfig, MeshState};
 use mesh_core::hbone::{Pool, PoolConfig};
-use mesh_core::tls::{dir, CertificateStore, TrustRoots};
 
 use crate::admin::{Endpoint, LogControl};
 use crate::settings::{Listen, Settings};
@@ -35,24 +34,13 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
         Some(path) => reload::load_config(path).map_err(anyhow::Error::msg)?,
         // Empty until the control plane's first push; readiness waits for it.
         None => MeshConfig {
-            trust_domain: settings.trust_domain.clone(),
+            trust_domain: settings.control_plane.trust_domain.clone(),
             ..MeshConfig::default()
         },
     };
-    let store = CertificateStore::default();
-    match (&settings.certs, &settings.ca_root_cert) {
-        (Some(dir), _) => dir::apply(&store, dir::load_dir(dir)?),
-        (None, Some(root)) => {
-            let pem = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
-            store.set_roots(
-                TrustRoots::from_pem(&pem)
-                    .with_context(|| format!("parsing {}", root.display()))?,
-            );
-        }
-        (None, None) => {}
-    }
+    let store = settings.control_plane.initial_certificates()?;
     let state = Arc::new(ProxyState::new(settings, MeshState::new(config), store));
-    if state.settings.certs.is_some() {
+    if state.settings.control_plane.certs.is_some() {
         warn_missing_certs(&state);
     }
     // Control-plane work (xDS, CA) and the admin servers share one small
@@ -62,39 +50,23 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the admin runtime")?;
-    let xds_address = state.settings.xds_address.clone();
-    let ca_client = match (
-        &state.settings.certs,
-        &state.settings.ca_address,
-        &xds_address,
-    ) {
-        (None, Some(addr), _) | (None, None, Some(addr)) => {
-            let cp = state.settings.control_plane(addr)?;
-            let _in_runtime = admin_rt.enter();
-            let observed = state.clone();
-            Some(
-                mesh_core::ca_client::CaClient::new(
-                    &cp,
-                    state.settings.node.clone(),
-                    state.certs.clone(),
-                    state.settings.cert_ttl,
-                )?
-                .with_observer(move |_, outcome| {
-                    let result = match outcome {
-                        Ok(()) => "issued",
-                        Err(e) => e.label(),
-                    };
-                    observed
-                        .metrics
-                        .certificate_fetches
-                        .get_or_create(&metrics::ResultLabels {
-                            result: result.to_string(),
-                        })
-                        .inc();
-                }),
-            )
-        }
-        _ => None,
+    let xds_address = state.settings.control_plane.xds_address.clone();
+    let ca_client = {
+        let _in_runtime = admin_rt.enter();
+        let observed = state.clone();
+        state.settings.control_plane.ca_client(
+            &state.settings.node,
+            &state.certs,
+            move |result| {
+                observed
+                    .metrics
+                    .certificate_fetches
+                    .get_or_create(&metrics::ResultLabels {
+                        result: result.to_string(),
+                    })
+                    .inc();
+            },
+        )?
     };
 
     // Bind everything up front so a port clash fails the start, not a later request.

@@ -17,7 +17,7 @@ pub async fn watch(state: Arc<ProxyState>) {
     let settings = &state.settings;
     mesh_core::reload::watch(
         settings.config.clone(),
-        settings.certs.clone(),
+        settings.control_plane.certs.clone(),
         state.certs.clone(),
         settings.reload_interval,
         |change| match change {

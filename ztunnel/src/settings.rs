@@ -49,21 +49,6 @@ impl FromStr for HboneListen {
     }
 }
 
-/// `http://127.x.y.z:port`, `http://[::1]:port` or `http://localhost:port`.
-fn is_loopback_url(url: &str) -> bool {
-    let host = url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
 use mesh_core::sys::{parse_duration, parse_positive_duration};
 
 /// Ambit ztunnel: the per-node L4 proxy of the ambient mesh.
@@ -80,45 +65,13 @@ pub struct Settings {
     )]
     pub config: Option<PathBuf>,
 
-    /// The control plane's delta ADS endpoint: https://HOST:15012 (or
-    /// http://HOST:15010 for tests).
-    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
-    pub xds_address: Option<String>,
-
-    /// The CA endpoint [default: the xDS address]; certificates come from
-    /// here unless --certs is given.
-    #[arg(long, env = "AMBIT_CA_ADDRESS")]
-    pub ca_address: Option<String>,
-
-    /// The mesh root certificate: trust anchor for workload certificates and
-    /// for the control plane's serving certificate.
-    #[arg(long, env = "AMBIT_CA_ROOT_CERT")]
-    pub ca_root_cert: Option<PathBuf>,
-
-    /// File with this node's bearer token for the control plane (re-read per call).
-    #[arg(long, env = "AMBIT_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-
-    /// DNS name the control plane's certificate must carry.
-    #[arg(long, default_value = mesh_core::grpc::CONTROL_PLANE_NAME)]
-    pub control_plane_name: String,
-
-    /// Trust domain of the mesh (xDS mode; a static config names its own).
-    #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-
-    /// Lifetime asked of the CA for workload certificates.
-    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
-    pub cert_ttl: Duration,
+    /// Where certificates (and, with --xds-address, the mesh) come from.
+    #[command(flatten)]
+    pub control_plane: mesh_core::cli::ControlPlaneArgs,
 
     /// Name of the node this ztunnel serves.
     #[arg(long, env = "AMBIT_NODE_NAME")]
     pub node: String,
-
-    /// Static certificates: a directory with root-cert.pem and
-    /// <namespace>/<service-account>/{cert-chain,key}.pem [default: from the CA].
-    #[arg(long, env = "AMBIT_CERTS_DIR")]
-    pub certs: Option<PathBuf>,
 
     /// Default IP for every listener not given explicitly (admin stays on loopback
     /// unless this is a loopback address too).
@@ -220,51 +173,7 @@ pub struct Settings {
 impl Settings {
     /// Checks combinations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
-        if self.token_file.is_some() {
-            // The token is a node credential: never in cleartext off the host.
-            for addr in [&self.xds_address, &self.ca_address].into_iter().flatten() {
-                if addr.starts_with("http://") && !is_loopback_url(addr) {
-                    return Err(format!(
-                        "{addr}: a token (--token-file) is only sent over https, or http to loopback"
-                    ));
-                }
-            }
-        }
-        if self.certs.is_none() {
-            if self.ca_root_cert.is_none() {
-                return Err(
-                    "without --certs, certificates come from the CA: --ca-root-cert is needed"
-                        .into(),
-                );
-            }
-            if self.ca_address.is_none() && self.xds_address.is_none() {
-                return Err(
-                    "without --certs, a CA is needed: give --ca-address or --xds-address".into(),
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The control plane at `address`, trusted through --ca-root-cert.
-    pub fn control_plane(&self, address: &str) -> anyhow::Result<mesh_core::grpc::ControlPlane> {
-        let roots = match &self.ca_root_cert {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-                Some(
-                    mesh_core::tls::TrustRoots::from_pem(&pem)
-                        .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?,
-                )
-            }
-            None => None,
-        };
-        Ok(mesh_core::grpc::ControlPlane {
-            address: address.to_string(),
-            roots,
-            server_name: self.control_plane_name.clone(),
-            token_file: self.token_file.clone(),
-        })
+        self.control_plane.validate()
     }
 
     /// Source address for connections to local workloads on behalf of `client`.
@@ -344,28 +253,6 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_are_not_sent_in_cleartext_off_the_host() {
-        let with = |addr: &str| {
-            Settings::parse_from([
-                "ztunnel",
-                "--node",
-                "n",
-                "--xds-address",
-                addr,
-                "--certs",
-                "d",
-                "--token-file",
-                "t",
-            ])
-            .validate()
-        };
-        assert!(with("http://198.18.0.254:15010").is_err());
-        assert!(with("http://127.0.0.1:15010").is_ok());
-        assert!(with("http://[::1]:15010").is_ok());
-        assert!(with("https://198.18.0.254:15012").is_ok());
-    }
 
     #[test]
     fn durations() {

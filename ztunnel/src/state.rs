@@ -67,7 +67,8 @@ impl ProxyState {
     /// Ready: listeners up and, with a control plane, its first full config applied.
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Acquire)
-            && (self.settings.xds_address.is_none() || self.xds_status().is_some_and(|s| s.synced))
+            && (self.settings.control_plane.xds_address.is_none()
+                || self.xds_status().is_some_and(|s| s.synced))
     }
 
     pub fn node(&self) -> &str {

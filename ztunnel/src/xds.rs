@@ -39,13 +39,13 @@ impl MeshSink for Apply {
 /// Follows the control plane forever. The status handle is kept in the
 /// state for config dumps and readiness.
 pub async fn run(state: Arc<ProxyState>, address: String) -> anyhow::Result<()> {
-    let cp = state.settings.control_plane(&address)?;
+    let cp = state.settings.control_plane.control_plane(&address)?;
     let node = state.settings.node.clone();
     let client = Client::new(cp, format!("ztunnel~{node}"), &node, &ZTUNNEL_TYPES);
     state.set_xds_status(client.status());
     tracing::info!(%address, "following the control plane over delta ADS");
     let handler = MeshHandler::new(
-        &state.settings.trust_domain,
+        &state.settings.control_plane.trust_domain,
         Some(&node),
         Apply {
             state: state.clone(),
