@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use mesh_core::ca::CertificateAuthority;
+use mesh_core::ca_client::{CaClient, FetchError};
 use mesh_core::config::{MeshConfig, MeshState};
 use mesh_core::grpc::ControlPlane;
 use mesh_core::proto::istio::ca::istio_certificate_service_server::{
@@ -18,7 +19,6 @@ use mesh_core::tls::CertificateStore;
 use mesh_core::Identity;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use mesh_core::ca_client::{CaClient, FetchError};
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {

@@ -223,11 +223,13 @@ impl Validator<'_> {
             super::http::check_policy(p, &c.root_namespace)
                 .map_err(|e| self.fail("httpPolicies", i, format!("policy {}: {e}", p.key())))?;
         }
-        self.unique("trafficPolicies", c.traffic_policies.iter().map(|p| p.key()))?;
+        self.unique(
+            "trafficPolicies",
+            c.traffic_policies.iter().map(|p| p.key()),
+        )?;
         for (i, p) in c.traffic_policies.iter().enumerate() {
-            super::http::check_traffic_policy(p).map_err(|e| {
-                self.fail("trafficPolicies", i, format!("policy {}: {e}", p.key()))
-            })?;
+            super::http::check_traffic_policy(p)
+                .map_err(|e| self.fail("trafficPolicies", i, format!("policy {}: {e}", p.key())))?;
         }
 
         for (i, pa) in c.peer_authentications.iter().enumerate() {

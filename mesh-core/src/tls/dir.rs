@@ -13,7 +13,6 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 
-
 use super::{CertificateStore, TrustRoots, WorkloadCertificate};
 
 /// Everything found in the directory, ready to be swapped into the store.
