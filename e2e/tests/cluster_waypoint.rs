@@ -13,10 +13,10 @@
 //!   which is in `auto` mode: the waypoint's counters do not move and the
 //!   backend sees the client's own address.
 //!
-//! The waypoint pod shares node1 with the client, not node2 with the
-//! backends: under capture, HBONE from a local pod outside capture (the
-//! waypoint) to a local enrolled pod is not yet steered to that node's
-//! ztunnel (docs/architecture.md, "Waypoint routing in ztunnel").
+//! The waypoint pod shares node1 with the client: the client's ztunnel
+//! tunnels to a waypoint pod on its own node, and the waypoint's tunnels to
+//! the backends cross to node2's uplink. (The demo runs its waypoint beside
+//! the backends instead, the other same-node hop.)
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

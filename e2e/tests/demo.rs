@@ -87,16 +87,16 @@ fn namespace_demo_reports_waypoint_split_denial_capture_and_mtls() -> anyhow::Re
         &[
             &format!("{n}/{n} requests answered"),
             "split by HTTPRoute demo/reviews-split (weights 90/10), applied per request by the waypoint",
-            "waypoint demo/waypoint up in pod demo/waypoint-0 (198.19.3.30:15008",
+            "waypoint demo/waypoint up in pod demo/waypoint-0 (198.19.2.30:15008",
             // reviews is reached through the waypoint, which opens its own tunnel.
-            "reviews saw the caller as 198.19.3.30",
+            "reviews saw the caller as 198.19.2.30",
             "POST http://198.18.128.10:9080/: 403 RBAC: access denied",
             "refused: plaintext to a STRICT mTLS namespace",
             "TCP ports {15008}; marker in cleartext: no",
             // Source side: the client's ztunnel tunnels straight to the waypoint pod.
             "spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/waypoint  mTLS=yes  src=198.19.1.10",
             // Destination side: reviews' ztunnel sees the waypoint's identity.
-            "spiffe://cluster.local/ns/demo/sa/waypoint -> spiffe://cluster.local/ns/demo/sa/reviews  mTLS=yes  src=198.19.3.30",
+            "spiffe://cluster.local/ns/demo/sa/waypoint -> spiffe://cluster.local/ns/demo/sa/reviews  mTLS=yes  src=198.19.2.30",
             "demo OK",
         ],
     );

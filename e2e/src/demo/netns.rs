@@ -353,7 +353,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
 
     // Wire check: a marker in the request must never cross between nodes in
-    // clear, on either hop (client's node -> waypoint -> reviews' node).
+    // clear, whichever hops (client -> waypoint -> reviews) cross them.
     let sniffer = Sniffer::start(cluster.fabric_name())?;
     let _ = curl(client, None, &format!("{url}{MARKER}"));
     let wire = sniffer.stop()?;
