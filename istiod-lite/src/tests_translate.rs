@@ -305,11 +305,15 @@ fn bundled_demo_manifests_render() {
     let pod = &t.config.workloads[3];
     assert!(pod.native_tunnel && pod.waypoint.is_none());
     assert_eq!(pod.services, ["demo/waypoint"]);
-    assert_eq!(t.config.services[1].name, "waypoint");
-    assert!(t.config.services[1].waypoint.is_none());
+    let waypoint_svc = t
+        .config
+        .services
+        .iter()
+        .find(|s| s.name == "waypoint")
+        .expect("the waypoint's Service");
+    assert!(waypoint_svc.waypoint.is_none(), "a waypoint has no waypoint");
     assert_eq!(t.config.peer_authentications[0].mode, MtlsMode::Strict);
-    // The 90/10 split reaches the model; its backends are no Services of
-    // the demo, so (as Gateway API says) requests to them will get 500.
+    // The 90/10 split reaches the model, its backends resolved.
     let split = &t.config.http_routes[0];
     assert_eq!(split.key(), "demo/reviews-split");
     let backends: Vec<_> = split.rules[0]
@@ -320,7 +324,11 @@ fn bundled_demo_manifests_render() {
     assert_eq!(backends, [("reviews-v1", 90), ("reviews-v2", 10)]);
     let status = &t.route_status[0].parents[0];
     assert!(status.accepted.status);
-    assert_eq!(status.resolved_refs.reason, "BackendNotFound");
+    assert!(status.resolved_refs.status, "{status:?}");
+    assert!(
+        t.config.http_policies.iter().any(|p| p.name == "reviews-readers"),
+        "the L7 policy reaches the waypoint"
+    );
     let rendered = serde_yaml::to_string(&t.config).expect("serializes");
     parse_mesh_config(&rendered).expect("ztunnel accepts the rendered demo config");
 }
