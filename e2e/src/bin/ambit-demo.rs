@@ -15,8 +15,8 @@ struct Args {
     /// Keep the mesh running after the report until Ctrl-C.
     #[arg(long)]
     keep: bool,
-    /// Requests the client sends.
-    #[arg(long, default_value_t = 10)]
+    /// Requests the client sends (enough to see the route's 90/10 split).
+    #[arg(long, default_value_t = 200)]
     requests: usize,
     /// Use the loopback demo even as root.
     #[arg(long)]
