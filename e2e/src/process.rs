@@ -179,6 +179,8 @@ impl Proxy {
                 .into_iter()
                 .flatten()
                 .filter(|w| w["node"] == dump["node"])
+                // A waypoint holds its own certificate, not the node's ztunnel.
+                .filter(|w| w["nativeTunnel"] != true)
                 .map(|w| (w["namespace"].to_string(), w["serviceAccount"].to_string()))
                 .collect();
             let (want, have) = (

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::ca::{generate_csr, CaError};
-use crate::config::MeshState;
+use crate::config::{MeshState, WorkloadInfo};
 use crate::grpc::{BearerToken, ControlPlane, GrpcError};
 use crate::proto::istio::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::istio::ca::IstioCertificateRequest;
@@ -93,7 +93,11 @@ type Client = IstioCertificateServiceClient<InterceptedService<Channel, BearerTo
 /// Called after every fetch with the identity and its outcome (for metrics).
 pub type Observer = Arc<dyn Fn(&Identity, Result<(), &FetchError>) + Send + Sync>;
 
-/// Fetches and renews the certificates of this node's workload identities.
+/// Which of the node's workloads a proxy holds certificates for.
+pub type Scope = Arc<dyn Fn(&WorkloadInfo) -> bool + Send + Sync>;
+
+/// Fetches and renews the certificates of this node's workload identities
+/// (those in its [`Scope`]).
 #[derive(Clone)]
 pub struct CaClient {
     client: Client,
@@ -101,6 +105,13 @@ pub struct CaClient {
     store: CertificateStore,
     ttl: Duration,
     observer: Option<Observer>,
+    scope: Scope,
+}
+
+/// ztunnel's scope: every workload on the node except waypoints, which
+/// terminate their own tunnels and hold their own certificates.
+pub fn node_workloads() -> Scope {
+    Arc::new(|w: &WorkloadInfo| !w.workload.native_tunnel)
 }
 
 /// Runs a [`CaClient`] until the mesh sender is dropped.
@@ -129,7 +140,15 @@ impl CaClient {
             store,
             ttl,
             observer: None,
+            scope: node_workloads(),
         })
+    }
+
+    /// Narrows which of the node's workloads get certificates (a waypoint
+    /// holds only its own identity, never its neighbours').
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
     }
 
     pub fn with_observer(
@@ -254,6 +273,7 @@ impl CaClient {
 
     fn local_identities(&self, mesh: &MeshState) -> HashSet<Identity> {
         mesh.local_workloads(&self.node)
+            .filter(|w| (self.scope)(w))
             .map(|w| w.identity.clone())
             .collect()
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::ca_client::CaClient;
+use crate::ca_client::{CaClient, Scope};
 use crate::grpc::ControlPlane;
 use crate::sys::parse_positive_duration;
 use crate::tls::{dir, CertificateStore, TrustRoots};
@@ -113,13 +113,15 @@ impl ControlPlaneArgs {
         Ok(store)
     }
 
-    /// The CA client, when certificates come from the CA; `on_result` sees
+    /// The CA client, when certificates come from the CA, for the node's
+    /// workloads in `scope`; `on_result` sees
     /// each fetch's outcome (`issued` or a failure label), for a metric.
     /// Must be called inside the tokio runtime that will run it.
     pub fn ca_client(
         &self,
         node: &str,
         store: &CertificateStore,
+        scope: Scope,
         on_result: impl Fn(&'static str) + Send + Sync + 'static,
     ) -> anyhow::Result<Option<CaClient>> {
         let (None, Some(addr)) = (&self.certs, self.ca_address()) else {
@@ -131,6 +133,7 @@ impl ControlPlaneArgs {
             store.clone(),
             self.cert_ttl,
         )?
+        .with_scope(scope)
         .with_observer(move |_, outcome| {
             on_result(match outcome {
                 Ok(()) => "issued",

@@ -113,6 +113,8 @@ fn mesh(workloads: &[(&str, &str, &str, &str)]) -> Arc<MeshState> {
             serde_json::from_value(serde_json::json!({
                 "name": name, "namespace": "demo", "serviceAccount": sa,
                 "node": node, "addresses": [ip],
+                // Workloads named waypoint-* are waypoints.
+                "nativeTunnel": name.starts_with("waypoint"),
             }))
             .unwrap()
         })
@@ -199,6 +201,49 @@ async fn fills_the_store_for_local_identities_only_and_drops_departed_ones() {
         .await
         .expect("client stops when the mesh sender goes")
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_node_proxy_skips_waypoints_and_a_waypoint_gets_only_its_own_identity() {
+    let fake = fake_ca();
+    let addr = serve(fake.clone()).await;
+    let workloads = [
+        ("web-1", "web", "node-a", "10.0.0.1"),
+        ("waypoint-0", "waypoint", "node-a", "10.0.0.9"),
+    ];
+
+    let ztunnel_store = CertificateStore::new(fake.ca.trust_roots().unwrap());
+    let (ztunnel, _) = client(addr, &ztunnel_store, Duration::from_secs(3600));
+    let (_tx1, rx1) = watch::channel(mesh(&workloads));
+    let t1 = tokio::spawn(ztunnel.run(rx1));
+
+    let waypoint_store = CertificateStore::new(fake.ca.trust_roots().unwrap());
+    let (waypoint, _) = client(addr, &waypoint_store, Duration::from_secs(3600));
+    let own: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let waypoint = waypoint.with_scope(Arc::new(move |w| {
+        w.workload.native_tunnel && w.workload.addresses.contains(&own)
+    }));
+    let (_tx2, rx2) = watch::channel(mesh(&workloads));
+    let t2 = tokio::spawn(waypoint.run(rx2));
+
+    eventually(
+        "both proxies have their certificates",
+        Duration::from_secs(10),
+        || ztunnel_store.get(&id("web")).is_some() && waypoint_store.get(&id("waypoint")).is_some(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        ztunnel_store.get(&id("waypoint")).is_none(),
+        "ztunnel never holds a waypoint's identity"
+    );
+    assert!(
+        waypoint_store.get(&id("web")).is_none(),
+        "a waypoint never holds its neighbours'"
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    t1.abort();
+    t2.abort();
 }
 
 #[tokio::test]

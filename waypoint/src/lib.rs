@@ -59,6 +59,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         state.settings.control_plane.ca_client(
             &state.settings.node,
             &state.certs,
+            own_workload(&state),
             move |result| {
                 observed
                     .metrics
@@ -152,6 +153,15 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             tracing::warn!("drain deadline passed with tunnels still open, exiting");
         }
         Ok(())
+    })
+}
+
+/// A waypoint asks the CA for its own identity only: the workload at its
+/// HBONE address, which must be a waypoint (`nativeTunnel`).
+fn own_workload(state: &WaypointState) -> mesh_core::ca_client::Scope {
+    let ip = state.settings.hbone_addr.ip();
+    Arc::new(move |w: &mesh_core::config::WorkloadInfo| {
+        w.workload.native_tunnel && w.workload.addresses.contains(&ip)
     })
 }
 

@@ -57,6 +57,7 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
         state.settings.control_plane.ca_client(
             &state.settings.node,
             &state.certs,
+            mesh_core::ca_client::node_workloads(),
             move |result| {
                 observed
                     .metrics
@@ -190,7 +191,11 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 fn warn_missing_certs(state: &ProxyState) {
     let mesh = state.mesh();
-    for w in mesh.local_workloads(state.node()) {
+    // Waypoints hold their own certificates, not ztunnel.
+    for w in mesh
+        .local_workloads(state.node())
+        .filter(|w| !w.workload.native_tunnel)
+    {
         if state.certs.get(&w.identity).is_none() {
             tracing::warn!(workload = %w.key(), identity = %w.identity, "no certificate: its connections will be refused");
         }

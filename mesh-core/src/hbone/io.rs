@@ -18,12 +18,14 @@ use super::Tunnel;
 /// frame, as `AsyncWrite` lends its buffer only for the call.
 pub struct TunnelIo {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// Taken only on drop, to read the stream to its end.
+    recv: Option<RecvStream>,
     /// The unread rest of the last received frame.
     pending: Bytes,
     /// Flow-control credit for bytes already handed out, returned in bulk.
     unreleased: usize,
     shut: bool,
+    reset: bool,
 }
 
 /// Credit is returned once this much has been read (or the frame is used
@@ -35,10 +37,11 @@ impl TunnelIo {
         let (send, recv) = tunnel.into_parts();
         TunnelIo {
             send,
-            recv,
+            recv: Some(recv),
             pending: Bytes::new(),
             unreleased: 0,
             shut: false,
+            reset: false,
         }
     }
 
@@ -46,29 +49,52 @@ impl TunnelIo {
     /// exchange failed rather than ended.
     pub fn reset(&mut self) {
         self.shut = true;
+        self.reset = true;
         self.send.send_reset(h2::Reason::CANCEL);
     }
 
     fn release(&mut self, force: bool) -> io::Result<()> {
         if self.unreleased > 0 && (force || self.unreleased >= RELEASE_BATCH) {
             let n = std::mem::take(&mut self.unreleased);
-            self.recv
-                .flow_control()
-                .release_capacity(n)
-                .map_err(h2_to_io)?;
+            if let Some(recv) = self.recv.as_mut() {
+                recv.flow_control().release_capacity(n).map_err(h2_to_io)?;
+            }
         }
         Ok(())
     }
 }
+
+/// How long a closed tunnel waits for the peer's end of stream.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for TunnelIo {
     fn drop(&mut self) {
         // Whatever the protocol inside wrote last (an HTTP/2 GOAWAY, say) is
         // still queued: END_STREAM lets it reach the peer, where a reset
         // would discard it. `reset` is the way to signal failure.
+        if self.reset {
+            return;
+        }
         if !self.shut {
             let _ = self.send.send_data(Bytes::new(), true);
         }
+        // Dropping the receive half before the peer's END_STREAM makes h2
+        // reset the stream ("no longer needed"), which the peer counts as a
+        // failed connection. Read to the end (bounded) instead.
+        let Some(mut recv) = self.recv.take().filter(|r| !r.is_end_stream()) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let drain = async {
+                while let Some(Ok(frame)) = recv.data().await {
+                    let _ = recv.flow_control().release_capacity(frame.len());
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        });
     }
 }
 
@@ -80,7 +106,10 @@ impl AsyncRead for TunnelIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
+            let Some(recv) = this.recv.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(frame)) => {
                     // Empty frames (END_STREAM often rides on one) carry nothing.
                     this.unreleased += frame.len();
