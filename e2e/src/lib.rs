@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod demo;
 pub mod istiod;
 pub mod l7;
+pub mod load;
 pub mod loopback;
 pub mod mesh;
 pub mod netns;

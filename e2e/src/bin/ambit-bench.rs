@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use e2e::client::socks5_connect_pipelined;
+use e2e::load::{median, rss_mib, server_runtime, Align, Latencies, Table};
 use e2e::mesh::TwoNodes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -170,40 +171,20 @@ async fn latency(path: Path, dst: SocketAddr, n: usize, secs: f64) -> anyhow::Re
     let mut s = path.connect(dst).await?;
     let req = [0xa5u8; 1024];
     let mut resp = [0u8; 1024];
-    let mut samples = Vec::with_capacity(n);
+    let mut samples = Latencies::new(n);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     // Warm up (pool, TLS session, TCP windows) before sampling.
     for _ in 0..100 {
         s.write_all(&req).await?;
         s.read_exact(&mut resp).await?;
     }
-    while samples.len() < n && Instant::now() < deadline {
+    while samples.count() < n as u64 && Instant::now() < deadline {
         let t = Instant::now();
         s.write_all(&req).await?;
         s.read_exact(&mut resp).await?;
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
+        samples.record(t.elapsed());
     }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    Ok([pct(0.50), pct(0.99), pct(0.999)])
-}
-
-fn rss_mib(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return f64::NAN };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    Ok(samples.percentiles([0.50, 0.99, 0.999]))
 }
 
 /// Runs `case` on both paths `rounds` times, alternating so drift on this shared
@@ -236,46 +217,28 @@ struct Row {
 }
 
 fn print_table(rows: &[Row]) {
-    println!();
-    println!(
-        "{:<34} {:>12} {:>12} {:>9}   goal",
-        "case", "direct", "mesh (L4)", "ratio"
-    );
-    println!("{}", "-".repeat(92));
+    let mut t = Table::new(&[
+        ("case", Align::Left),
+        ("direct", Align::Right),
+        ("mesh (L4)", Align::Right),
+        ("ratio", Align::Right),
+        ("goal", Align::Left),
+    ]);
     for r in rows {
         let (d, ratio) = match r.direct {
             Some(d) => (format!("{d:.1}"), format!("{:.2}", r.mesh / d)),
             None => ("-".into(), "-".into()),
         };
-        println!(
-            "{:<34} {:>12} {:>12.1} {:>9}   {}",
-            r.name, d, r.mesh, ratio, r.goal
-        );
+        t.row(vec![
+            r.name.into(),
+            d,
+            format!("{:.1}", r.mesh),
+            ratio,
+            r.goal.into(),
+        ]);
     }
-}
-
-/// The servers get a thread (and runtime) of their own, as a server process
-/// would: "direct" then always means client thread ↔ server thread, never two
-/// tasks that happen to share a thread.
-fn server_runtime() -> anyhow::Result<tokio::runtime::Handle> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("bench-servers".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(rt.handle().clone()));
-            rt.block_on(std::future::pending::<()>());
-        })?;
-    Ok(rx.recv()??)
+    println!();
+    print!("{}", t.render());
 }
 
 // One client thread, like one client process.
@@ -309,7 +272,9 @@ async fn main() -> anyhow::Result<()> {
     let sink_addr = SocketAddr::new(mesh.server, 9000);
     let echo_addr = SocketAddr::new(mesh.server, 9001);
     let rate_addr = SocketAddr::new(mesh.server, 9002);
-    let servers = server_runtime()?;
+    // The servers get a thread (and runtime) of their own, as a server process
+    // would: "direct" then always means client thread ↔ server thread.
+    let servers = server_runtime("bench-servers")?;
     servers.spawn(sink(sink_addr)).await??;
     servers.spawn(echo(echo_addr, false)).await??;
     servers.spawn(echo(rate_addr, true)).await??;
