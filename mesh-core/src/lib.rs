@@ -10,6 +10,7 @@
 //! * [`config`]: the mesh data model (workloads, services, policies) and its YAML form.
 //! * [`admin`]: the admin, metrics and readiness HTTP servers of a proxy.
 //! * [`authz`]: L4 authorization decisions.
+//! * [`log_writer`]: batched log output (one write per 50 ms, not per line).
 //! * [`grpc`]: channels from proxies to the control plane (TLS, bearer token).
 //! * [`reload`]: polling a proxy's static config file and certificate directory.
 //! * [`proto`]: generated xDS, Istio workload/authorization and CA types.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod grpc;
+pub mod log_writer;
 pub mod hbone;
 pub mod identity;
 pub mod proto;

@@ -46,3 +46,14 @@ pub fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
     }
     Ok(d)
 }
+
+/// Data-plane worker threads when not configured: half the CPUs, at least
+/// one, at most two. Measured on 2-CPU nodes (ztunnel with `ambit-bench`,
+/// the waypoint with `ambit-l7-bench`): one worker beats two, because
+/// cross-thread wake-ups cost more than a second worker gains when the
+/// node's workloads share the same CPUs. Bigger nodes get two, as Istio's
+/// ztunnel uses.
+pub fn default_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / 2).clamp(1, 2)
+}

@@ -119,7 +119,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .context("spawning the admin thread")?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(state.settings.workers())
         .thread_name("dataplane")
         .enable_all()
         .build()

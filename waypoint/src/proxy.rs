@@ -275,7 +275,7 @@ async fn serve(
         view,
         ds,
         &backend,
-        parts,
+        Some(parts),
         body,
         timeouts.backend_request.map(|d| d.0),
         retry,
@@ -373,7 +373,7 @@ async fn forward(
     view: &View,
     ds: &Downstream,
     backend: &Backend,
-    parts: http::request::Parts,
+    mut parts: Option<http::request::Parts>,
     mut body: ReplayableBody,
     per_try: Option<Duration>,
     retry: Option<mesh_core::config::RetryPolicy>,
@@ -418,7 +418,16 @@ async fn forward(
         };
         record.endpoint = Some(endpoint.clone());
         record.attempts = attempt + 1;
-        let mut req = Request::from_parts(parts.clone(), attempt_body);
+        // The last attempt takes the request head; earlier ones copy it.
+        let head = if attempt == retries {
+            parts.take()
+        } else {
+            parts.clone()
+        };
+        let Some(head) = head else {
+            break;
+        };
+        let mut req = Request::from_parts(head, attempt_body);
         *req.version_mut() = http::Version::HTTP_11;
         let send = upstream.send(
             &own.identity,

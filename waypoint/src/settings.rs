@@ -98,12 +98,23 @@ pub struct Settings {
     #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     pub pool_idle_timeout: Duration,
 
+    /// Data-plane worker threads [default: half the CPUs, at least 1, at most 2].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
 }
 
 impl Settings {
+    /// See [`mesh_core::sys::default_workers`].
+    pub fn workers(&self) -> usize {
+        self.worker_threads
+            .unwrap_or_else(mesh_core::sys::default_workers)
+            .max(1)
+    }
+
     /// The Gateway as (namespace, name).
     pub fn gateway(&self) -> Result<(String, String), String> {
         match self.gateway.split_once('/') {

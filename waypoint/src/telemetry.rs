@@ -146,6 +146,8 @@ struct Counters {
 #[must_use = "dropping the guard stops span export"]
 pub struct TelemetryGuard {
     pipeline: Option<Pipeline>,
+    /// Flushes batched log lines when dropped (after the spans).
+    logs: Option<mesh_core::log_writer::LogFlusher>,
 }
 
 struct Pipeline {
@@ -221,12 +223,20 @@ pub fn init(config: &TracingConfig) -> anyhow::Result<TelemetryGuard> {
             .unwrap_or_else(|| "info".into()),
         s => s.to_owned(),
     };
-    let filter = EnvFilter::try_new(&spec).with_context(|| format!("log filter {spec:?}"))?;
-    let (otel, guard) = layer(config, &ExportOptions::default())?;
+    // Request spans are for the trace exporter only: the access line carries
+    // what a log needs, and a span the log layer wants would be built (and
+    // its fields formatted) for every request even with tracing off.
+    let filter = EnvFilter::try_new(&spec)
+        .with_context(|| format!("log filter {spec:?}"))?
+        .add_directive(format!("{REQUEST_TARGET}=off").parse()?);
+    let (otel, mut guard) = layer(config, &ExportOptions::default())?;
+    // Batched: one write per 50 ms instead of one per access line.
+    let (writer, flusher) = mesh_core::log_writer::BatchedStderr::start();
+    guard.logs = Some(flusher);
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .with_ansi(false)
                 .with_filter(filter),
         )
@@ -249,7 +259,13 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
 {
     let Some(endpoint) = &config.otlp_endpoint else {
-        return Ok((None, TelemetryGuard { pipeline: None }));
+        return Ok((
+            None,
+            TelemetryGuard {
+                pipeline: None,
+                logs: None,
+            },
+        ));
     };
     let ratio = check_ratio(config.sampling_ratio)?;
     let uri: http::Uri = endpoint
@@ -282,7 +298,13 @@ where
     let mut p = pipeline(exporter, &config.service_name, ratio, options);
     p.runtime = Some(runtime);
     let layer = otel_layer(&p.provider);
-    Ok((Some(layer), TelemetryGuard { pipeline: Some(p) }))
+    Ok((
+        Some(layer),
+        TelemetryGuard {
+            pipeline: Some(p),
+            logs: None,
+        },
+    ))
 }
 
 /// A subscriber with only the OpenTelemetry layer (no log output), for scoped use
@@ -741,7 +763,14 @@ mod tests {
         let dispatch = tracing_subscriber::registry()
             .with(otel_layer(&p.provider))
             .into();
-        (capture, dispatch, TelemetryGuard { pipeline: Some(p) })
+        (
+            capture,
+            dispatch,
+            TelemetryGuard {
+                pipeline: Some(p),
+                logs: None,
+            },
+        )
     }
 
     fn request(headers: &[(&str, &str)]) -> http::request::Parts {
@@ -1006,7 +1035,10 @@ mod tests {
         let dispatch: tracing::Dispatch = tracing_subscriber::registry()
             .with(otel_layer(&p.provider))
             .into();
-        let guard = TelemetryGuard { pipeline: Some(p) };
+        let guard = TelemetryGuard {
+            pipeline: Some(p),
+            logs: None,
+        };
         let parts = request(&[]);
         tracing::dispatcher::with_default(&dispatch, || {
             for _ in 0..100 {

@@ -7,7 +7,6 @@
 
 pub mod admin;
 pub mod capture;
-pub mod log_writer;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -18,7 +18,7 @@ fn main() {
     };
     let (filter, handle) = reload::Layer::new(filter);
     // Batched: see log_writer for why and what it costs.
-    let (writer, log_guard) = ztunnel::log_writer::BatchedStderr::start();
+    let (writer, log_guard) = mesh_core::log_writer::BatchedStderr::start();
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt::layer().with_writer(writer).with_ansi(false))

@@ -183,16 +183,10 @@ impl Settings {
         ((self.capture || self.transparent) && self.preserve_source_ip).then_some(client)
     }
 
-    /// Measured on 2-CPU nodes: one worker beats two on every benchmark figure
-    /// (cross-thread wake-ups cost more than a second worker gains when the
-    /// node's workloads share the same two CPUs). Bigger nodes get two, as
-    /// Istio's ztunnel uses.
+    /// See [`mesh_core::sys::default_workers`].
     pub fn workers(&self) -> usize {
         self.worker_threads
-            .unwrap_or_else(|| {
-                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-                (cpus / 2).clamp(1, 2)
-            })
+            .unwrap_or_else(mesh_core::sys::default_workers)
             .max(1)
     }
 
