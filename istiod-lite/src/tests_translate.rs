@@ -311,7 +311,10 @@ fn bundled_demo_manifests_render() {
         .iter()
         .find(|s| s.name == "waypoint")
         .expect("the waypoint's Service");
-    assert!(waypoint_svc.waypoint.is_none(), "a waypoint has no waypoint");
+    assert!(
+        waypoint_svc.waypoint.is_none(),
+        "a waypoint has no waypoint"
+    );
     assert_eq!(t.config.peer_authentications[0].mode, MtlsMode::Strict);
     // The 90/10 split reaches the model, its backends resolved.
     let split = &t.config.http_routes[0];
@@ -326,7 +329,10 @@ fn bundled_demo_manifests_render() {
     assert!(status.accepted.status);
     assert!(status.resolved_refs.status, "{status:?}");
     assert!(
-        t.config.http_policies.iter().any(|p| p.name == "reviews-readers"),
+        t.config
+            .http_policies
+            .iter()
+            .any(|p| p.name == "reviews-readers"),
         "the L7 policy reaches the waypoint"
     );
     let rendered = serde_yaml::to_string(&t.config).expect("serializes");
