@@ -131,16 +131,7 @@ impl Proxy {
         source: &Source,
         pin_dir: &Path,
     ) -> anyhow::Result<Self> {
-        let pin = pin_dir.display().to_string();
-        let args = [
-            "--capture",
-            "--capture-uplink",
-            node.uplink.as_str(),
-            "--bpf-pin-dir",
-            pin.as_str(),
-        ];
-        let name = format!("node{}", node.index);
-        let z = Self::spawn_in_netns(node.ns.name(), dir, source, &name, node.ip.into(), &args)?;
+        let z = Self::spawn_capturing_idle(node, dir, source, pin_dir)?;
         z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
         Ok(z)
     }

@@ -505,24 +505,7 @@ impl Translator<'_> {
             }
             let mut from = Vec::new();
             for f in &r.from {
-                let s = &f.source;
-                from.push(SourceMatch {
-                    principals: [s.principals.clone(), sa_principals(&s.service_accounts)?]
-                        .concat(),
-                    not_principals: [
-                        s.not_principals.clone(),
-                        sa_principals(&s.not_service_accounts)?,
-                    ]
-                    .concat(),
-                    namespaces: s.namespaces.clone(),
-                    not_namespaces: s.not_namespaces.clone(),
-                    // At L4 the remote address is the connection's source, so
-                    // remoteIpBlocks and ipBlocks mean the same to ztunnel.
-                    ip_blocks: cidrs(&[s.ip_blocks.clone(), s.remote_ip_blocks.clone()].concat())?,
-                    not_ip_blocks: cidrs(
-                        &[s.not_ip_blocks.clone(), s.not_remote_ip_blocks.clone()].concat(),
-                    )?,
-                });
+                from.push(source_match(&f.source)?);
             }
             let mut to = Vec::new();
             for t in &r.to {
@@ -660,6 +643,24 @@ fn fail_closed(ap: &AuthorizationPolicy) -> Policy {
 }
 
 /// `namespace/name` service accounts as principals of any trust domain.
+/// An Istio `Source` as the model's match. Ambit trusts no proxy in front
+/// of a proxy (Istio's default, numTrustedProxies 0): the remote address is
+/// the connection's source, so `remoteIpBlocks` mean what `ipBlocks` do.
+pub(crate) fn source_match(s: &crate::istio_types::Source) -> Result<SourceMatch, String> {
+    Ok(SourceMatch {
+        principals: [s.principals.clone(), sa_principals(&s.service_accounts)?].concat(),
+        not_principals: [
+            s.not_principals.clone(),
+            sa_principals(&s.not_service_accounts)?,
+        ]
+        .concat(),
+        namespaces: s.namespaces.clone(),
+        not_namespaces: s.not_namespaces.clone(),
+        ip_blocks: cidrs(&[s.ip_blocks.clone(), s.remote_ip_blocks.clone()].concat())?,
+        not_ip_blocks: cidrs(&[s.not_ip_blocks.clone(), s.not_remote_ip_blocks.clone()].concat())?,
+    })
+}
+
 fn sa_principals(v: &[String]) -> Result<Vec<String>, String> {
     v.iter()
         .map(|sa| match sa.split_once('/') {

@@ -14,11 +14,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::hbone::{self, IncomingTunnel, TunnelIo};
-use mesh_core::tls;
 use mesh_core::Identity;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::{self, Downstream};
 use crate::sniff::{self, Protocol, Sniff};
@@ -63,20 +61,11 @@ async fn serve_connection(state: Arc<WaypointState>, tcp: TcpStream, peer: Socke
         Ok(c) => c,
         Err(e) => return fail(e.reason(), e.to_string()),
     };
-    hbone::set_keepalive(&tcp);
-    let accept = TlsAcceptor::from(tls_config).accept(hbone::transport(tcp));
-    let tls = match tokio::time::timeout(state.settings.connect_timeout, accept).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            let why = tls::describe_io_error(&e);
-            return fail("tls_handshake_failed", format!("TLS handshake: {why}"));
-        }
-        Err(_) => return fail("tls_handshake_failed", "TLS handshake timed out".into()),
-    };
-    let peer_id = match tls::peer_identity(tls.get_ref().1) {
-        Ok(id) => Arc::new(id),
-        Err(e) => return fail("no_peer_identity", format!("client certificate: {e}")),
-    };
+    let (tls, peer_id) =
+        match hbone::server::accept_mtls(tcp, tls_config, state.settings.connect_timeout).await {
+            Ok((tls, id)) => (tls, Arc::new(id)),
+            Err((reason, msg)) => return fail(reason, msg),
+        };
     let st = state.clone();
     let result = hbone::serve_connection(
         tls,

@@ -14,11 +14,11 @@
 
 use mesh_core::config::{
     validate_mesh_config, Condition, HttpPolicy, HttpPolicyAction, HttpRule, MeshConfig, Operation,
-    PolicyTarget, SourceMatch, TargetKind, TrafficPolicy, CONDITION_KEYS, HEADER_CONDITION_PREFIX,
+    PolicyTarget, TargetKind, TrafficPolicy, CONDITION_KEYS, HEADER_CONDITION_PREFIX,
     WAYPOINT_GATEWAY_CLASS,
 };
 
-use super::{cidrs, ports, sa_principals, Translator};
+use super::{cidrs, ports, source_match, Translator};
 use crate::istio_types::{self, AuthorizationPolicy, AuthzRule};
 use crate::sources::gateway_api::GROUP as GATEWAY_GROUP;
 
@@ -253,23 +253,7 @@ fn http_rule(r: &AuthzRule) -> Result<HttpRule, String> {
         if !(s.request_principals.is_empty() && s.not_request_principals.is_empty()) {
             return Err("requestPrincipals (JWT) is not supported by Ambit".into());
         }
-        let source = SourceMatch {
-            principals: [s.principals.clone(), sa_principals(&s.service_accounts)?].concat(),
-            not_principals: [
-                s.not_principals.clone(),
-                sa_principals(&s.not_service_accounts)?,
-            ]
-            .concat(),
-            namespaces: s.namespaces.clone(),
-            not_namespaces: s.not_namespaces.clone(),
-            // Ambit trusts no proxy in front of the waypoint, so the remote
-            // address is the connection's source, as in Istio by default
-            // (numTrustedProxies 0).
-            ip_blocks: cidrs(&[s.ip_blocks.clone(), s.remote_ip_blocks.clone()].concat())?,
-            not_ip_blocks: cidrs(
-                &[s.not_ip_blocks.clone(), s.not_remote_ip_blocks.clone()].concat(),
-            )?,
-        };
+        let source = source_match(s)?;
         for p in source
             .principals
             .iter()

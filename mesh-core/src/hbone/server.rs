@@ -14,6 +14,42 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 use super::{H2Tuning, HboneError, Tunnel, MAX_STREAMS_PER_CONNECTION};
 
+/// The mTLS side of an accepted HBONE connection.
+pub type ServerStream = tokio_rustls::server::TlsStream<super::HboneTransport>;
+
+/// Why an HBONE connection was not accepted: a short reason (for metrics)
+/// and a message.
+pub type AcceptError = (&'static str, String);
+
+/// Completes the server side of mTLS on an accepted HBONE connection within
+/// `timeout` and returns the stream with the peer's identity (from its
+/// client certificate).
+pub async fn accept_mtls(
+    tcp: tokio::net::TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> Result<(ServerStream, crate::Identity), AcceptError> {
+    super::set_keepalive(&tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(super::transport(tcp));
+    let tls = match tokio::time::timeout(timeout, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let why = crate::tls::describe_io_error(&e);
+            return Err(("tls_handshake_failed", format!("TLS handshake: {why}")));
+        }
+        Err(_) => {
+            return Err((
+                "tls_handshake_failed",
+                "TLS handshake timed out".to_string(),
+            ))
+        }
+    };
+    match crate::tls::peer_identity(tls.get_ref().1) {
+        Ok(id) => Ok((tls, id)),
+        Err(e) => Err(("no_peer_identity", format!("client certificate: {e}"))),
+    }
+}
+
 /// A CONNECT request received on an HBONE connection, not yet answered.
 pub struct IncomingTunnel {
     request: http::Request<h2::RecvStream>,

@@ -7,10 +7,8 @@ use http::StatusCode;
 use mesh_core::authz::{self, ConnectionAttributes};
 use mesh_core::config::WorkloadInfo;
 use mesh_core::hbone::{self, copy_tcp_tunnel, IncomingTunnel};
-use mesh_core::tls;
 use mesh_core::Identity;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 
 use super::record::{flags, ConnectionRecord};
 use crate::metrics::{Reporter, SecurityPolicy};
@@ -48,20 +46,11 @@ pub async fn serve_connection(state: Arc<ProxyState>, tcp: TcpStream, peer: Sock
         Ok(c) => c,
         Err(e) => return fail(e.reason(), e.to_string()),
     };
-    hbone::set_keepalive(&tcp);
-    let accept = TlsAcceptor::from(tls_config).accept(hbone::transport(tcp));
-    let tls = match tokio::time::timeout(state.settings.connect_timeout, accept).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            let why = tls::describe_io_error(&e);
-            return fail("tls_handshake_failed", format!("TLS handshake: {why}"));
-        }
-        Err(_) => return fail("tls_handshake_failed", "TLS handshake timed out".into()),
-    };
-    let peer_id = match tls::peer_identity(tls.get_ref().1) {
-        Ok(id) => id,
-        Err(e) => return fail("no_peer_identity", format!("client certificate: {e}")),
-    };
+    let (tls, peer_id) =
+        match hbone::server::accept_mtls(tcp, tls_config, state.settings.connect_timeout).await {
+            Ok(accepted) => accepted,
+            Err((reason, msg)) => return fail(reason, msg),
+        };
     let Some(_guard) = state.drain.guard() else {
         return;
     };
