@@ -81,6 +81,7 @@ services:
             )];
             let mut io = TunnelIo::new(h2.open(target, &forwarded).await?);
             io.write_all(MSG).await?;
+            io.flush().await?;
             let mut back = vec![0u8; MSG.len()];
             tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back)).await??;
             Ok(back)

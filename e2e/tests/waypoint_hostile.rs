@@ -37,6 +37,7 @@ async fn malformed_and_oversized_requests_get_errors() -> anyhow::Result<()> {
     let mut io = client.tunnel(t).await?;
     io.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n")
         .await?;
+    io.flush().await?;
     let answer = read_some(&mut io, Duration::from_secs(5)).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 400"),
@@ -49,6 +50,7 @@ async fn malformed_and_oversized_requests_get_errors() -> anyhow::Result<()> {
     let big = "a".repeat(64 * 1024);
     io.write_all(format!("GET / HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
         .await?;
+    io.flush().await?;
     let answer = read_some(&mut io, Duration::from_secs(5)).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 431"),
@@ -69,11 +71,12 @@ async fn a_slowloris_is_cut_off_while_others_are_served() -> anyhow::Result<()> 
     let (mut rx, mut tx) = tokio::io::split(io);
     let start = Instant::now();
     tx.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await?;
+    tx.flush().await?;
     // Trickle a header byte at a time, never finishing the head, until the
     // waypoint ends the stream (seen as end of input on our side).
     let trickle = async {
         for _ in 0..50 {
-            if tx.write_all(b"x").await.is_err() {
+            if tx.write_all(b"x").await.is_err() || tx.flush().await.is_err() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
