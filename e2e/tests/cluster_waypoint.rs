@@ -316,6 +316,34 @@ fn curl_through_ztunnel_waypoint_ztunnel_and_past_an_auto_waypoint() -> anyhow::
         r.text
     );
 
+    // 1b. HTTP/2, both ways a plaintext client gets it: prior knowledge, and
+    //     curl's HTTP/1.1 `Upgrade: h2c` (101, then the answer on stream 1).
+    let r = curl(client, &["--http2-prior-knowledge"], &web)?;
+    assert_eq!(r.status, 200, "h2 prior knowledge: {}\n{}", r.text, logs());
+    assert!(r.text.starts_with("HTTP/2 200"), "{}", r.text);
+    let r = curl(client, &["--http2"], &web)?;
+    assert_eq!(r.status, 200, "h2c upgrade: {}\n{}", r.text, logs());
+    assert!(
+        r.text.starts_with("HTTP/1.1 101") && r.text.contains("HTTP/2 200"),
+        "upgraded to HTTP/2: {}",
+        r.text
+    );
+    assert!(
+        r.text
+            .contains(&format!("web route=- (you are {WAYPOINT})")),
+        "the upgrade request itself is served, through the route: {}",
+        r.text
+    );
+    let m = waypoint.metrics()?;
+    assert!(
+        metric_sum(
+            &m,
+            "istio_requests_total",
+            &[("request_protocol", "http2"), ("response_code", "200")]
+        ) >= 2.0,
+        "both HTTP/2 requests counted as such:\n{m}"
+    );
+
     // 2. The header match picks the canary rule, whose RequestHeaderModifier
     //    the backend sees.
     let r = curl(client, &["-H", "x-ambit-canary: yes"], &web)?;
@@ -331,9 +359,9 @@ fn curl_through_ztunnel_waypoint_ztunnel_and_past_an_auto_waypoint() -> anyhow::
         "the canary rule adds no response header: {}",
         r.text
     );
-    let counted = wait_requests(&waypoint, requests0 + 2.0)?;
+    let counted = wait_requests(&waypoint, requests0 + 4.0)?;
     assert!(
-        counted >= requests0 + 2.0,
+        counted >= requests0 + 4.0,
         "waypoint istio_requests_total {requests0} -> {counted}\n{}",
         logs()
     );
@@ -372,7 +400,7 @@ fn curl_through_ztunnel_waypoint_ztunnel_and_past_an_auto_waypoint() -> anyhow::
     let r = curl(client, &["-X", "POST", "-d", "x"], &web)?;
     assert_eq!(r.status, 403, "POST {web}: {}", r.text);
     assert!(r.text.contains("RBAC: access denied"), "{}", r.text);
-    wait_requests(&waypoint, requests0 + 3.0)?;
+    wait_requests(&waypoint, requests0 + 5.0)?;
 
     // 4. plain has no L7 config: with an auto waypoint, its traffic goes
     //    ztunnel to ztunnel, and the waypoint sees none of it.

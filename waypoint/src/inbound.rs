@@ -11,6 +11,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::hbone::{self, IncomingTunnel, TunnelIo};
@@ -18,6 +20,7 @@ use mesh_core::Identity;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::h2c;
 use crate::proxy::{self, Downstream};
 use crate::sniff::{self, Protocol, Sniff};
 use crate::state::WaypointState;
@@ -195,18 +198,25 @@ async fn serve_http(state: &Arc<WaypointState>, downstream: Arc<Downstream>, io:
         .max_header_list_size(s.max_header_bytes as u32)
         // CVE-2023-44487 (rapid reset): a client resetting streams faster
         // than they are served is cut off instead of costing us work.
-        .max_pending_accept_reset_streams(Some(64))
-        .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .keep_alive_interval(Some(H2_KEEPALIVE))
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     let downstream_id = downstream.peer_identity.clone();
     let st = state.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let st = st.clone();
         let ds = downstream.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(st, ds, req).await) }
+        async move {
+            if h2c::wants_upgrade(&req) {
+                if let Some(switching) = upgrade_to_h2(&st, &ds, &mut req) {
+                    return Ok::<_, Infallible>(switching);
+                }
+            }
+            Ok(proxy::handle(st, ds, req).await)
+        }
     });
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let mut drain = state.drain.watch();
     let started = Instant::now();
@@ -223,6 +233,78 @@ async fn serve_http(state: &Arc<WaypointState>, downstream: Arc<Downstream>, io:
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+const MAX_PENDING_RESETS: usize = 64;
+const MAX_LOCAL_RESETS: usize = 256;
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers an h2c upgrade request with 101 and serves the connection as
+/// HTTP/2 from then on, the request itself as stream 1 (see [`h2c`]).
+/// `None`: not upgraded (the request is served over HTTP/1.1).
+fn upgrade_to_h2(
+    state: &Arc<WaypointState>,
+    downstream: &Arc<Downstream>,
+    req: &mut Request<Incoming>,
+) -> Option<http::Response<crate::upstream::Body>> {
+    let stream_one = h2c::stream_one(req)?;
+    let on_upgrade = hyper::upgrade::on(req);
+    let (state, downstream) = (state.clone(), downstream.clone());
+    let guard = state.drain.guard()?;
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => return tracing::debug!("h2c upgrade did not complete: {e}"),
+        };
+        let mut io = TokioIo::new(upgraded);
+        let limit = state.settings.header_read_timeout;
+        let start = match tokio::time::timeout(limit, h2c::client_start(&mut io, stream_one)).await
+        {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => return tracing::info!("h2c upgrade: {e}"),
+            Err(_) => return tracing::info!("h2c upgrade: no HTTP/2 preface in {limit:?}"),
+        };
+        let s = &state.settings;
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .max_header_list_size(s.max_header_bytes as u32)
+            .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+            .keep_alive_interval(Some(H2_KEEPALIVE))
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+        let st = state.clone();
+        let svc = service_fn(move |req| {
+            let st = st.clone();
+            let ds = downstream.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(st, ds, req).await) }
+        });
+        let conn = h2.serve_connection(TokioIo::new(Rewind::new(start, io)), svc);
+        tokio::pin!(conn);
+        let mut drain = state.drain.watch();
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::info!("upgraded HTTP/2 connection ended with an error: {}", chain(&e));
+                }
+                return;
+            }
+            _ = drain.changed() => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+        drop(guard);
+    });
+    let mut switching = http::Response::new(crate::upstream::empty_body());
+    *switching.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = switching.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(http::header::UPGRADE, http::HeaderValue::from_static("h2c"));
+    Some(switching)
 }
 
 /// An error and its causes, `: `-separated (hyper's Display shows only the

@@ -3,6 +3,7 @@
 //! * [`inbound`]: HBONE in (15008) as the waypoint's own identity; HTTP or L4.
 //! * [`proxy`]: the request path (route, authorize, limit, forward, account).
 //! * [`upstream`]: HTTP/1.1 inside HBONE to the chosen endpoint's ztunnel.
+//! * [`h2c`]: HTTP/1.1 `Upgrade: h2c` into the HTTP/2 server.
 //! * [`sniff`]: is a tunnel's payload HTTP/1.x, HTTP/2 or opaque bytes.
 //! * [`route`]: Gateway API HTTPRoute matching, filters and backend choice.
 //! * [`authz`]: L7 AuthorizationPolicy decisions.
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod h2c;
 pub mod inbound;
 pub mod metrics;
 pub mod proxy;

@@ -20,7 +20,7 @@ use crate::resilience::OutlierDetector;
 use crate::route::{CompiledBackend, Matched, RequestAction, Selection};
 use crate::state::{View, WaypointState};
 use crate::telemetry;
-use crate::upstream::{Body, UpstreamError};
+use crate::upstream::{empty_body, Body, UpstreamError};
 
 /// Who sent a tunnel into the waypoint, and what it asked to reach.
 pub struct Downstream {
@@ -52,12 +52,6 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
-}
-
-fn empty_body() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed_unsync()
 }
 
 /// Serves one request.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -27,6 +28,13 @@ use crate::resilience::{CircuitBreaker, ConnectionPermit};
 
 /// Every body the waypoint sends or returns.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A body with nothing in it.
+pub fn empty_body() -> Body {
+    http_body_util::Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
