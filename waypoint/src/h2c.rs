@@ -11,7 +11,9 @@
 //! the rest of what the client sends.
 //!
 //! Only requests without a body are upgraded; others are answered over
-//! HTTP/1.1, which the RFC allows (a server may ignore `Upgrade`).
+//! HTTP/1.1, which the RFC allows (a server may ignore `Upgrade`). The
+//! `HTTP2-Settings` header is not applied on its own: the SETTINGS frame of
+//! the client's preface, which the server does apply, follows at once.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, Request};
