@@ -215,6 +215,36 @@ impl Proxy {
         ip: IpAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::launch_waypoint(None, dir, source, gateway, node, ip, extra)
+    }
+
+    /// Starts the waypoint of Gateway `gateway` (`namespace/name`) inside
+    /// `pod`'s network namespace of a namespace cluster, as that waypoint
+    /// pod (HBONE on `<pod ip>:15008`, admin ports on the pod address), for
+    /// the pod's node `node` (whose bootstrap token `source` carries: the CA
+    /// signs only identities of pods on the caller's node). Returns once it
+    /// is ready: config synced and its own certificate issued.
+    pub fn spawn_waypoint_in_netns(
+        pod: &crate::cluster::Pod,
+        dir: &Path,
+        source: &Source,
+        gateway: &str,
+        node: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let ip = IpAddr::V4(pod.ip);
+        Self::launch_waypoint(Some(pod.ns.name()), dir, source, gateway, node, ip, extra)
+    }
+
+    fn launch_waypoint(
+        netns: Option<&str>,
+        dir: &Path,
+        source: &Source,
+        gateway: &str,
+        node: &str,
+        ip: IpAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let addr = |port: u16| SocketAddr::new(ip, port).to_string();
         let (hbone, admin, metrics, ready) = (addr(15008), addr(15000), addr(15020), addr(15021));
         let mut args = vec![
@@ -234,50 +264,7 @@ impl Proxy {
             "200ms",
         ];
         args.extend_from_slice(extra);
-        Self::launch_bin("waypoint", None, dir, source, gateway, ip, &args)
-    }
-
-    /// Starts the waypoint of Gateway `gateway` (`namespace/name`) inside
-    /// `pod`'s network namespace of a namespace cluster, as that waypoint
-    /// pod (HBONE on `<pod ip>:15008`, admin ports on the pod address), for
-    /// the pod's node `node` (whose bootstrap token `source` carries: the CA
-    /// signs only identities of pods on the caller's node). Returns once it
-    /// is ready: config synced and its own certificate issued.
-    pub fn spawn_waypoint_in_netns(
-        pod: &crate::cluster::Pod,
-        dir: &Path,
-        source: &Source,
-        gateway: &str,
-        node: &str,
-        extra: &[&str],
-    ) -> anyhow::Result<Self> {
-        let ip = IpAddr::V4(pod.ip);
-        let addr = |port: u16| SocketAddr::new(ip, port).to_string();
-        let (hbone, admin, metrics, ready) = (addr(15008), addr(15000), addr(15020), addr(15021));
-        let mut args = vec![
-            "--gateway",
-            gateway,
-            "--node",
-            node,
-            "--hbone-addr",
-            hbone.as_str(),
-            "--admin-addr",
-            admin.as_str(),
-            "--metrics-addr",
-            metrics.as_str(),
-            "--readiness-addr",
-            ready.as_str(),
-        ];
-        args.extend_from_slice(extra);
-        Self::launch_bin(
-            "waypoint",
-            Some(pod.ns.name()),
-            dir,
-            source,
-            gateway,
-            ip,
-            &args,
-        )
+        Self::launch_bin("waypoint", netns, dir, source, gateway, ip, &args)
     }
 
     fn launch_bin(
