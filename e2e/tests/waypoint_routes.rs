@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::l7::{request, L7Mesh};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Method, path, headers, and the backend that must serve it.
 type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
@@ -254,6 +255,10 @@ async fn timeouts_answer_504_and_retries_stop_at_the_limit() -> anyhow::Result<(
   - matches: [{path: {type: PathPrefix, value: /flaky}}]
     retry: {codes: [503], attempts: 2, backoff: 10ms}
     backendRefs: [{name: flaky, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /slow-body}}]
+    timeouts: {request: 300ms}
+    retry: {codes: [503], attempts: 1}
+    backendRefs: [{name: ratings, port: 9080}]
 "#,
     ))
     .await?;
@@ -276,6 +281,22 @@ async fn timeouts_answer_504_and_retries_stop_at_the_limit() -> anyhow::Result<(
         .get(t, "/per-try", &[("x-echo-delay-ms", "1000")])
         .await?;
     assert_eq!(r.status, 504, "{r:?}");
+
+    // The request timeout covers the body too: a body that never finishes
+    // (kept for a retry) ends in 504, not in a held request.
+    let mut io = client.tunnel(t).await?;
+    let start = Instant::now();
+    io.write_all(b"POST /slow-body HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await?;
+    io.flush().await?;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut head)).await??;
+    assert_eq!(&head, b"HTTP/1.1 504", "{}", String::from_utf8_lossy(&head));
+    assert!(
+        start.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        start.elapsed()
+    );
 
     // Two failures, two retries allowed: the third attempt succeeds.
     let r = client

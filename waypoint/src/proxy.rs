@@ -247,43 +247,55 @@ async fn serve(
         .map(|m| m.rule.mirrors())
         .unwrap_or_default();
     let wants_replay = retry.is_some() || !mirrors.is_empty();
-    let body =
-        match ReplayableBody::read(body, wants_replay, state.settings.max_buffered_body).await {
+    let max_body = state.settings.max_buffered_body;
+    // `timeouts.request` runs from the request's arrival to the response:
+    // reading the body is part of it, so a client trickling its body cannot
+    // hold the request (and its circuit-breaker slot) past the limit.
+    let exchange = async {
+        let body = match ReplayableBody::read(body, wants_replay, max_body).await {
             Ok(b) => b,
             Err(e) => {
-                record.flags = "DPE";
                 tracing::debug!("request body: {e}");
-                return text(StatusCode::BAD_REQUEST, "bad request body\n");
+                return None;
             }
         };
-    prepare_upstream(&mut parts);
-    telemetry::inject(&tracing::Span::current(), &mut parts.headers);
-    if let (Some(bytes), false) = (body.bytes(), mirrors.is_empty()) {
-        for (svc, port) in mirrors {
-            mirror(state, view, ds, &parts, bytes.clone(), &svc, port);
-        }
-    }
-
-    let forward = forward(
-        state,
-        view,
-        ds,
-        &backend,
-        Some(parts),
-        body,
-        timeouts.backend_request.map(|d| d.0),
-        retry,
-        record,
-    );
-    match timeouts.request {
-        Some(limit) => match tokio::time::timeout(limit.0, forward).await {
-            Ok(resp) => finish(resp, matched.as_ref(), chosen_backend),
-            Err(_) => {
-                record.flags = "UT";
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+        prepare_upstream(&mut parts);
+        telemetry::inject(&tracing::Span::current(), &mut parts.headers);
+        if let (Some(bytes), false) = (body.bytes(), mirrors.is_empty()) {
+            for (svc, port) in &mirrors {
+                mirror(state, view, ds, &parts, bytes.clone(), svc, *port);
             }
-        },
-        None => finish(forward.await, matched.as_ref(), chosen_backend),
+        }
+        let per_try = timeouts.backend_request.map(|d| d.0);
+        Some(
+            forward(
+                state,
+                view,
+                ds,
+                &backend,
+                Some(parts),
+                body,
+                per_try,
+                retry,
+                record,
+            )
+            .await,
+        )
+    };
+    let outcome = match timeouts.request {
+        Some(limit) => tokio::time::timeout(limit.0, exchange).await.ok(),
+        None => Some(exchange.await),
+    };
+    match outcome {
+        Some(Some(resp)) => finish(resp, matched.as_ref(), chosen_backend),
+        Some(None) => {
+            record.flags = "DPE";
+            text(StatusCode::BAD_REQUEST, "bad request body\n")
+        }
+        None => {
+            record.flags = "UT";
+            text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+        }
     }
 }
 
