@@ -1,5 +1,5 @@
 use super::*;
-use crate::sources::fake_apiserver::FakeApiServer;
+use kube_fake::FakeApiServer;
 use serde_json::{json, Value};
 use tonic::metadata::MetadataValue;
 

@@ -19,9 +19,9 @@ use tonic::Streaming;
 
 use super::{follow_kubernetes, KubernetesConfig, KubernetesMetrics};
 use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
-use crate::sources::fake_apiserver::FakeApiServer;
 use crate::sources::{manifests, ClusterState};
 use crate::xds::{XdsMetrics, XdsServer};
+use kube_fake::FakeApiServer;
 
 fn options() -> MeshOptions {
     MeshOptions::new("cluster.local", "istio-system")

@@ -2,8 +2,6 @@
 //! embedded default; the Kubernetes API source ([`kubernetes`], kube-rs
 //! watchers) fills the same [`ClusterState`].
 
-#[cfg(test)]
-pub mod fake_apiserver;
 pub mod gateway_api;
 pub mod kubernetes;
 pub mod manifests;
