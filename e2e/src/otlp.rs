@@ -444,8 +444,9 @@ fn line(s: &ReceivedSpan, root: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_core::telemetry::{dispatch, ExportOptions, TracingConfig};
     use std::net::{Ipv4Addr, TcpListener};
-    use waypoint::telemetry::{self, ExportOptions, SpanAttributes, TracingConfig, TRACEPARENT};
+    use waypoint::telemetry::{self, SpanAttributes, TRACEPARENT};
 
     const PARENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT_SPAN: &str = "00f067aa0ba902b7";
@@ -486,7 +487,7 @@ mod tests {
             batch_delay: Duration::from_millis(50),
             ..ExportOptions::default()
         };
-        let (dispatch, guard) = telemetry::dispatch(&config(receiver.endpoint()), &options)?;
+        let (dispatch, guard) = dispatch(&config(receiver.endpoint()), &options)?;
         let attrs = SpanAttributes {
             route: Some("default/reviews".into()),
             service: Some("reviews.default.svc.cluster.local".into()),
@@ -498,10 +499,10 @@ mod tests {
         let mut upstream = continued.headers.clone();
         let mut fresh_upstream = fresh.headers.clone();
         tracing::dispatcher::with_default(&dispatch, || {
-            let span = telemetry::request_span(&continued, &attrs);
+            let span = telemetry::request_span(&continued, &attrs, None);
             telemetry::inject(&span, &mut upstream);
             telemetry::record_response(&span, http::StatusCode::BAD_GATEWAY);
-            let span = telemetry::request_span(&fresh, &SpanAttributes::default());
+            let span = telemetry::request_span(&fresh, &SpanAttributes::default(), None);
             telemetry::inject(&span, &mut fresh_upstream);
             telemetry::record_response(&span, http::StatusCode::OK);
         });
@@ -581,14 +582,14 @@ mod tests {
             flush_timeout: Duration::from_secs(2),
         };
         let endpoint = format!("http://{}", blackhole.local_addr()?);
-        let (dispatch, guard) = telemetry::dispatch(&config(endpoint), &options)?;
+        let (dispatch, guard) = dispatch(&config(endpoint), &options)?;
         let parts = request(Some(&format!("00-{PARENT_TRACE}-{PARENT_SPAN}-01")));
         let mut each = Vec::with_capacity(1000);
         let total = Instant::now();
         tracing::dispatcher::with_default(&dispatch, || {
             for _ in 0..1000 {
                 let t = Instant::now();
-                let span = telemetry::request_span(&parts, &SpanAttributes::default());
+                let span = telemetry::request_span(&parts, &SpanAttributes::default(), None);
                 let mut headers = parts.headers.clone();
                 telemetry::inject(&span, &mut headers);
                 telemetry::record_response(&span, http::StatusCode::OK);
@@ -651,12 +652,12 @@ mod tests {
             flush_timeout: Duration::from_secs(2),
             ..ExportOptions::default()
         };
-        let (dispatch, guard) = telemetry::dispatch(&config(format!("http://{port}")), &options)?;
+        let (dispatch, guard) = dispatch(&config(format!("http://{port}")), &options)?;
         let parts = request(None);
         let t = Instant::now();
         tracing::dispatcher::with_default(&dispatch, || {
             for _ in 0..1000 {
-                let span = telemetry::request_span(&parts, &SpanAttributes::default());
+                let span = telemetry::request_span(&parts, &SpanAttributes::default(), None);
                 telemetry::record_response(&span, http::StatusCode::OK);
             }
         });

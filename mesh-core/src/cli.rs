@@ -13,6 +13,42 @@ use crate::grpc::ControlPlane;
 use crate::sys::parse_positive_duration;
 use crate::tls::{dir, CertificateStore, TrustRoots};
 
+/// Span export, flattened into each proxy's settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TracingArgs {
+    /// OTLP/gRPC trace collector, e.g. http://otel-collector:4317 [default: no tracing].
+    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of new traces sampled, 0.0–1.0 (a caller's own decision, in its
+    /// `traceparent`, is kept).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sampling: f64,
+}
+
+impl TracingArgs {
+    /// The export settings for a proxy named `service_name` logging with `log_filter`.
+    pub fn config(
+        &self,
+        service_name: String,
+        log_filter: &str,
+    ) -> crate::telemetry::TracingConfig {
+        crate::telemetry::TracingConfig {
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            sampling_ratio: self.trace_sampling,
+            service_name,
+            log_filter: log_filter.to_owned(),
+        }
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a number between 0 and 1")),
+    }
+}
+
 /// Flattened into each proxy's settings (`#[command(flatten)]`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlPlaneArgs {

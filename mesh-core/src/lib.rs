@@ -10,6 +10,7 @@
 //! * [`config`]: the mesh data model (workloads, services, policies) and its YAML form.
 //! * [`admin`]: the admin, metrics and readiness HTTP servers of a proxy.
 //! * [`authz`]: L4 authorization decisions.
+//! * [`telemetry`]: OTLP span export, W3C trace context, the proxies' log subscriber.
 //! * [`log_writer`]: batched log output (one write per 50 ms, not per line).
 //! * [`grpc`]: channels from proxies to the control plane (TLS, bearer token).
 //! * [`reload`]: polling a proxy's static config file and certificate directory.
@@ -31,6 +32,7 @@ pub mod log_writer;
 pub mod proto;
 pub mod reload;
 pub mod sys;
+pub mod telemetry;
 pub mod tls;
 pub mod xds;
 

@@ -24,6 +24,7 @@ use crate::h2c;
 use crate::proxy::{self, Downstream};
 use crate::sniff::{self, Protocol, Sniff};
 use crate::state::WaypointState;
+use crate::telemetry;
 
 /// Accepts HBONE connections until drain starts.
 pub async fn serve(state: Arc<WaypointState>, listener: TcpListener) {
@@ -109,6 +110,7 @@ async fn serve_tunnel(
         incoming.reject(http::StatusCode::FORBIDDEN);
         return;
     }
+    let trace = telemetry::extract(incoming.headers());
     let tunnel = match incoming.accept() {
         Ok(t) => t,
         Err(e) => {
@@ -121,6 +123,7 @@ async fn serve_tunnel(
         peer_identity: peer_id,
         client_ip,
         target,
+        trace,
     });
     let mut io = TunnelIo::new(tunnel);
     let detect = state.settings.protocol_detection_timeout;

@@ -4,14 +4,13 @@ use waypoint::settings::Settings;
 fn main() {
     let settings = Settings::parse();
     mesh_core::sys::raise_fd_limit();
-    let tracing = waypoint::telemetry::TracingConfig {
-        otlp_endpoint: settings.otlp_endpoint.clone(),
-        sampling_ratio: settings.trace_sampling,
-        service_name: format!("waypoint.{}", settings.gateway.replace('/', ".")),
-        log_filter: settings.log_level.clone(),
-    };
-    let guard = match waypoint::telemetry::init(&tracing) {
-        Ok(g) => g,
+    let tracing = settings.tracing.config(
+        format!("waypoint.{}", settings.gateway.replace('/', ".")),
+        &settings.log_level,
+    );
+    // The waypoint has no run-time log level endpoint: the handle is unused.
+    let guard = match mesh_core::telemetry::init(&tracing) {
+        Ok((g, _log_level)) => g,
         Err(e) => {
             eprintln!("waypoint: telemetry: {e:#}");
             std::process::exit(2);

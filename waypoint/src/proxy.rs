@@ -30,6 +30,9 @@ pub struct Downstream {
     pub client_ip: IpAddr,
     /// The original destination: a service VIP:port or a workload ip:port.
     pub target: SocketAddr,
+    /// The trace context the CONNECT carried (the caller's ztunnel's
+    /// connection span): the parent of requests that bring none of their own.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// Where a request went and how it ended, for metrics, logs and the span.
@@ -77,6 +80,7 @@ pub async fn handle(
             source_principal: Some(ds.peer_identity.to_string()),
             ..Default::default()
         },
+        ds.trace.as_ref(),
     );
     let mut record = Record {
         service,

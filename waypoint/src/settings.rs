@@ -51,13 +51,8 @@ pub struct Settings {
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
 
-    /// OTLP/gRPC trace collector, e.g. http://otel-collector:4317 [default: no tracing].
-    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-
-    /// Share of requests traced when the caller did not decide (0.0–1.0).
-    #[arg(long, default_value_t = 1.0)]
-    pub trace_sampling: f64,
+    #[command(flatten)]
+    pub tracing: mesh_core::cli::TracingArgs,
 
     /// Largest request head (request line and headers) accepted; beyond it, 431.
     #[arg(long, default_value_t = 64 * 1024)]
@@ -131,12 +126,6 @@ impl Settings {
     /// Checks combinations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
         self.gateway()?;
-        if !(0.0..=1.0).contains(&self.trace_sampling) {
-            return Err(format!(
-                "--trace-sampling {} is not between 0 and 1",
-                self.trace_sampling
-            ));
-        }
         self.control_plane.validate()
     }
 }

@@ -230,16 +230,21 @@ impl Upstream {
             dst: endpoint.identity.clone(),
             dst_addr: hbone_addr,
         };
-        let forwarded = [(
+        let mut headers = vec![(
             HeaderName::from_static(hbone::FORWARDED),
             HeaderValue::from_str(&hbone::forwarded_for(client))
                 .unwrap_or_else(|_| HeaderValue::from_static("for=unknown")),
         )];
+        // The request that opens the tunnel is the parent of the destination
+        // ztunnel's connection span (later requests reuse the tunnel).
+        headers.extend(mesh_core::telemetry::context::context_headers(
+            &tracing::Span::current(),
+        ));
         let certs = &self.certs;
         let tls = || certs.client_config(&key.src, &key.dst);
         let pooled = self
             .hbone
-            .open(&key, addr, &forwarded, tls)
+            .open(&key, addr, &headers, tls)
             .await
             .map_err(|e| UpstreamError::Tunnel(hbone_addr, e))?;
         Ok((pooled.tunnel, pooled.slot))

@@ -13,6 +13,7 @@ pub mod reload;
 pub mod settings;
 pub mod socket;
 pub mod state;
+pub mod telemetry;
 pub mod xds;
 
 use std::sync::atomic::Ordering;

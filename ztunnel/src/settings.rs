@@ -165,6 +165,9 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(16384..=16_777_215))]
     pub h2_max_frame_size: u32,
 
+    #[command(flatten)]
+    pub tracing: mesh_core::cli::TracingArgs,
+
     /// Log filter (tracing EnvFilter syntax); changeable at runtime via /logging.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,

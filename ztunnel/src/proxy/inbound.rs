@@ -93,6 +93,8 @@ async fn serve_stream(
         ConnectionRecord::new(Reporter::destination, SocketAddr::new(peer.ip(), 0), dst);
     record.security = SecurityPolicy::mutual_tls;
     record.src_identity = Some(peer_id.clone());
+    record.span =
+        crate::telemetry::inbound_span(mesh_core::telemetry::context::extract(incoming.headers()));
     let mesh = state.mesh();
 
     let refuse = |record: ConnectionRecord,

@@ -236,7 +236,9 @@ async fn open_tunnel(
 ) -> Result<(ConnectionRecord, Upstream), Box<Refusal>> {
     let hbone_addr = key.dst_addr;
     record.via = Some(hbone_addr);
-    let headers = forwarded_header(src);
+    record.span = crate::telemetry::outbound_span();
+    let mut headers = forwarded_header(src);
+    headers.extend(mesh_core::telemetry::context::context_headers(&record.span));
     let Some(pool) = state.pool() else {
         return Err(Box::new(Refusal {
             record,

@@ -42,6 +42,8 @@ pub struct ConnectionRecord {
     pub via: Option<SocketAddr>,
     pub security: SecurityPolicy,
     pub start: Instant,
+    /// The tunnel's span ([`crate::telemetry`]); disabled for other connections.
+    pub span: tracing::Span,
     /// Counters of the labels at open time, resolved once: a connection that
     /// ends cleanly counts its close without building and hashing its
     /// eleven labels again.
@@ -69,6 +71,7 @@ impl ConnectionRecord {
             via: None,
             security: SecurityPolicy::unknown,
             start: Instant::now(),
+            span: tracing::Span::none(),
             counters: OnceLock::new(),
         }
     }
@@ -181,6 +184,7 @@ impl ConnectionRecord {
     }
 
     fn log(&self, to_dst: u64, to_src: u64, response_flags: &str, error: Option<&dyn Display>) {
+        crate::telemetry::finish(self, to_dst, to_src, response_flags, error);
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let result = if response_flags == flags::NONE {
             "ok"
