@@ -1,7 +1,8 @@
 //! The monitoring port (15014): `/metrics`, `/ready`, and debug views of what
 //! is being served (`/debug/config`: the mesh model; `/debug/rejected`: objects
 //! left out and why, the manifests-mode stand-in for Kubernetes status;
-//! `/debug/routes`: every HTTPRoute's conditions per parent).
+//! `/debug/routes`: every HTTPRoute's conditions per parent; `/debug/version`:
+//! the build, for `ambitctl status`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -94,6 +95,12 @@ fn route(metrics: &Metrics, outputs: &Outputs, req: &Request<Incoming>) -> Respo
                 ),
             }
         }
+        "/debug/version" => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({"component": "istiod-lite", "version": env!("CARGO_PKG_VERSION")})
+                .to_string(),
+        ),
         "/debug/rejected" => {
             let rejected = outputs.rejected.borrow().clone();
             let list: Vec<_> = rejected

@@ -64,6 +64,7 @@ fn config_dump(state: &WaypointState) -> serde_json::Value {
     let cert = identity.as_ref().and_then(|id| state.certs.get(id));
     let config = view.mesh.config();
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "gateway": format!("{}/{}", state.gateway.0, state.gateway.1),
         "workload": view.own.as_ref().map(|w| w.key()),
         "identity": identity.map(|i| i.to_string()),

@@ -136,8 +136,11 @@ fn config_dump(state: &ProxyState) -> serde_json::Value {
         })
         .collect();
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "node": state.node(),
+        "ready": state.is_ready(),
         "draining": state.drain.is_draining(),
+        "capture": capture_state(state, &mesh),
         "localWorkloads": local,
         "certificates": certs,
         "hbonePool": pool,
@@ -147,5 +150,52 @@ fn config_dump(state: &ProxyState) -> serde_json::Value {
             (None, None) => json!(null),
         },
         "config": mesh.config(),
+    })
+}
+
+/// Whether each local workload's traffic is captured, read back from the
+/// kernel (the route to its address and the tc programs on that interface)
+/// rather than from what the capture task meant to do, so `ambitctl check`
+/// reports what really holds. Waypoints are left out: nothing captures them.
+fn capture_state(state: &ProxyState, mesh: &mesh_core::config::MeshState) -> serde_json::Value {
+    if !state.settings.capture {
+        return json!({"enabled": false});
+    }
+    let mut workloads = Vec::new();
+    for w in mesh
+        .local_workloads(state.node())
+        .filter(|w| !w.workload.native_tunnel)
+    {
+        for ip in &w.workload.addresses {
+            let std::net::IpAddr::V4(v4) = ip else {
+                continue;
+            };
+            let entry = match ebpf_redirect::interface_for(*v4) {
+                Ok(ifname) if Some(&ifname) == state.settings.capture_uplink.as_ref() => json!({
+                    "workload": w.key(), "address": ip, "interface": ifname, "attached": false,
+                    "error": "the address routes via the uplink",
+                }),
+                Ok(ifname) => match ebpf_redirect::ingress_programs(&ifname) {
+                    Ok(progs) => json!({
+                        "workload": w.key(), "address": ip, "interface": ifname,
+                        "attached": !progs.is_empty(),
+                        "error": progs.is_empty().then_some("no capture program on the interface"),
+                    }),
+                    Err(e) => json!({
+                        "workload": w.key(), "address": ip, "interface": ifname,
+                        "attached": false, "error": e.to_string(),
+                    }),
+                },
+                Err(e) => json!({
+                    "workload": w.key(), "address": ip, "attached": false, "error": e.to_string(),
+                }),
+            };
+            workloads.push(entry);
+        }
+    }
+    json!({
+        "enabled": true,
+        "interfaces": state.metrics.capture_interfaces.get(),
+        "workloads": workloads,
     })
 }
