@@ -435,6 +435,11 @@ fn line(s: &ReceivedSpan, root: bool) -> String {
         facts.push(format!("{:?}", s.status_code));
     }
     let mut l = format!("{}  [{}]", s.name, facts.join(", "));
+    // Who talked to whom, SPIFFE IDs without the scheme and trust domain.
+    if let (Some(src), Some(dst)) = (s.attr("source_principal"), s.attr("destination_principal")) {
+        let short = |id: &str| id.find("/ns/").map_or(id, |i| &id[i + 1..]).to_string();
+        let _ = write!(l, "  {} -> {}", short(src), short(dst));
+    }
     if let (true, Some(p)) = (root, &s.parent_span_id) {
         let _ = write!(l, "  parent {p}");
     }

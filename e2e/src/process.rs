@@ -45,6 +45,13 @@ impl Source {
             certs.into(),
         ])
     }
+
+    /// Adds arguments every proxy started from this source gets (e.g. the
+    /// trace collector, `--otlp-endpoint`).
+    pub fn with_args(mut self, args: &[&str]) -> Self {
+        self.0.extend(args.iter().map(|a| a.into()));
+        self
+    }
 }
 
 /// A proxy process of ours: a node's ztunnel or a waypoint.

@@ -97,9 +97,22 @@ fn namespace_demo_reports_waypoint_split_denial_capture_and_mtls() -> anyhow::Re
             "spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/waypoint  mTLS=yes  src=198.19.1.10",
             // Destination side: reviews' ztunnel sees the waypoint's identity.
             "spiffe://cluster.local/ns/demo/sa/waypoint -> spiffe://cluster.local/ns/demo/sa/reviews  mTLS=yes  src=198.19.2.30",
+            // One request traced across both ztunnels and the waypoint.
+            "spans from ztunnel.node1, waypoint.demo.waypoint, ztunnel.node2",
+            "outbound  [ztunnel.node1, client,",
+            "GET demo/reviews-split  [waypoint.demo.waypoint, server,",
+            "inbound  [ztunnel.node2, server,",
             "demo OK",
         ],
     );
+    let spans = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("trace "))
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    assert!(spans >= 3, "a trace of {spans} spans: {report}");
 
     // The split is the HTTPRoute's 90/10, not L4 round robin.
     let line = report
@@ -147,6 +160,50 @@ fn namespace_demo_reports_waypoint_split_denial_capture_and_mtls() -> anyhow::Re
         !leftover.lines().any(|l| l.starts_with(&mine)),
         "namespaces left: {leftover}"
     );
+    // The BPF programs it attached are unloaded (the kernel frees them
+    // shortly after their last link, pin and fd go) and its veths are gone.
+    let ebpf = report
+        .lines()
+        .find_map(|l| l.strip_prefix("eBPF: programs "))
+        .unwrap_or_default();
+    let ids: Vec<u32> = ebpf
+        .split(']')
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .split(',')
+        .filter_map(|id| id.trim().parse().ok())
+        .collect();
+    assert!(
+        !ids.is_empty(),
+        "no attached programs in the report: {report}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ids.iter().any(|id| ebpf_redirect::program_loaded(*id))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let loaded: Vec<_> = ids
+        .iter()
+        .filter(|id| ebpf_redirect::program_loaded(**id))
+        .collect();
+    assert!(loaded.is_empty(), "BPF programs still loaded: {loaded:?}");
+    let links: Vec<&str> = ebpf
+        .split(": ")
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(!links.is_empty(), "no links in the report: {report}");
+    let host_links = e2e::netns::ip(&["-o", "link", "show"])?;
+    let left: Vec<_> = links
+        .iter()
+        .filter(|l| {
+            host_links.contains(&format!(" {l}@")) || host_links.contains(&format!(" {l}:"))
+        })
+        .collect();
+    assert!(left.is_empty(), "links left: {left:?}");
     let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))

@@ -43,12 +43,24 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("not root: running the loopback demo (the namespace/eBPF demo needs root)\n");
         return loopback::run(&demo).await;
     }
-    // Ctrl-C should tear down, not kill: handled by the demo (and, in the
-    // worst case, stale namespaces and pins are removed at the next start).
-    let cancel = tokio::spawn(async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Ctrl-C tears down in order (the demo stops at its next step); a second
+    // one exits at once, leaving what the next start cleans up (stale
+    // namespaces and pins of dead pids).
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\nCtrl-C: tearing down (Ctrl-C again to exit at once)");
+            e2e::demo::interrupt();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
     });
     let result = netns::run(&demo).await;
-    cancel.abort();
-    result
+    match result {
+        Err(_) if e2e::demo::interrupted() => {
+            eprintln!("interrupted; everything torn down");
+            std::process::exit(130);
+        }
+        other => other,
+    }
 }

@@ -4,6 +4,27 @@
 pub mod loopback;
 pub mod netns;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks the running demo to stop and tear down (Ctrl-C). The demo checks
+/// between steps and requests, so teardown runs in order, as on success.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fails once [`interrupt`] was called: `?` unwinds the demo, and every
+/// namespace, process and pin it made is removed as its owner drops.
+pub(crate) fn check_interrupted() -> anyhow::Result<()> {
+    anyhow::ensure!(!interrupted(), "interrupted");
+    Ok(())
+}
+
 /// Options shared by both demos.
 #[derive(Clone, Debug)]
 pub struct DemoArgs {

@@ -12,15 +12,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::{field, DemoArgs};
+use super::{check_interrupted, field, interrupted, DemoArgs};
 use crate::cluster::{Cluster, Pod, PodSpec, CONTROL_PLANE_IP};
 use crate::istiod::Istiod;
 use crate::mesh::TempDir;
 use crate::netns::PinDir;
+use crate::otlp::{render_tree, OtlpReceiver, ReceivedSpan};
 use crate::process::{metric_sum, Waypoint, Ztunnel};
 use crate::sniff::Sniffer;
 
 const MARKER: &str = "ambit-wire-check-7c1d";
+
+/// The bundled OTLP receiver listens here, in the fabric namespace beside
+/// istiod-lite (the OTLP/gRPC port).
+const OTLP_PORT: u16 = 4317;
 
 /// The bundled manifests (overridable with AMBIT_MANIFESTS).
 pub fn manifests_dir() -> PathBuf {
@@ -236,11 +241,26 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         mesh.http_routes.len()
     );
     println!("  work dir {} (removed at exit)", dir.path().display());
+    // Every proxy exports its spans to the bundled receiver.
+    let otlp_addr = SocketAddr::new(CONTROL_PLANE_IP.into(), OTLP_PORT);
+    let otlp_listener = crate::netns::run_in(cluster.fabric_name(), move || {
+        Ok(TcpListener::bind(otlp_addr)?)
+    })?;
+    let otlp = OtlpReceiver::from_listener(otlp_listener)?;
+    let otlp_endpoint = otlp.endpoint();
+    let traced = |node: &str| -> anyhow::Result<crate::process::Source> {
+        Ok(istiod
+            .source_for(node)?
+            .with_args(&["--otlp-endpoint", &otlp_endpoint]))
+    };
+    println!("  OTLP receiver at {otlp_addr}: ztunnels and the waypoint export their spans to it");
+    check_interrupted()?;
     let pins = PinDir::new()?;
     let mut ztunnels = Vec::new();
     for n in 1..=nodes {
+        check_interrupted()?;
         let node = cluster.node(n);
-        let source = istiod.source_for(&format!("node{n}"))?;
+        let source = traced(&format!("node{n}"))?;
         let captured = node
             .pods
             .iter()
@@ -271,7 +291,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             .pod_named(&p.spec.name)
             .with_context(|| format!("pod {} not built", p.spec.name))?;
         let node = format!("node{}", p.spec.node);
-        let source = istiod.source_for(&node)?;
+        let source = traced(&node)?;
         let w = Waypoint::spawn_waypoint_in_netns(pod, dir.path(), &source, gateway, &node, &[])?;
         println!(
             "  {node}: waypoint {gateway} up in pod {} ({}:15008; routes, L7 policy and certificate from istiod-lite)",
@@ -310,7 +330,12 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     // the split is the waypoint's choice per request, not L4 balancing.
     let (mut v1, mut v2, mut ok, mut seen) = (0usize, 0usize, 0usize, String::new());
     let mut failures = Vec::new();
+    println!(
+        "sending {} requests with curl from demo/client to {url} ...",
+        args.requests
+    );
     for _ in 0..args.requests {
+        check_interrupted()?;
         let r = curl(client, None, &url);
         if r.ok && r.status == 200 {
             ok += 1;
@@ -441,6 +466,47 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         )
     );
 
+    // One request's trace, end to end: the client's ztunnel's tunnel span,
+    // the waypoint's request span under it, and reviews' ztunnel's span under
+    // that (the waypoint names its request on the CONNECT it opens).
+    let trace = otlp
+        .wait_for(|spans| full_trace(spans).is_some(), Duration::from_secs(15))
+        .await
+        .map(|spans| full_trace(&spans).unwrap_or_default())
+        .unwrap_or_else(|e| {
+            println!("\nno complete trace: {e:#}");
+            Vec::new()
+        });
+    if let Some(first) = trace.first() {
+        let mut services: Vec<&str> = Vec::new();
+        for s in &trace {
+            if !services.contains(&s.service_name.as_str()) {
+                services.push(&s.service_name);
+            }
+        }
+        println!(
+            "\none request's trace, as the bundled OTLP receiver got it ({} spans in all):",
+            otlp.spans().len()
+        );
+        println!(
+            "  trace {}: {} spans from {}",
+            first.trace_id,
+            trace.len(),
+            services.join(", ")
+        );
+        for line in render_tree(&trace).lines().skip(1) {
+            println!("  {line}");
+        }
+    }
+
+    // What capture attached, so the test can see it all go at teardown.
+    let (programs, links) = attached(&cluster)?;
+    println!(
+        "\neBPF: programs {programs:?} at tc ingress of {} links: {}",
+        links.len(),
+        links.join(" ")
+    );
+
     if args.keep {
         println!("\nthe mesh is up; try, as root:");
         println!("  nsenter --net=/run/netns/{} curl {url}", client.ns.name());
@@ -465,7 +531,9 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             ztunnels[1].log_path.display()
         );
         println!("Ctrl-C tears everything down.");
-        tokio::signal::ctrl_c().await?;
+        while !interrupted() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     anyhow::ensure!(
         ok == args.requests,
@@ -491,6 +559,10 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         !wire.contains(MARKER.as_bytes()) && ports == [15008].into(),
         "traffic between nodes was not only HBONE"
     );
+    anyhow::ensure!(
+        !trace.is_empty(),
+        "no trace crossed ztunnel, waypoint and ztunnel"
+    );
     println!("\ndemo OK; tearing down");
     drop(waypoints);
     drop(ztunnels);
@@ -506,4 +578,62 @@ fn pod_of(cluster: &Cluster, ip: Ipv4Addr) -> anyhow::Result<&str> {
         .find(|p| p.ip == ip)
         .map(|p| p.ns.name())
         .with_context(|| format!("no pod at {ip}"))
+}
+
+/// The spans of the first trace in `spans` that crossed the client's
+/// ztunnel (outbound), the waypoint (a request answered 200) and the
+/// destination's ztunnel (inbound), in start order.
+fn full_trace(spans: &[ReceivedSpan]) -> Option<Vec<ReceivedSpan>> {
+    let mut traces: std::collections::BTreeMap<&str, Vec<&ReceivedSpan>> = Default::default();
+    for s in spans {
+        traces.entry(s.trace_id.as_str()).or_default().push(s);
+    }
+    let complete = |t: &Vec<&ReceivedSpan>| {
+        let has = |service: &str, pred: &dyn Fn(&ReceivedSpan) -> bool| {
+            t.iter()
+                .any(|s| s.service_name.starts_with(service) && pred(s))
+        };
+        has("ztunnel.", &|s| s.name == "outbound")
+            && has("waypoint.", &|s| {
+                s.attr("http.response.status_code") == Some("200")
+            })
+            && has("ztunnel.", &|s| s.name == "inbound")
+    };
+    let mut trace: Vec<ReceivedSpan> = traces
+        .into_values()
+        .filter(complete)
+        .min_by_key(|t| t.iter().map(|s| s.start).min())?
+        .into_iter()
+        .cloned()
+        .collect();
+    trace.sort_by_key(|s| s.start);
+    Some(trace)
+}
+
+/// The ids of the BPF programs at tc ingress of the cluster's pod veths and
+/// node uplinks, and those links' names.
+fn attached(cluster: &Cluster) -> anyhow::Result<(Vec<u32>, Vec<String>)> {
+    let mut programs = std::collections::BTreeSet::new();
+    let mut links = Vec::new();
+    for node in &cluster.nodes {
+        let ifs: Vec<String> = node
+            .pods
+            .iter()
+            .map(|p| p.host_if.clone())
+            .chain([node.uplink.clone()])
+            .collect();
+        let found = {
+            let ifs = ifs.clone();
+            node.ns.run(move || {
+                let mut ids = Vec::new();
+                for i in &ifs {
+                    ids.extend(ebpf_redirect::ingress_programs(i)?);
+                }
+                Ok(ids)
+            })?
+        };
+        programs.extend(found);
+        links.extend(ifs);
+    }
+    Ok((programs.into_iter().collect(), links))
 }
