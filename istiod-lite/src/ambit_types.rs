@@ -3,6 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_core::config::{ConnectionPool, LocalRateLimit, OutlierDetection};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 pub const GROUP: &str = "ambit.dev";
@@ -17,7 +18,7 @@ pub struct TrafficPolicy {
 
 /// The model's `TrafficPolicy` minus name and namespace. Unknown fields are
 /// an error: a setting silently ignored would look applied.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     pub target_ref: TrafficTargetRef,
@@ -30,13 +31,15 @@ pub struct TrafficPolicySpec {
 }
 
 /// A Service or an HTTPRoute in the policy's namespace.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficTargetRef {
     /// `""` for a Service, `gateway.networking.k8s.io` for an HTTPRoute;
     /// absent means whichever fits `kind`.
     #[serde(default)]
     pub group: Option<String>,
+    #[schemars(extend("enum" = ["Service", "HTTPRoute"]))]
     pub kind: String,
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }

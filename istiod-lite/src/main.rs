@@ -5,6 +5,9 @@
 //!   serves delta ADS and the CA (see [`serve`]).
 //! * `render`: the same translation, once, as the static YAML ztunnel can read.
 //! * `ca init|issue`: offline CA operations.
+//! * `crds`: the CustomResourceDefinitions of Ambit's own resources.
+
+mod crds;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -98,6 +101,13 @@ enum Command {
         /// Policies here apply mesh-wide (Istio's root namespace).
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+    },
+    /// Generate the CRDs of Ambit's own resources from the Rust types: YAML
+    /// on stdout, or one file per CRD into each --out directory.
+    Crds {
+        /// Directory to (over)write; repeatable.
+        #[arg(long)]
+        out: Vec<PathBuf>,
     },
     /// Certificate authority operations.
     Ca {
@@ -220,6 +230,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mesh_core::config::parse_mesh_config(&yaml)
                 .map_err(|e| anyhow::anyhow!("rendered config does not validate: {e}"))?;
             print!("{yaml}");
+        }
+        Command::Crds { out } => {
+            let files = crds::all()?;
+            if out.is_empty() {
+                for f in &files {
+                    print!("---\n{}", f.yaml);
+                }
+            }
+            for dir in &out {
+                crds::write_into(dir, &files)?;
+            }
         }
         Command::Ca {
             op: CaOp::Init {

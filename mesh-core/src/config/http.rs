@@ -509,6 +509,7 @@ impl TrafficPolicy {
 
 /// Circuit breaking: beyond these, requests fail fast with 503 (flag `UO`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionPool {
     /// Requests in flight to the service at once.
@@ -524,12 +525,19 @@ pub struct ConnectionPool {
 
 /// Consecutive-5xx ejection of an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub consecutive_5xx: u32,
     /// First ejection; the n-th lasts n times as long.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "String", regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))
+    )]
     pub base_ejection_time: HttpDuration,
     /// At most this share of a service's endpoints is ejected at once (default 50).
+    #[cfg_attr(feature = "schema", schemars(range(max = 100)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<u32>,
 }
@@ -537,10 +545,17 @@ pub struct OutlierDetection {
 /// A token bucket: `maxTokens` deep, `tokensPerFill` added every
 /// `fillInterval`; an empty bucket answers 429.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalRateLimit {
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub max_tokens: u32,
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub tokens_per_fill: u32,
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "String", regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))
+    )]
     pub fill_interval: HttpDuration,
 }
 
