@@ -165,6 +165,42 @@ impl Proxy {
         Self::spawn_in_netns(node.ns.name(), dir, source, &name, node.ip.into(), &args)
     }
 
+    /// As [`Ztunnel::spawn_capturing_idle`], without waiting for readiness:
+    /// for a ztunnel that cannot get ready (its control plane is away).
+    pub fn start_capturing_unready(
+        node: &crate::cluster::Node,
+        dir: &Path,
+        source: &Source,
+        pin_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let (pin, admin) = (pin_dir.display().to_string(), format!("{}:15000", node.ip));
+        let name = format!("node{}", node.index);
+        let args = [
+            "--node",
+            name.as_str(),
+            "--reload-interval",
+            "200ms",
+            "--admin-addr",
+            admin.as_str(),
+            "--metrics-addr",
+            "0.0.0.0:15020",
+            "--readiness-addr",
+            "0.0.0.0:15021",
+            "--capture",
+            "--capture-uplink",
+            node.uplink.as_str(),
+            "--bpf-pin-dir",
+            pin.as_str(),
+        ];
+        let ns = Some(node.ns.name());
+        Self::start_bin("ztunnel", ns, dir, source, &name, node.ip.into(), &args)
+    }
+
+    /// Waits for `/healthz/ready` (e.g. after [`Ztunnel::start_capturing_unready`]).
+    pub fn wait_until_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_ready(timeout)
+    }
+
     /// Waits until every local workload in its config dump has a certificate
     /// (with a CA, they are fetched once the mesh arrives).
     pub fn wait_certificates(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -283,6 +319,21 @@ impl Proxy {
         ip: IpAddr,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        let mut z = Self::start_bin(kind, netns, dir, source, name, ip, args)?;
+        z.wait_ready(Duration::from_secs(20))?;
+        Ok(z)
+    }
+
+    /// [`Self::launch_bin`] without waiting for readiness.
+    fn start_bin(
+        kind: &'static str,
+        netns: Option<&str>,
+        dir: &Path,
+        source: &Source,
+        name: &str,
+        ip: IpAddr,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let log_path = dir.join(format!("{kind}-{}.log", name.replace('/', "-")));
         let log = std::fs::File::create(&log_path)?;
         let bin = bin_path(kind)?;
@@ -308,16 +359,14 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawning {kind}"))?;
-        let mut z = Proxy {
+        Ok(Proxy {
             kind,
             child: Some(child),
             node: name.to_string(),
             ip,
             log_path,
             netns: netns.map(str::to_string),
-        };
-        z.wait_ready(Duration::from_secs(20))?;
-        Ok(z)
+        })
     }
 
     /// GET `path` on one of its HTTP ports, from inside its namespace if needed.

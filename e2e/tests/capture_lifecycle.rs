@@ -162,3 +162,112 @@ fn fail_closed_restart_and_clean_unenroll() -> anyhow::Result<()> {
     assert!(still.is_empty(), "programs still loaded: {still:?}");
     Ok(())
 }
+
+/// A ztunnel restarted while its control plane is away starts with an empty
+/// mesh. It must leave the pinned capture in place (the pod fails closed:
+/// its traffic meets a ztunnel that knows no such source) instead of
+/// detaching it, which would let the pod out in plaintext, unpoliced; once the
+/// control plane is back, traffic flows through the mesh again.
+#[test]
+fn restart_while_control_plane_is_away_keeps_pods_captured() -> anyhow::Result<()> {
+    use e2e::cluster::{PodSpec, CONTROL_PLANE_IP};
+    use e2e::istiod::Istiod;
+    if !root_or_skip("restart_while_control_plane_is_away_keeps_pods_captured") {
+        return Ok(());
+    }
+    let dir = TempDir::new("ambit-capture-cp-away")?;
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let pod = |name: &str, node: u8, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo}}\n\
+             spec: {{nodeName: node{node}, serviceAccountName: {name}}}\n\
+             status: {{podIP: {ip}}}\n---\n"
+        )
+    };
+    std::fs::write(
+        manifests.join("mesh.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n{}{}",
+            pod("client", 1, "198.19.1.10"),
+            pod("server", 2, "198.19.2.10")
+        ),
+    )?;
+    let specs = [
+        ("demo/client", 1, [198, 19, 1, 10]),
+        ("demo/server", 2, [198, 19, 2, 10]),
+    ]
+    .map(|(name, node, ip)| PodSpec {
+        name: name.into(),
+        node,
+        ip: ip.into(),
+    });
+    let cluster = Cluster::build_with(2, &specs)?;
+    let mut istiod = Istiod::spawn_in(
+        Some(cluster.fabric_name()),
+        dir.path(),
+        &manifests,
+        CONTROL_PLANE_IP.into(),
+        &["node1", "node2"],
+    )?;
+    let pins = PinDir::new()?;
+    let source1 = istiod.source_for("node1")?;
+    let mut z1 = Ztunnel::spawn_capturing_from(cluster.node(1), dir.path(), &source1, pins.path())?;
+    let z2 = Ztunnel::spawn_capturing_from(
+        cluster.node(2),
+        dir.path(),
+        &istiod.source_for("node2")?,
+        pins.path(),
+    )?;
+    for z in [&z1, &z2] {
+        z.wait_certificates(Duration::from_secs(15))?;
+    }
+    let (client, server) = (
+        cluster.pod_named("demo/client").expect("built"),
+        cluster.pod_named("demo/server").expect("built"),
+    );
+    let addr = SocketAddr::new(server.ip.into(), 8080);
+    let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
+    std::thread::spawn(move || {
+        while let Ok((mut s, _)) = listener.accept() {
+            let mut b = [0u8; 4];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        }
+    });
+    ping(client, addr, Duration::from_secs(5))?;
+    let host_if = client.host_if.clone();
+    let node1 = &cluster.node(1).ns;
+    let attached = |host_if: String| node1.run(move || Ok(ingress_programs(&host_if)?));
+    assert!(
+        !attached(host_if.clone())?.is_empty(),
+        "client not captured"
+    );
+
+    // The control plane goes away, then node1's ztunnel restarts.
+    istiod.kill();
+    z1.terminate();
+    z1.wait_exit(Duration::from_secs(10))?;
+    let mut z1 =
+        Ztunnel::start_capturing_unready(cluster.node(1), dir.path(), &source1, pins.path())?;
+    // Longer than the capture loop's periodic recheck (2 s).
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !attached(host_if.clone())?.is_empty(),
+        "a ztunnel without config detached the pinned capture:\n{}",
+        z1.log()
+    );
+    assert!(
+        ping(client, addr, Duration::from_millis(1500)).is_err(),
+        "the enrolled pod got out while its ztunnel had no config"
+    );
+
+    // The control plane is back: the config arrives, traffic flows again.
+    istiod.start()?;
+    z1.wait_until_ready(Duration::from_secs(30))?;
+    z1.wait_certificates(Duration::from_secs(15))?;
+    ping(client, addr, Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("after the control plane came back: {e}\n{}", z1.log()))?;
+    Ok(())
+}

@@ -93,6 +93,15 @@ fn pod_interface(
 }
 
 fn reconcile(state: &ProxyState, capture: &mut Capture) {
+    // Before the control plane's first full config the mesh is empty, and
+    // reconciling to it would detach every pinned pod a previous ztunnel
+    // enrolled: they would run in plaintext, unpoliced, for as long as the
+    // control plane is away. Until then what is pinned stays, and its
+    // traffic meets this ztunnel, which refuses sources it does not know.
+    if !state.config_synced() {
+        tracing::debug!("capture: keeping what is pinned until the first config");
+        return;
+    }
     let mesh = state.mesh();
     let mut want = BTreeSet::new();
     let mut enrolled = BTreeSet::new();

@@ -64,11 +64,16 @@ impl ProxyState {
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
-    /// Ready: listeners up and, with a control plane, its first full config applied.
+    /// Ready: listeners up and the mesh config in force ([`Self::config_synced`]).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::Acquire)
-            && (self.settings.control_plane.xds_address.is_none()
-                || self.xds_status().is_some_and(|s| s.synced))
+        self.ready.load(std::sync::atomic::Ordering::Acquire) && self.config_synced()
+    }
+
+    /// Whether the mesh config is a real one: a static file, or the control
+    /// plane's first full config applied (until then it is empty).
+    pub fn config_synced(&self) -> bool {
+        self.settings.control_plane.xds_address.is_none()
+            || self.xds_status().is_some_and(|s| s.synced)
     }
 
     pub fn node(&self) -> &str {
