@@ -6,6 +6,8 @@
 //! * [`xds`]: the delta ADS server; [`ca_service`]: the gRPC CA;
 //!   [`node_auth`] and [`kube_auth`]: who is calling; [`tls_serve`]: TLS for both.
 //! * [`serve`]: the running process; [`monitoring`] and [`metrics`]: 15014.
+//! * [`waypoint_deployer`]: in Kubernetes, a waypoint (Deployment, Service,
+//!   ServiceAccount) for every `istio-waypoint` Gateway.
 
 pub mod ambit_types;
 pub mod ca_service;
@@ -21,6 +23,7 @@ pub mod serve;
 pub mod sources;
 pub mod tls_serve;
 pub mod translate;
+pub mod waypoint_deployer;
 pub mod xds;
 
 #[cfg(test)]

@@ -90,6 +90,15 @@ enum Command {
         /// Accept pods on loopback addresses (single-host test meshes only).
         #[arg(long, hide = true)]
         allow_loopback_pods: bool,
+        /// Kubernetes mode: deploy a waypoint (Deployment, Service,
+        /// ServiceAccount) with this image for every `istio-waypoint`
+        /// Gateway. Without it, waypoints are deployed by hand.
+        #[arg(long, env = "AMBIT_WAYPOINT_IMAGE")]
+        waypoint_image: Option<String>,
+        /// Kubernetes mode: the xDS/CA address deployed waypoints dial
+        /// [default: https://istiod-lite.<istiod-lite's namespace>.svc:15012].
+        #[arg(long, env = "AMBIT_WAYPOINT_XDS_ADDRESS")]
+        waypoint_xds_address: Option<String>,
     },
     /// Translate a manifests directory into ztunnel's mesh config (YAML on stdout).
     Render {
@@ -174,6 +183,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             poll_ms,
             log_level,
             allow_loopback_pods,
+            waypoint_image,
+            waypoint_xds_address,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
                 .map_err(|e| anyhow::anyhow!("bad log level {log_level:?}: {e}"))?;
@@ -205,6 +216,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 serving_dns,
                 serving_ips: serving_ip,
                 poll_interval: Duration::from_millis(poll_ms.max(10)),
+                waypoint_image,
+                waypoint_xds_address,
             })?;
         }
         Command::Render {

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::node_auth::{Authenticator, NodeAuthenticator};
 use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
 use crate::sources::kubernetes::{follow_kubernetes, KubernetesConfig, KubernetesMetrics};
+use crate::waypoint_deployer::{DeployerConfig, DeployerMetrics, DeployerSettings};
 use crate::xds::{XdsMetrics, XdsServer};
 
 /// Where the cluster objects come from.
@@ -53,6 +54,12 @@ pub struct ServeOptions {
     pub serving_dns: Vec<String>,
     pub serving_ips: Vec<IpAddr>,
     pub poll_interval: Duration,
+    /// Kubernetes mode: the image of the waypoints deployed for
+    /// `istio-waypoint` Gateways; none deployed without it.
+    pub waypoint_image: Option<String>,
+    /// Kubernetes mode: the control plane address deployed waypoints dial
+    /// (default `https://istiod-lite.<our namespace>.svc:15012`).
+    pub waypoint_xds_address: Option<String>,
 }
 
 /// How long the serving certificate lives; it is re-issued at every start.
@@ -85,6 +92,14 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         (SourceKind::Manifests, None) => {
             anyhow::bail!("--bootstrap-tokens is required with --source manifests")
         }
+        _ if opts.source == SourceKind::Manifests
+            && (opts.waypoint_image.is_some() || opts.waypoint_xds_address.is_some()) =>
+        {
+            anyhow::bail!(
+                "--waypoint-image and --waypoint-xds-address apply to --source kubernetes only: \
+                 from a manifests directory waypoints are run by hand"
+            )
+        }
         (SourceKind::Kubernetes, Some(_)) => anyhow::bail!(
             "--bootstrap-tokens applies to --source manifests only: in Kubernetes, node \
              proxies are authenticated by TokenReview of their service-account token"
@@ -104,6 +119,7 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let pipeline_metrics = PipelineMetrics::register(&mut metrics.registry);
     let kubernetes_metrics = KubernetesMetrics::register(&mut metrics.registry);
     let kube_auth_metrics = KubeAuthMetrics::register(&mut metrics.registry);
+    let deployer_metrics = DeployerMetrics::register(&mut metrics.registry);
     let metrics = Arc::new(metrics);
 
     let outputs = Arc::new(Outputs::default());
@@ -147,6 +163,32 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 },
             )
             .with_metrics(kube_auth_metrics);
+            let deployer = crate::waypoint_deployer::template(
+                &client,
+                DeployerSettings {
+                    image: opts.waypoint_image.clone(),
+                    xds_address: opts.waypoint_xds_address.clone(),
+                    // The name the waypoint checks on our serving certificate.
+                    control_plane_name: opts
+                        .serving_dns
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| mesh_core::grpc::CONTROL_PLANE_NAME.to_string()),
+                    trust_domain: opts.mesh.trust_domain.clone(),
+                    token_audience: opts
+                        .token_audiences
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| crate::kube_auth::DEFAULT_AUDIENCE.to_string()),
+                    root_cert_pem: ca.root_pem().to_string(),
+                },
+            );
+            if let Some(template) = deployer {
+                tokio::spawn(crate::waypoint_deployer::run(
+                    client.clone(),
+                    DeployerConfig::new(template, deployer_metrics),
+                ));
+            }
             tokio::spawn(follow_kubernetes(
                 client,
                 opts.mesh.clone(),

@@ -11,9 +11,11 @@
 //!
 //! What it does not: pagination (`limit` is ignored, which the real server
 //! also does when serving from its watch cache, so no `continue` token is
-//! ever returned), label/field selectors (refused with 400: istiod-lite sends
-//! none, so a request with one is a test bug), writes over HTTP other than
-//! the one below, validation.
+//! ever returned), field selectors and set-based label selectors (refused
+//! with 400, so a test never silently matches more than it asked for), a
+//! watch event for an object leaving a label selection (the real server
+//! sends DELETED), namespaced list/watch URLs (only the cluster-wide ones),
+//! validation beyond names and kinds, admission, RBAC.
 //! Beyond list/watch it answers TokenReviews of tokens tests register and
 //! reads single pods, for node authentication, and takes JSON merge patches
 //! of a namespaced object's `status` subresource (`PATCH
@@ -23,6 +25,23 @@
 //! is a MODIFIED event like any other. Like the real server, `generation`
 //! starts at 1 and grows when `spec` changes, and an [`FakeApiServer::apply`]
 //! without `status` keeps the object's status.
+//!
+//! Writes to namespaced objects, for istiod-lite's waypoint deployer:
+//! `POST` to a collection creates (409 AlreadyExists if present); `PATCH`
+//! with `application/apply-patch+yaml` is server-side apply (needs
+//! `fieldManager`; creates, or merges into the stored object; a no-op
+//! writes nothing, as on the real server); `DELETE` and `GET` of one object.
+//! Creation fills in uid, generation and, for a Service, a cluster IP from
+//! 10.96.0.0/16. Server-side apply here tracks no field ownership: fields an
+//! applier stops sending stay, lists replace rather than merge by key, and
+//! `force` changes nothing because nothing ever conflicts. Equality-based
+//! label selectors filter lists and watches. The garbage collector runs
+//! after every delete and HTTP write: an object none of whose
+//! `ownerReferences` exists any more is deleted (DELETED event), down the
+//! chain, as background propagation does, but before the request returns
+//! rather than later; foreground and orphan propagation, finalizers and the
+//! removal of dangling references from objects that keep a live owner are
+//! not emulated.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -99,6 +118,24 @@ const RESOURCES: &[Resource] = &[
         path: "/apis/ambit.dev/v1alpha1/trafficpolicies",
         namespaced: true,
     },
+    Resource {
+        kind: "ServiceAccount",
+        api_version: "v1",
+        path: "/api/v1/serviceaccounts",
+        namespaced: true,
+    },
+    Resource {
+        kind: "ConfigMap",
+        api_version: "v1",
+        path: "/api/v1/configmaps",
+        namespaced: true,
+    },
+    Resource {
+        kind: "Deployment",
+        api_version: "apps/v1",
+        path: "/apis/apps/v1/deployments",
+        namespaced: true,
+    },
 ];
 
 fn resource_of_kind(kind: &str) -> Option<Resource> {
@@ -126,6 +163,8 @@ struct Inner {
     uninstalled: Vec<&'static str>,
     /// What TokenReview says about each token ([`FakeApiServer::add_token`]).
     tokens: HashMap<String, FakeToken>,
+    /// Services created without a cluster IP so far (the allocator's state).
+    next_cluster_ip: u32,
 }
 
 struct Shared {
@@ -181,10 +220,13 @@ impl FakeApiServer {
                         async move {
                             Ok::<_, Infallible>(match auth_route(&req) {
                                 Some(route) => serve_auth(&s, route, req).await,
-                                None if req.method() == hyper::Method::PATCH => {
-                                    patch_status(&s, req).await
-                                }
-                                None => handle(&s, req),
+                                None => match object_route(&req) {
+                                    Some(route) => serve_object(&s, route, req).await,
+                                    None if req.method() == hyper::Method::PATCH => {
+                                        patch_status(&s, req).await
+                                    }
+                                    None => handle(&s, req),
+                                },
                             })
                         }
                     });
@@ -332,7 +374,7 @@ impl FakeApiServer {
                 kind: "DELETED",
                 object: obj,
             });
-            rv
+            collect_garbage(&mut inner).unwrap_or(rv)
         };
         self.shared.changed.send_replace(rv);
         true
@@ -431,21 +473,24 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 .collect::<HashMap<String, String>>()
         })
         .unwrap_or_default();
-    for selector in ["labelSelector", "fieldSelector"] {
-        if query.get(selector).is_some_and(|s| !s.is_empty()) {
-            return status(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                &format!("the fake API server does not implement {selector}"),
-            );
-        }
+    if query.get("fieldSelector").is_some_and(|s| !s.is_empty()) {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the fake API server does not implement fieldSelector",
+        );
     }
+    let selector = match LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
+    {
+        Ok(s) => s,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+    };
     if query.get("watch").map(String::as_str) == Some("true")
         || query.get("watch").map(String::as_str) == Some("1")
     {
-        watch(shared, resource, &query)
+        watch(shared, resource, &query, selector)
     } else {
-        list(shared, resource)
+        list(shared, resource, &selector)
     }
 }
 
@@ -569,13 +614,18 @@ fn count(inner: &mut Inner, what: String) {
     *inner.requests.entry(what).or_default() += 1;
 }
 
-fn list(shared: &Shared, resource: Resource) -> Response<Body> {
+fn list(shared: &Shared, resource: Resource, selector: &LabelSelector) -> Response<Body> {
     let mut inner = shared.inner.lock().expect("fake API server lock");
     count(&mut inner, format!("list {}", resource.path));
     let items: Vec<Value> = inner
         .objects
         .get(&resource)
-        .map(|m| m.values().cloned().collect())
+        .map(|m| {
+            m.values()
+                .filter(|o| selector.matches(o))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     let body = json!({
         "kind": format!("{}List", resource.kind),
@@ -590,6 +640,7 @@ fn watch(
     shared: &Arc<Shared>,
     resource: Resource,
     query: &HashMap<String, String>,
+    selector: LabelSelector,
 ) -> Response<Body> {
     let timeout = query
         .get("timeoutSeconds")
@@ -606,7 +657,7 @@ fn watch(
         count(&mut inner, format!("watch {}", resource.path));
     }
     tokio::spawn(async move {
-        let _ = stream_watch(&shared, resource, since, timeout, tx).await;
+        let _ = stream_watch(&shared, resource, &selector, since, timeout, tx).await;
     });
     let body =
         StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))));
@@ -629,6 +680,7 @@ fn line(event: &Value) -> Bytes {
 async fn stream_watch(
     shared: &Shared,
     resource: Resource,
+    selector: &LabelSelector,
     since: Option<u64>,
     timeout: Duration,
     tx: mpsc::Sender<Bytes>,
@@ -674,7 +726,12 @@ async fn stream_watch(
                 let objects: Vec<Value> = inner
                     .objects
                     .get(&resource)
-                    .map(|m| m.values().cloned().collect())
+                    .map(|m| {
+                        m.values()
+                            .filter(|o| selector.matches(o))
+                            .cloned()
+                            .collect()
+                    })
                     .unwrap_or_default();
                 (inner.rv, objects)
             };
@@ -688,23 +745,28 @@ async fn stream_watch(
 
     loop {
         if !*paused.borrow_and_update() {
-            let pending: Vec<Value> = {
+            // A change the selector filters out still counts as delivered,
+            // or bookmarks would wait for it forever. An object leaving the
+            // selection is not turned into DELETED, as the real server does.
+            let pending: Vec<(u64, Option<Value>)> = {
                 let inner = shared.inner.lock().expect("fake API server lock");
                 inner
                     .history
                     .iter()
                     .filter(|c| c.rv > last && c.resource == resource)
-                    .map(|c| json!({"type": c.kind, "object": c.object}))
+                    .map(|c| {
+                        let event = selector
+                            .matches(&c.object)
+                            .then(|| json!({"type": c.kind, "object": c.object}));
+                        (c.rv, event)
+                    })
                     .collect()
             };
-            for event in pending {
-                if let Some(rv) = event["object"]["metadata"]["resourceVersion"]
-                    .as_str()
-                    .and_then(|v| v.parse().ok())
-                {
-                    last = rv;
+            for (rv, event) in pending {
+                last = rv;
+                if let Some(event) = event {
+                    tx.send(line(&event)).await?;
                 }
-                tx.send(line(&event)).await?;
             }
         }
         tokio::select! {
@@ -927,5 +989,443 @@ async fn serve_auth(shared: &Shared, route: AuthRoute, req: Request<Incoming>) -
                 }),
             )
         }
+    }
+}
+
+// Writes over HTTP to namespaced objects (istiod-lite's waypoint deployer):
+// create, server-side apply, delete, read one; the garbage collector; label
+// selectors on list/watch. Kept apart from the list/watch machinery.
+
+/// A label selector's requirements, in the equality-based form
+/// (`k=v`, `k==v`, `k!=v`, `k`, `!k`); set-based ones (`in`, `notin`) are
+/// refused, so a test never silently matches more than asked.
+#[derive(Debug, Clone, Default)]
+struct LabelSelector {
+    requirements: Vec<(String, LabelOp)>,
+}
+
+#[derive(Debug, Clone)]
+enum LabelOp {
+    Equals(String),
+    NotEquals(String),
+    Exists,
+    Absent,
+}
+
+impl LabelSelector {
+    fn parse(s: &str) -> Result<LabelSelector, String> {
+        let mut requirements = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part.contains(" in ") || part.contains(" notin ") || part.contains('(') {
+                return Err(format!(
+                    "the fake API server does not implement set-based selectors ({part:?})"
+                ));
+            }
+            let req = if let Some((k, v)) = part.split_once("!=") {
+                (k, LabelOp::NotEquals(v.to_string()))
+            } else if let Some((k, v)) = part.split_once("==") {
+                (k, LabelOp::Equals(v.to_string()))
+            } else if let Some((k, v)) = part.split_once('=') {
+                (k, LabelOp::Equals(v.to_string()))
+            } else if let Some(k) = part.strip_prefix('!') {
+                (k, LabelOp::Absent)
+            } else {
+                (part, LabelOp::Exists)
+            };
+            requirements.push((req.0.trim().to_string(), req.1));
+        }
+        Ok(LabelSelector { requirements })
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let labels = &object["metadata"]["labels"];
+        self.requirements.iter().all(|(key, op)| {
+            let value = labels.get(key).and_then(Value::as_str);
+            match op {
+                LabelOp::Equals(v) => value == Some(v.as_str()),
+                LabelOp::NotEquals(v) => value != Some(v.as_str()),
+                LabelOp::Exists => value.is_some(),
+                LabelOp::Absent => value.is_none(),
+            }
+        })
+    }
+}
+
+/// A request on one namespaced object, or on the namespaced collection
+/// (`POST` only).
+struct ObjectRoute {
+    resource: Resource,
+    namespace: String,
+    name: Option<String>,
+}
+
+/// `/api/v1/namespaces/<ns>/<plural>[/<name>]` or
+/// `/apis/<group>/<version>/namespaces/<ns>/<plural>[/<name>]`, for a served
+/// namespaced kind; subresources (`/status`) are not routed here.
+fn object_route(req: &Request<Incoming>) -> Option<ObjectRoute> {
+    let method = req.method();
+    if ![
+        hyper::Method::GET,
+        hyper::Method::POST,
+        hyper::Method::PATCH,
+        hyper::Method::DELETE,
+    ]
+    .contains(method)
+    {
+        return None;
+    }
+    let path = req.uri().path();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let i = segments.iter().position(|s| *s == "namespaces")?;
+    let (namespace, plural, name) = match segments.len() - i {
+        3 => (segments[i + 1], segments[i + 2], None),
+        4 => (segments[i + 1], segments[i + 2], Some(segments[i + 3])),
+        _ => return None,
+    };
+    // Collections are only written to; reading them is list/watch's job.
+    if name.is_none() != (method == hyper::Method::POST) {
+        return None;
+    }
+    let list = format!("/{}/{}", segments[..i].join("/"), plural);
+    let resource = RESOURCES
+        .iter()
+        .copied()
+        .find(|r| r.path == list && r.namespaced)?;
+    Some(ObjectRoute {
+        resource,
+        namespace: namespace.to_string(),
+        name: name.map(str::to_string),
+    })
+}
+
+async fn serve_object(
+    shared: &Shared,
+    route: ObjectRoute,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let uninstalled = shared
+        .inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .uninstalled
+        .contains(&route.resource.kind);
+    if uninstalled {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!(
+                "the server could not find the requested resource ({})",
+                route.resource.path
+            ),
+        );
+    }
+    let method = req.method().clone();
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| url_decode_pairs(q).into_iter().collect())
+        .unwrap_or_default();
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let Ok(body) = req.into_body().collect().await else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    let body = body.to_bytes();
+    let ObjectRoute {
+        resource,
+        namespace,
+        name,
+    } = route;
+    if method == hyper::Method::GET || method == hyper::Method::DELETE {
+        let name = name.unwrap_or_default();
+        let key = (namespace, name.clone());
+        let mut inner = shared.inner.lock().expect("fake API server lock");
+        let verb = if method == hyper::Method::GET {
+            "get"
+        } else {
+            "delete"
+        };
+        count(&mut inner, format!("{verb} {}", resource.path));
+        let Some(obj) = inner
+            .objects
+            .get(&resource)
+            .and_then(|m| m.get(&key))
+            .cloned()
+        else {
+            return not_found(resource, &name);
+        };
+        if method == hyper::Method::GET {
+            return json_response(StatusCode::OK, &obj);
+        }
+        let rv = remove_object(&mut inner, resource, &key);
+        let rv = collect_garbage(&mut inner).unwrap_or(rv);
+        drop(inner);
+        shared.changed.send_replace(rv);
+        return json_response(StatusCode::OK, &obj);
+    }
+    if method == hyper::Method::PATCH && content_type != "application/apply-patch+yaml" {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!(
+                "the fake takes server-side apply on objects (merge patches on status only), not {content_type:?}"
+            ),
+        );
+    }
+    // YAML is a superset of JSON, and kube sends JSON even for apply.
+    let object: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => match serde_yaml::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        },
+    };
+    if object["kind"] != resource.kind || object["apiVersion"] != resource.api_version {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!(
+                "body is {} {}, the URL is for {} {}",
+                object["apiVersion"], object["kind"], resource.api_version, resource.kind
+            ),
+        );
+    }
+    let body_name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let name = name.unwrap_or_else(|| body_name.clone());
+    if name.is_empty() || body_name != name {
+        return invalid(
+            resource,
+            &name,
+            "metadata.name must be given and match the URL",
+        );
+    }
+    if object["metadata"]["namespace"]
+        .as_str()
+        .is_some_and(|ns| ns != namespace)
+    {
+        return invalid(resource, &name, "metadata.namespace does not match the URL");
+    }
+    let key = (namespace, name.clone());
+    let mut inner = shared.inner.lock().expect("fake API server lock");
+    let current = inner
+        .objects
+        .get(&resource)
+        .and_then(|m| m.get(&key))
+        .cloned();
+    let (code, rv, stored) = if method == hyper::Method::POST {
+        count(&mut inner, format!("create {}", resource.path));
+        if current.is_some() {
+            return status(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                &format!("{} \"{name}\" already exists", resource.kind),
+            );
+        }
+        let (rv, stored) = create_object(&mut inner, resource, &key, object);
+        (StatusCode::CREATED, rv, stored)
+    } else {
+        if query.get("fieldManager").is_none_or(|m| m.is_empty()) {
+            return invalid(
+                resource,
+                &name,
+                "fieldManager is required for apply patches",
+            );
+        }
+        count(&mut inner, format!("apply {}", resource.path));
+        match current {
+            None => {
+                let (rv, stored) = create_object(&mut inner, resource, &key, object);
+                (StatusCode::CREATED, rv, stored)
+            }
+            Some(current) => {
+                let mut merged = current.clone();
+                let mut patch = object;
+                // Server-owned fields the applier cannot set.
+                if let Some(meta) = patch["metadata"].as_object_mut() {
+                    for field in ["uid", "resourceVersion", "generation", "creationTimestamp"] {
+                        meta.remove(field);
+                    }
+                }
+                apply_merge(&mut merged, &patch);
+                if merged == current {
+                    // As the real server: a no-op apply writes nothing, so
+                    // it neither bumps resourceVersion nor makes an event.
+                    (StatusCode::OK, None, current)
+                } else {
+                    if merged["spec"] != current["spec"] {
+                        let g = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                        merged["metadata"]["generation"] = json!(g + 1);
+                    }
+                    let rv = store_object(&mut inner, resource, &key, &mut merged, "MODIFIED");
+                    (StatusCode::OK, Some(rv), merged)
+                }
+            }
+        }
+    };
+    let rv = rv.map(|rv| collect_garbage(&mut inner).unwrap_or(rv));
+    drop(inner);
+    if let Some(rv) = rv {
+        shared.changed.send_replace(rv);
+    }
+    json_response(code, &stored)
+}
+
+/// Server-side apply's effect on the fields the applier sends: objects merge
+/// key by key, anything else (lists included) replaces. Unlike the real
+/// server nothing records who owns which field, so fields an applier stops
+/// sending stay, and lists are not merged by key.
+fn apply_merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                match t.get_mut(k) {
+                    Some(existing) => apply_merge(existing, v),
+                    None => {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn not_found(resource: Resource, name: &str) -> Response<Body> {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{} \"{name}\" not found", resource.kind),
+    )
+}
+
+fn invalid(resource: Resource, name: &str, why: &str) -> Response<Body> {
+    status(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        &format!("{} \"{name}\" is invalid: {why}", resource.kind),
+    )
+}
+
+/// A new object with the fields the server fills in: uid, generation 1, and
+/// for a Service without one a cluster IP, as the real allocator does.
+fn create_object(
+    inner: &mut Inner,
+    resource: Resource,
+    key: &(String, String),
+    mut obj: Value,
+) -> (Option<u64>, Value) {
+    inner.next_uid += 1;
+    obj["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", inner.next_uid));
+    obj["metadata"]["namespace"] = json!(key.0);
+    obj["metadata"]["generation"] = json!(1);
+    if resource.kind == "Service"
+        && obj["spec"]["type"] != "ExternalName"
+        && obj["spec"]["clusterIP"].as_str().is_none_or(str::is_empty)
+    {
+        inner.next_cluster_ip += 1;
+        let n = inner.next_cluster_ip;
+        let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
+        obj["spec"]["clusterIP"] = json!(ip);
+        obj["spec"]["clusterIPs"] = json!([ip]);
+    }
+    let rv = store_object(inner, resource, key, &mut obj, "ADDED");
+    (Some(rv), obj)
+}
+
+/// Stores `obj` under a new resourceVersion and records the change.
+fn store_object(
+    inner: &mut Inner,
+    resource: Resource,
+    key: &(String, String),
+    obj: &mut Value,
+    event: &'static str,
+) -> u64 {
+    inner.rv += 1;
+    let rv = inner.rv;
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    inner
+        .objects
+        .entry(resource)
+        .or_default()
+        .insert(key.clone(), obj.clone());
+    inner.history.push(Change {
+        rv,
+        resource,
+        kind: event,
+        object: obj.clone(),
+    });
+    rv
+}
+
+/// Removes an object (which must exist) with a DELETED event; its version.
+fn remove_object(inner: &mut Inner, resource: Resource, key: &(String, String)) -> u64 {
+    let removed = inner.objects.get_mut(&resource).and_then(|m| m.remove(key));
+    inner.rv += 1;
+    let rv = inner.rv;
+    if let Some(mut obj) = removed {
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        inner.history.push(Change {
+            rv,
+            resource,
+            kind: "DELETED",
+            object: obj,
+        });
+    }
+    rv
+}
+
+/// The garbage collector, run after every delete and HTTP write: an object
+/// with owner references none of whose owners exists (by uid) is deleted,
+/// with its own DELETED event, and so on down the chain, as background
+/// propagation does. The real collector is asynchronous; here it has
+/// finished by the time the request that caused it returns. Returns the
+/// last version it wrote, if any.
+fn collect_garbage(inner: &mut Inner) -> Option<u64> {
+    let mut last = None;
+    loop {
+        let live: std::collections::HashSet<String> = inner
+            .objects
+            .values()
+            .flat_map(|m| m.values())
+            .filter_map(|o| o["metadata"]["uid"].as_str().map(str::to_string))
+            .collect();
+        let orphans: Vec<(Resource, (String, String))> = inner
+            .objects
+            .iter()
+            .flat_map(|(r, m)| m.iter().map(move |(k, o)| (*r, k, o)))
+            .filter(|(_, _, o)| {
+                o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|owners| {
+                        !owners.is_empty()
+                            && owners.iter().all(|owner| {
+                                owner["uid"].as_str().is_none_or(|uid| !live.contains(uid))
+                            })
+                    })
+            })
+            .map(|(r, k, _)| (r, k.clone()))
+            .collect();
+        if orphans.is_empty() {
+            return last;
+        }
+        for (resource, key) in orphans {
+            last = Some(remove_object(inner, resource, &key));
+            count(inner, format!("collected {}", resource.path));
+        }
+    }
+}
+
+impl FakeApiServer {
+    /// Serves `kind` again after [`FakeApiServer::uninstall`], as when its
+    /// CRD is installed; what was stored before is still there.
+    pub fn install(&self, kind: &str) {
+        self.lock().uninstalled.retain(|k| *k != kind);
     }
 }

@@ -256,7 +256,11 @@ async fn fake_api_server_lists_watches_and_expires_history() {
     assert_eq!(fake.requests("expired /api/v1/pods"), 1);
 
     // The fake refuses what it does not implement, loudly.
-    let selected = pods.list(&ListParams::default().labels("app=a")).await;
+    let selected = pods.list(&ListParams::default().labels("app in (a)")).await;
+    assert!(selected.is_err());
+    let selected = pods
+        .list(&ListParams::default().fields("spec.nodeName=n1"))
+        .await;
     assert!(selected.is_err());
 }
 
