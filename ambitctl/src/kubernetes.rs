@@ -57,6 +57,8 @@ const MONITORING_PORT_NAMES: &[&str] = &["http-monitoring", "monitoring"];
 
 pub struct KubeBackend {
     client: kube::Client,
+    /// Without retries, for the pod proxy.
+    proxy_client: kube::Client,
     context: String,
     options: KubeOptions,
 }
@@ -111,9 +113,17 @@ impl KubeBackend {
             }
         };
         let url = config.cluster_url.to_string();
+        // The pod proxy answers 503 for a component that is down: kube's
+        // default retry would spend the whole timeout on it, and a
+        // status report should say "unreachable" at once.
+        let mut proxy_config = config.clone();
+        proxy_config.default_retry = false;
+        let proxy_client =
+            kube::Client::try_from(proxy_config).context("creating the Kubernetes client")?;
         let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
         Ok(KubeBackend {
             client,
+            proxy_client,
             context: format!("{context} ({url})"),
             options,
         })
@@ -122,6 +132,7 @@ impl KubeBackend {
     /// For tests: an existing client.
     pub fn with_client(client: kube::Client, options: KubeOptions) -> KubeBackend {
         KubeBackend {
+            proxy_client: client.clone(),
             client,
             context: "test".into(),
             options,
@@ -306,7 +317,7 @@ impl Backend for KubeBackend {
             .context("building the request")?;
         let fetch = async {
             let resp = self
-                .client
+                .proxy_client
                 .send(req)
                 .await
                 .with_context(|| format!("GET {uri}"))?;

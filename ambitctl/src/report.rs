@@ -943,7 +943,7 @@ fn peer_authentication(mesh: &MeshConfig, w: &Workload) -> (MtlsMode, String) {
     let pas = &mesh.peer_authentications;
     let found = pas
         .iter()
-        .find(|p| p.namespace == w.namespace && p.workloads.iter().any(|n| *n == w.name))
+        .find(|p| p.namespace == w.namespace && p.workloads.contains(&w.name))
         .map(|p| (p, "for this workload"))
         .or_else(|| {
             pas.iter()

@@ -59,6 +59,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+mod proxy;
+
 /// A served resource type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Resource {
@@ -220,6 +222,7 @@ impl FakeApiServer {
                         async move {
                             Ok::<_, Infallible>(match auth_route(&req) {
                                 Some(route) => serve_auth(&s, route, req).await,
+                                None if proxy::handles(&req) => proxy::serve(&s, req).await,
                                 None => match object_route(&req) {
                                     Some(route) => serve_object(&s, route, req).await,
                                     None if req.method() == hyper::Method::PATCH => {
