@@ -291,9 +291,18 @@ pub struct L7Client {
 impl L7Client {
     /// A raw tunnel to `target`: bytes in, bytes out (hostile-client tests).
     pub async fn tunnel(&self, target: SocketAddr) -> anyhow::Result<TunnelIo> {
+        self.tunnel_from(target, self.client_ip).await
+    }
+
+    /// As [`Self::tunnel`], claiming `client_ip` as the original source.
+    pub async fn tunnel_from(
+        &self,
+        target: SocketAddr,
+        client_ip: IpAddr,
+    ) -> anyhow::Result<TunnelIo> {
         let forwarded = [(
             http::HeaderName::from_static(hbone::FORWARDED),
-            http::HeaderValue::from_str(&hbone::forwarded_for(self.client_ip))?,
+            http::HeaderValue::from_str(&hbone::forwarded_for(client_ip))?,
         )];
         let tunnel = self.h2.open(target, &forwarded).await?;
         Ok(TunnelIo::new(tunnel))

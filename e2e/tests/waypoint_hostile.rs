@@ -154,3 +154,34 @@ async fn an_http2_rapid_reset_burst_ends_that_connection_only() -> anyhow::Resul
     still_served(&client, &mesh).await?;
     Ok(())
 }
+
+/// A peer may name its client's address (`Forwarded`) only if that address
+/// is a workload with the identity it proved: otherwise any certificate
+/// holder could pose as any source to L7 policy's ipBlocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_source_of_another_identity_is_refused() -> anyhow::Result<()> {
+    let mesh = L7Mesh::start("").await?;
+    let client = mesh.client("demo", "client").await?;
+    let t = mesh.addrs.reviews();
+    // addrs.other is a workload, but not demo/client's.
+    let refused = client.tunnel_from(t, mesh.addrs.other).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("400")),
+        "a tunnel claiming another identity's address was accepted"
+    );
+    // Its own address, and no claim at all, are fine.
+    let mut own = client.tunnel_from(t, mesh.addrs.client).await?;
+    own.write_all(b"GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n")
+        .await?;
+    own.flush().await?;
+    let answer = read_some(&mut own, Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    still_served(&client, &mesh).await?;
+    Ok(())
+}

@@ -98,12 +98,33 @@ async fn serve_tunnel(
             return;
         }
     };
-    let client_ip = incoming
+    // The source L7 policy sees (ipBlocks, source.ip). A ztunnel forwards
+    // its workload's address; it is believed only if that address belongs to
+    // a workload with the identity the peer just proved, as ztunnel does, or
+    // any certificate holder could claim any address.
+    let forwarded = incoming
         .headers()
         .get(hbone::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(hbone::parse_forwarded_for)
-        .unwrap_or(peer.ip());
+        .map(|v| v.to_str().ok().and_then(hbone::parse_forwarded_for));
+    let client_ip = match forwarded {
+        None => peer.ip(),
+        Some(Some(ip))
+            if state
+                .view()
+                .mesh
+                .workload_by_ip(ip)
+                .is_some_and(|w| w.identity == *peer_id) =>
+        {
+            ip
+        }
+        Some(claimed) => {
+            let claimed = claimed.map_or_else(|| "unparseable".to_string(), |ip| ip.to_string());
+            tracing::warn!(%peer, source = %peer_id, "tunnel refused: forwarded source {claimed} is not a workload with the peer's identity");
+            state.metrics.refused("forwarded_mismatch");
+            incoming.reject(http::StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
     if let Err(why) = served_here(&state, target) {
         tracing::warn!(%peer, %target, source = %peer_id, "tunnel refused: {why}");
         state.metrics.refused("not_served_here");
