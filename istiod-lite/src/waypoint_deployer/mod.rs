@@ -52,6 +52,9 @@ use crate::sources::gateway_api::{GATEWAY_NAME_LABEL, GROUP};
 use objects::{waypoint_gateway, WaypointGateway, WaypointTemplate, MANAGED_SELECTOR};
 use status::GatewayStatus;
 
+/// Longest wait between a first event and acting on it.
+const MAX_DELAY: Duration = Duration::from_secs(1);
+
 /// The field manager of every write, as `kubectl get --show-managed-fields`
 /// shows it.
 pub const FIELD_MANAGER: &str = "istiod-lite";
@@ -380,12 +383,20 @@ pub async fn run(client: Client, config: DeployerConfig) {
         states: HashMap::new(),
     };
     let mut dirty: BTreeSet<String> = BTreeSet::new();
-    let mut settle: Option<Instant> = None;
+    // When to act on the dirty Gateways: `debounce` after the last event,
+    // but never more than MAX_DELAY after the first, so a steady trickle of
+    // events cannot starve the reconciles.
+    let mut settle: Option<(Instant, Instant)> = None;
+    let touch = |settle: &mut Option<(Instant, Instant)>, debounce: Duration| {
+        let now = Instant::now();
+        let first = settle.map_or(now, |(first, _)| first);
+        *settle = Some((first, (now + debounce).min(first + MAX_DELAY)));
+    };
     let mut next_resync = Instant::now() + deployer.config.resync;
     let mut gateway_crd_missing = false;
     loop {
         let retry = deployer.states.values().filter_map(|s| s.retry_at).min();
-        let deadline = [settle, retry, Some(next_resync)]
+        let deadline = [settle.map(|(_, at)| at), retry, Some(next_resync)]
             .into_iter()
             .flatten()
             .min();
@@ -393,7 +404,7 @@ pub async fn run(client: Client, config: DeployerConfig) {
             item = events.next() => match item {
                 Some(Signal::Gateway(key)) => {
                     dirty.insert(key);
-                    settle = Some(Instant::now() + deployer.config.debounce);
+                    touch(&mut settle, deployer.config.debounce);
                 }
                 Some(Signal::Managed { gateway, kind, name, resource_version, owner_uid, deleted }) => {
                     let state = deployer.states.entry(gateway.clone()).or_default();
@@ -409,7 +420,7 @@ pub async fn run(client: Client, config: DeployerConfig) {
                         // Someone else's change, or a deletion: apply again.
                         state.applied = None;
                         dirty.insert(gateway);
-                        settle = Some(Instant::now() + deployer.config.debounce);
+                        touch(&mut settle, deployer.config.debounce);
                     }
                 }
                 Some(Signal::Error { kind, error }) => {
@@ -444,7 +455,7 @@ pub async fn run(client: Client, config: DeployerConfig) {
                         dirty.insert(key.clone());
                     }
                 }
-                if settle.is_some_and(|at| at > now) {
+                if settle.is_some_and(|(_, at)| at > now) {
                     continue;
                 }
                 settle = None;
