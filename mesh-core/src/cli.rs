@@ -79,6 +79,12 @@ pub struct ControlPlaneArgs {
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
+    /// The control plane's root namespace, whose policies apply mesh-wide
+    /// (xDS mode; a static config names its own). Must match istiod-lite's
+    /// `--root-namespace`.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = crate::xds::mesh_handler::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+
     /// Lifetime asked of the CA for workload certificates.
     #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
     pub cert_ttl: Duration,

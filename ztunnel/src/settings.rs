@@ -281,5 +281,18 @@ mod tests {
         assert_eq!(s.admin(), Listen::At("127.1.2.3:15000".parse().unwrap()));
         assert_eq!(s.metrics(), Listen::Off);
         assert_eq!(s.hbone_addr, HboneListen::At("[::]:15008".parse().unwrap()));
+        assert_eq!(s.control_plane.root_namespace, "istio-system");
+        let s = Settings::parse_from([
+            "ztunnel",
+            "--config",
+            "c",
+            "--node",
+            "n",
+            "--certs",
+            "d",
+            "--root-namespace",
+            "mesh-root",
+        ]);
+        assert_eq!(s.control_plane.root_namespace, "mesh-root");
     }
 }

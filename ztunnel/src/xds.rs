@@ -50,7 +50,8 @@ pub async fn run(state: Arc<ProxyState>, address: String) -> anyhow::Result<()> 
         Apply {
             state: state.clone(),
         },
-    );
+    )
+    .with_root_namespace(&state.settings.control_plane.root_namespace);
     client.run(handler).await;
     Ok(())
 }

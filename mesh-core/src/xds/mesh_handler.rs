@@ -288,6 +288,23 @@ trafficPolicies:
     }
 
     #[test]
+    fn the_root_namespace_is_the_control_planes() {
+        let got: Arc<Mutex<Vec<MeshConfig>>> = Arc::default();
+        let sink = {
+            let got = got.clone();
+            move |c: MeshConfig| {
+                got.lock().unwrap().push(c);
+                Ok(())
+            }
+        };
+        let mut h =
+            MeshHandler::new("cluster.local", Some("n1"), sink).with_root_namespace("mesh-root");
+        h.apply(&resources(&ZTUNNEL_TYPES)).unwrap();
+        let c = got.lock().unwrap().pop().unwrap();
+        assert_eq!(c.root_namespace, "mesh-root");
+    }
+
+    #[test]
     fn resources_are_checked_on_arrival() {
         let all = resources(&WAYPOINT_TYPES);
         let route = &all[HTTP_ROUTE_TYPE]["demo/app"].resource;
