@@ -7,6 +7,7 @@ pub mod demo;
 pub mod istiod;
 pub mod l7;
 pub mod load;
+pub mod local_cluster;
 pub mod loopback;
 pub mod mesh;
 pub mod netns;

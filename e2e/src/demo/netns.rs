@@ -302,6 +302,8 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let (waypoint_ip, waypoint) = waypoints
         .first()
         .context("the manifests declare no waypoint pod (a pod labelled gateway.networking.k8s.io/gateway-name of a Gateway of class istio-waypoint)")?;
+    // For `ambitctl --local`: where each component answers, in which namespace.
+    let local = crate::local_cluster::write(dir.path(), &cluster, istiod.monitoring(), &manifests)?;
 
     let pod = |name: &str| {
         cluster
@@ -509,6 +511,10 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     if args.keep {
         println!("\nthe mesh is up; try, as root:");
+        println!("  export AMBIT_LOCAL={}", local.display());
+        let ambitctl = crate::process::bin_path("ambitctl")
+            .map_or_else(|_| "ambitctl".into(), |p| p.display().to_string());
+        println!("  {ambitctl} status    (also: workloads, check demo/client, config-dump ztunnel node1)");
         println!("  nsenter --net=/run/netns/{} curl {url}", client.ns.name());
         println!(
             "  nsenter --net=/run/netns/{} curl http://{waypoint_ip}:15020/metrics",
