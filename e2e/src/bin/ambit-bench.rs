@@ -52,6 +52,10 @@ struct Args {
     /// ztunnel log filter (access logs are on at "info", as in production).
     #[arg(long, default_value = "info")]
     ztunnel_log: String,
+    /// Both ztunnels trace every tunnel (sampling 1.0) to an OTLP receiver
+    /// in this process: the cost of tunnel spans.
+    #[arg(long)]
+    trace: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -257,6 +261,18 @@ async fn main() -> anyhow::Result<()> {
     if let Some(f) = &f {
         extra.extend(["--h2-max-frame-size", f.as_str()]);
     }
+    let otlp = if args.trace {
+        Some(e2e::otlp::OtlpReceiver::start(SocketAddr::from((
+            [127, 0, 0, 1],
+            0,
+        )))?)
+    } else {
+        None
+    };
+    let endpoint = otlp.as_ref().map(|o| o.endpoint());
+    if let Some(e) = &endpoint {
+        extra.extend(["--otlp-endpoint", e.as_str()]);
+    }
     let workers = args.ztunnel_workers.map(|w| w.to_string());
     if let Some(w) = &workers {
         extra.extend(["--worker-threads", w.as_str()]);
@@ -400,6 +416,11 @@ async fn main() -> anyhow::Result<()> {
         goal: "",
     });
     print_table(&rows);
+    if let Some(o) = &otlp {
+        // Spans are exported within a second of their connection's end.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        println!("\ntracing on: {} tunnel spans received", o.spans().len());
+    }
     println!(
         "\nh2 stream window {} B, max frame {} B",
         args.h2_stream_window
