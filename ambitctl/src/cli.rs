@@ -38,6 +38,14 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "istio-system")]
     pub istio_namespace: String,
 
+    /// The `app` / `app.kubernetes.io/name` label of ztunnel pods (Kubernetes).
+    #[arg(long, global = true, default_value = "ztunnel")]
+    pub ztunnel_app: String,
+
+    /// The `app` / `app.kubernetes.io/name` label of istiod-lite pods (Kubernetes).
+    #[arg(long, global = true, default_value = "istiod-lite")]
+    pub istiod_app: String,
+
     /// Output: aligned tables for people, or JSON for scripts.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -129,8 +137,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 kubeconfig: cli.kubeconfig.clone(),
                 context: cli.context.clone(),
                 system_namespace: cli.istio_namespace.clone(),
+                ztunnel_app: cli.ztunnel_app.clone(),
+                istiod_app: cli.istiod_app.clone(),
                 timeout,
-                ..Default::default()
             })
             .await?;
             dispatch(&cli, &backend).await

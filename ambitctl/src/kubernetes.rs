@@ -32,8 +32,11 @@ pub struct KubeOptions {
     pub context: Option<String>,
     /// The namespace of ztunnel and istiod-lite (`istio-system`).
     pub system_namespace: String,
-    pub ztunnel_label: (String, String),
-    pub istiod_label: (String, String),
+    /// The `app` (Istio's manifests) or `app.kubernetes.io/name` (Ambit's
+    /// Helm chart) label value of the ztunnel pods.
+    pub ztunnel_app: String,
+    /// The same for istiod-lite's pods.
+    pub istiod_app: String,
     pub timeout: Duration,
 }
 
@@ -43,8 +46,8 @@ impl Default for KubeOptions {
             kubeconfig: None,
             context: None,
             system_namespace: "istio-system".into(),
-            ztunnel_label: ("app".into(), "ztunnel".into()),
-            istiod_label: ("app".into(), "istiod-lite".into()),
+            ztunnel_app: "ztunnel".into(),
+            istiod_app: "istiod-lite".into(),
             timeout: Duration::from_secs(5),
         }
     }
@@ -255,7 +258,11 @@ impl Backend for KubeBackend {
     async fn components(&self) -> anyhow::Result<Vec<Component>> {
         let pods = self.list::<Pod>().await?;
         let o = &self.options;
-        let has = |p: &Value, (k, v): &(String, String)| inventory::label(p, k) == Some(v.as_str());
+        let has = |p: &Value, app: &str| {
+            ["app", "app.kubernetes.io/name"]
+                .iter()
+                .any(|k| inventory::label(p, k) == Some(app))
+        };
         let running = |p: &&Value| {
             p["metadata"]["deletionTimestamp"].is_null()
                 && !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
@@ -270,13 +277,13 @@ impl Backend for KubeBackend {
                 port: inventory::named_port(p, names).unwrap_or(default),
             };
             let in_system = ns == o.system_namespace;
-            let (kind, cname, endpoint) = if in_system && has(p, &o.istiod_label) {
+            let (kind, cname, endpoint) = if in_system && has(p, &o.istiod_app) {
                 (
                     ComponentKind::ControlPlane,
                     format!("{ns}/{name}"),
                     endpoint(MONITORING_PORT_NAMES, 15014),
                 )
-            } else if in_system && has(p, &o.ztunnel_label) {
+            } else if in_system && has(p, &o.ztunnel_app) {
                 (
                     ComponentKind::Ztunnel,
                     node.clone().unwrap_or_else(|| format!("{ns}/{name}")),

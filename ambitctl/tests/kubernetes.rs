@@ -180,7 +180,12 @@ fn seed(fake: &FakeApiServer, sub: (u8, u8)) {
             &format!("ztunnel-node{n}"),
             &format!("node{n}"),
             "ztunnel",
-            json!({"app": "ztunnel"}),
+            // Istio's label on one, Ambit's Helm chart's on the other.
+            if n == 1 {
+                json!({"app": "ztunnel"})
+            } else {
+                json!({"app.kubernetes.io/name": "ztunnel"})
+            },
             ip(sub, n),
             json!([{"name": "admin", "containerPort": 15000}, {"name": "metrics", "containerPort": 15020}]),
         ));
