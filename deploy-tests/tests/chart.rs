@@ -490,6 +490,9 @@ fn ztunnel_runs_on_the_host_network_with_the_measured_capabilities() {
         .iter()
         .flatten()
         .all(|e| e.name != "AMBIT_OTLP_ENDPOINT"));
+    // The admin port stays on localhost unless asked.
+    assert_eq!(flag(&a, "--admin-addr"), None);
+    assert!(c.ports.iter().flatten().all(|p| p.container_port != 15000));
     // Every node, tainted ones too.
     let tolerations = pod.tolerations.clone().unwrap();
     assert_eq!(tolerations[0].operator.as_deref(), Some("Exists"));
@@ -547,19 +550,29 @@ fn overrides_take_effect() {
     assert_eq!(flag(&a, "--trust-domain").as_deref(), Some("corp.example"));
     assert_eq!(flag(&a, "--root-namespace").as_deref(), Some("mesh-root"));
 
-    // Capture with an uplink.
-    let objs = render(json!({"ztunnel": {"capture": {"uplink": "eth0"}}}));
-    let a = args(only_container(
-        daemonset(&objs)
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap(),
-    ));
+    // Capture with an uplink; admin on the pod IP, for ambitctl.
+    let objs = render(json!({"ztunnel": {"capture": {"uplink": "eth0"}, "adminOnPodIP": true}}));
+    let ds = daemonset(&objs);
+    let c = only_container(ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap());
+    let a = args(c);
     assert_eq!(flag(&a, "--capture-uplink").as_deref(), Some("eth0"));
+    assert_eq!(flag(&a, "--admin-addr").as_deref(), Some("$(POD_IP):15000"));
+    let pod_ip = c.env.iter().flatten().find(|e| e.name == "POD_IP").unwrap();
+    let field = pod_ip
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(field.field_path, "status.podIP");
+    let admin = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.container_port == 15000)
+        .unwrap();
+    assert_eq!(admin.name.as_deref(), Some("http-admin"));
 }
 
 /// A value nobody reads is a setting that silently does nothing.
