@@ -298,6 +298,19 @@ fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
         "{cp:#}"
     );
 
+    // The tables, for people (and for this test's log).
+    let table = ambitctl(&local, &["status"])?;
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    println!("$ ambitctl status\n{}", table.stdout);
+    assert!(
+        table.stdout.lines().any(|l| l
+            .split_whitespace()
+            .take(5)
+            .eq(["ztunnel", "node2", "node2", "yes", version])),
+        "{}",
+        table.stdout
+    );
+
     // workloads: captured on the veth ztunnel attached to, read back from the kernel.
     let r = ambitctl(&local, &["workloads", "-o", "json"])?;
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -324,6 +337,7 @@ fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
     assert_eq!(row("demo", "waypoint-0")["captured"], "native-hbone");
     assert_eq!(row("legacy", "outsider")["captured"], "no");
     let table = ambitctl(&local, &["workloads"])?;
+    println!("$ ambitctl workloads\n{}", table.stdout);
     let line = table
         .stdout
         .lines()
@@ -363,6 +377,7 @@ fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
         "{c:#}"
     );
     let table = ambitctl(&local, &["check", "client", "-n", "demo"])?;
+    println!("$ ambitctl check client -n demo\n{}", table.stdout);
     assert!(
         table.stdout.contains(&format!(
             "[ok]   captured     node1's ztunnel captures it on interface {client_if}"
@@ -393,6 +408,7 @@ fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
         "{d:#}"
     );
     let table = ambitctl(&local, &["config-dump", "waypoint"])?;
+    println!("$ ambitctl config-dump waypoint\n{}", table.stdout);
     assert!(
         table
             .stdout
