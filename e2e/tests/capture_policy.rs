@@ -73,6 +73,7 @@ policies:
   rules: [{{from: [{{principals: ["cluster.local/ns/demo/sa/web"]}}], to: [{{ports: [8080]}}]}}]
 peerAuthentications:
 - {{name: strict-server, namespace: demo, mode: Strict, workloads: [server]}}
+- {{name: strict-web, namespace: demo, mode: Strict, workloads: [web]}}
 "#,
             client.ip, web.ip, server.ip, open.ip
         ),
@@ -178,6 +179,55 @@ peerAuthentications:
     assert!(
         log.lines()
             .any(|l| l.contains("dst.workload=demo/open") && l.contains("security=none")),
+        "{log}"
+    );
+
+    // 6. Same node, from outside the mesh: the outsider's plaintext to web
+    // (STRICT, on the outsider's own node) never crosses the uplink; it is
+    // steered from the outsider's veth to 15006 and refused there...
+    let web_strict = serve(web, 8084, 1)?;
+    assert_eq!(
+        exchange(outsider, SocketAddr::new(web.ip.into(), 8084))?,
+        b"",
+        "same-node plaintext to a STRICT pod must be refused"
+    );
+    let log = z1.wait_log(
+        "requires mTLS (PeerAuthentication STRICT)",
+        Duration::from_secs(5),
+    )?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("requires mTLS") && l.contains(&format!("{}", outsider.ip))),
+        "refused by node1's ztunnel for the outsider: {log}"
+    );
+    // (web was up: the client, in the mesh, gets through.)
+    assert_eq!(
+        exchange(client, SocketAddr::new(web.ip.into(), 8084))?,
+        b"ok"
+    );
+    web_strict
+        .join()
+        .map_err(|_| anyhow::anyhow!("web server panicked"))??;
+    // ...and to a PERMISSIVE pod on its node it is admitted through 15006,
+    // keeping its address, with an access line of node1's ztunnel.
+    let client_srv = serve(client, 8085, 1)?;
+    assert_eq!(
+        exchange(outsider, SocketAddr::new(client.ip.into(), 8085))?,
+        b"ok"
+    );
+    let peers = client_srv
+        .join()
+        .map_err(|_| anyhow::anyhow!("client server panicked"))??;
+    assert_eq!(peers[0].ip().to_string(), outsider.ip.to_string());
+    let log = z1.wait_log(
+        &format!("dst.addr={}:8085", client.ip),
+        Duration::from_secs(5),
+    )?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("dst.addr={}:8085", client.ip))
+                && l.contains("direction=\"inbound\"")
+                && l.contains("security=none")),
         "{log}"
     );
     Ok(())

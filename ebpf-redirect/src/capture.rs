@@ -26,7 +26,10 @@ const MAPS: [&str; 4] = [
 ];
 const OUTBOUND_LINK: &str = "link-out-";
 const INBOUND_LINK: &str = "link-in-";
-const WAYPOINT_LINK: &str = "link-wp-";
+/// Pins of [`Capture::attach_neighbour`]'s links. The name predates
+/// non-mesh neighbours (it was for waypoints only); kept, so a ztunnel
+/// upgraded in place adopts what its predecessor pinned.
+const NEIGHBOUR_LINK: &str = "link-wp-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -131,8 +134,9 @@ pub struct Capture {
     links: HashMap<String, Attached>,
     /// Node uplinks (inbound program).
     uplinks: HashMap<String, Attached>,
-    /// Veths of local waypoint pods (inbound program).
-    waypoints: HashMap<String, Attached>,
+    /// Veths of local pods that are not captured themselves (waypoints,
+    /// non-mesh pods): inbound program.
+    neighbours: HashMap<String, Attached>,
 }
 
 impl Capture {
@@ -163,7 +167,7 @@ impl Capture {
             pin_dir: pin_dir.to_path_buf(),
             links: HashMap::new(),
             uplinks: HashMap::new(),
-            waypoints: HashMap::new(),
+            neighbours: HashMap::new(),
         };
         capture.set_listener(Some(listener))?;
         Ok(capture)
@@ -200,8 +204,8 @@ impl Capture {
             self.detach_uplink(&ifname)?;
             release_pin(&self.pin_dir.join(format!("{INBOUND_LINK}{ifname}")))?;
         }
-        for ifname in self.pinned(WAYPOINT_LINK) {
-            self.detach_waypoint(&ifname)?;
+        for ifname in self.pinned(NEIGHBOUR_LINK) {
+            self.detach_neighbour(&ifname)?;
         }
         for map in MAPS {
             match std::fs::remove_file(self.pin_dir.join(map)) {
@@ -421,36 +425,44 @@ impl Capture {
     }
 
     /// Attaches the inbound program at tc ingress of `interface`, the host
-    /// side of a local waypoint pod's veth. Its HBONE to an enrolled pod on
-    /// this node never crosses the uplink, and `bpf_sk_assign` works only at
-    /// ingress, so it is steered where it enters the node: to the HBONE
-    /// listener (port 15008) or the plaintext one, as from the uplink.
-    pub fn attach_waypoint(&mut self, interface: &str) -> Result<(), CaptureError> {
+    /// side of the veth of a local pod that is not captured itself: a
+    /// waypoint, or a pod outside the mesh. What it sends to an enrolled pod
+    /// on this node never crosses the uplink, and `bpf_sk_assign` works only
+    /// at ingress, so it is steered where it enters the node: to the HBONE
+    /// listener (port 15008) or the plaintext one (where STRICT refuses it),
+    /// as from the uplink. Its other traffic passes untouched.
+    pub fn attach_neighbour(&mut self, interface: &str) -> Result<(), CaptureError> {
         self.ensure_maps_pinned()?;
-        let pin = self.pin_dir.join(format!("{WAYPOINT_LINK}{interface}"));
-        attach_to(&mut self.ebpf, &mut self.waypoints, INBOUND, interface, pin)
+        let pin = self.pin_dir.join(format!("{NEIGHBOUR_LINK}{interface}"));
+        attach_to(
+            &mut self.ebpf,
+            &mut self.neighbours,
+            INBOUND,
+            interface,
+            pin,
+        )
     }
 
-    pub fn detach_waypoint(&mut self, interface: &str) -> Result<(), CaptureError> {
-        let pin = self.pin_dir.join(format!("{WAYPOINT_LINK}{interface}"));
-        detach_from(&mut self.waypoints, interface, &pin)
+    pub fn detach_neighbour(&mut self, interface: &str) -> Result<(), CaptureError> {
+        let pin = self.pin_dir.join(format!("{NEIGHBOUR_LINK}{interface}"));
+        detach_from(&mut self.neighbours, interface, &pin)
     }
 
-    /// Waypoint interfaces with a pinned link, whether or not this instance
+    /// Neighbour interfaces with a pinned link, whether or not this instance
     /// holds them (a previous one may have left them).
-    pub fn pinned_waypoint_interfaces(&self) -> Vec<String> {
-        self.pinned(WAYPOINT_LINK)
+    pub fn pinned_neighbour_interfaces(&self) -> Vec<String> {
+        self.pinned(NEIGHBOUR_LINK)
     }
 
-    pub fn attached_waypoints(&self) -> impl Iterator<Item = &str> {
-        self.waypoints.keys().map(String::as_str)
+    pub fn attached_neighbours(&self) -> impl Iterator<Item = &str> {
+        self.neighbours.keys().map(String::as_str)
     }
 
     /// Forgets (and unpins) links whose interface is gone or was replaced by a
     /// same-named one, so the next attach makes a fresh link. Returns their names.
     pub fn drop_stale_links(&mut self) -> Vec<String> {
         let mut gone = Vec::new();
-        for links in [&mut self.links, &mut self.uplinks, &mut self.waypoints] {
+        for links in [&mut self.links, &mut self.uplinks, &mut self.neighbours] {
             let stale: Vec<String> = links
                 .iter()
                 .filter(|(name, a)| ifindex(name) != a.ifindex)
@@ -648,6 +660,22 @@ pub fn interface_for(ip: std::net::Ipv4Addr) -> Result<String, CaptureError> {
     Ok(dev)
 }
 
+/// The veth interfaces of the calling thread's namespace: on a node, the
+/// host sides of its pods' links (the uplink too, if it is one).
+pub fn veth_interfaces() -> Result<Vec<String>, CaptureError> {
+    let out = run_ip(&["-o", "link", "show", "type", "veth"])?;
+    Ok(parse_link_names(&out))
+}
+
+/// Names from `ip -o link` lines (`7: va12@if6: <...> ...`).
+fn parse_link_names(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
 fn run_ip(args: &[&str]) -> Result<String, CaptureError> {
     let out = Command::new("ip")
         .args(args)
@@ -676,4 +704,18 @@ pub fn program_loaded(id: u32) -> bool {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .any(|p| p.id() == id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_names_come_without_their_peer() {
+        let out = "7: va12ab@if6: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue\n\
+                   9: eth0: <BROADCAST> mtu 1500\n";
+        assert_eq!(parse_link_names(out), ["va12ab", "eth0"]);
+        assert!(parse_link_names("").is_empty());
+        assert!(parse_link_names("garbage without separators").is_empty());
+    }
 }

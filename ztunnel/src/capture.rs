@@ -112,17 +112,32 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
             want.extend(pod_interface(state, w, *v4));
         }
     }
-    // Local waypoints are not captured (they speak HBONE themselves), but
-    // their connections to enrolled pods here never meet the uplink program:
-    // the inbound program goes on their veths instead.
-    let mut waypoints = BTreeSet::new();
+    // Local pods that are not captured themselves, waypoints (they speak
+    // HBONE) and pods outside the mesh, reach enrolled pods here without
+    // meeting the uplink program: the inbound program goes on their veths,
+    // so a waypoint's HBONE lands on 15008 and a non-mesh pod's plaintext on
+    // 15006, where STRICT refuses it, as it would from another node.
+    let mut neighbours = BTreeSet::new();
     for w in mesh
         .local_workloads(state.node())
         .filter(|w| w.workload.native_tunnel)
     {
         for ip in &w.workload.addresses {
             let IpAddr::V4(v4) = ip else { continue };
-            waypoints.extend(pod_interface(state, w, *v4));
+            neighbours.extend(pod_interface(state, w, *v4));
+        }
+    }
+    if let Some(uplink) = &state.settings.capture_uplink {
+        match ebpf_redirect::veth_interfaces() {
+            Ok(veths) => neighbours.extend(
+                veths
+                    .into_iter()
+                    .filter(|i| i != uplink && !want.contains(i)),
+            ),
+            Err(e) => {
+                tracing::warn!("listing the node's veths: {e}");
+                state.metrics.failure("capture", "no_interface");
+            }
         }
     }
     if enrolled.is_empty() {
@@ -153,7 +168,7 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
             }
         }
     }
-    reconcile_waypoints(state, capture, &waypoints);
+    reconcile_neighbours(state, capture, &neighbours);
     // Links a previous ztunnel pinned for pods that are gone.
     for ifname in capture.pinned_interfaces() {
         if !want.contains(&ifname) {
@@ -219,25 +234,25 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
         .set(capture.attached().count() as i64);
 }
 
-/// Makes the inbound program's waypoint attachments exactly `want`.
-fn reconcile_waypoints(state: &ProxyState, capture: &mut Capture, want: &BTreeSet<String>) {
-    let attached: BTreeSet<String> = capture.attached_waypoints().map(str::to_string).collect();
-    // Links a previous ztunnel pinned for waypoints that are gone, too.
+/// Makes the inbound program's neighbour attachments exactly `want`.
+fn reconcile_neighbours(state: &ProxyState, capture: &mut Capture, want: &BTreeSet<String>) {
+    let attached: BTreeSet<String> = capture.attached_neighbours().map(str::to_string).collect();
+    // Links a previous ztunnel pinned for pods that are gone, too.
     let mut stale = attached.clone();
-    stale.extend(capture.pinned_waypoint_interfaces());
+    stale.extend(capture.pinned_neighbour_interfaces());
     for ifname in stale.iter().filter(|i| !want.contains(*i)) {
-        match capture.detach_waypoint(ifname) {
-            Ok(()) => tracing::info!(interface = %ifname, "waypoint capture detached"),
-            Err(e) => tracing::warn!(interface = %ifname, "waypoint detach failed: {e}"),
+        match capture.detach_neighbour(ifname) {
+            Ok(()) => tracing::info!(interface = %ifname, "neighbour capture detached"),
+            Err(e) => tracing::warn!(interface = %ifname, "neighbour detach failed: {e}"),
         }
     }
     for ifname in want.iter().filter(|i| !attached.contains(*i)) {
-        match capture.attach_waypoint(ifname) {
+        match capture.attach_neighbour(ifname) {
             Ok(()) => {
-                tracing::info!(interface = %ifname, "capturing a local waypoint's traffic to enrolled pods")
+                tracing::info!(interface = %ifname, "capturing a local uncaptured pod's traffic to enrolled pods")
             }
             Err(e) => {
-                tracing::error!(interface = %ifname, "waypoint attach failed: {e}");
+                tracing::error!(interface = %ifname, "neighbour attach failed: {e}");
                 state.metrics.failure("capture", "attach_failed");
             }
         }
