@@ -150,6 +150,20 @@ fn ztunnel_user(node: &str) -> Value {
     })
 }
 
+/// The waypoint pod's own projected token, bound to the pod (uid included).
+fn waypoint_user(fake: &FakeApiServer) -> Value {
+    let pod = fake.get("Pod", "demo", "waypoint-0").expect("waypoint pod");
+    json!({
+        "username": "system:serviceaccount:demo:waypoint",
+        "uid": "6e2c8d64-0000-0000-0000-000000000000",
+        "groups": ["system:serviceaccounts", "system:serviceaccounts:demo", "system:authenticated"],
+        "extra": {
+            "authentication.kubernetes.io/pod-name": ["waypoint-0"],
+            "authentication.kubernetes.io/pod-uid": [pod["metadata"]["uid"]],
+        },
+    })
+}
+
 fn seed(fake: &FakeApiServer, sub: (u8, u8)) {
     let pod = |ns: &str,
                name: &str,
@@ -333,10 +347,13 @@ async fn ambitctl_against_kubernetes() {
     istiod.wait_ok(SocketAddr::new(cp, 15014), "/ready");
 
     // Node proxies: each presents a token TokenReview says is its node's ztunnel.
-    let source = |node: &str| -> Vec<String> {
-        let token = format!("token-{node}-{:08x}", rand::random::<u32>());
-        fake.add_token(&token, &["istio-ca"], ztunnel_user(node));
-        let file = dir.join(format!("token-{node}"));
+    // Node proxies present a token TokenReview says is their node's ztunnel;
+    // the waypoint one of its own service account, bound to its pod (it may
+    // not hold its node's: the CA would sign every identity there for it).
+    let source = |name: &str, user: Value| -> Vec<String> {
+        let token = format!("token-{name}-{:08x}", rand::random::<u32>());
+        fake.add_token(&token, &["istio-ca"], user);
+        let file = dir.join(format!("token-{name}"));
         std::fs::write(&file, &token).unwrap();
         vec![
             "--xds-address".into(),
@@ -355,7 +372,7 @@ async fn ambitctl_against_kubernetes() {
             &format!("ztunnel-{node}"),
             &dir,
             Command::new(bin("ztunnel"))
-                .args(source(&node))
+                .args(source(&node, ztunnel_user(&node)))
                 .args(["--node", &node, "--bind-ip", &zip.to_string()])
                 .args(["--hbone-addr", "per-workload", "--reload-interval", "200ms"])
                 .args(["--drain-timeout", "1s"])
@@ -370,7 +387,7 @@ async fn ambitctl_against_kubernetes() {
         "waypoint",
         &dir,
         Command::new(bin("waypoint"))
-            .args(source("node2"))
+            .args(source("waypoint-0", waypoint_user(&fake)))
             .args(["--gateway", "demo/waypoint", "--node", "node2"])
             .args(["--hbone-addr", &at(15008), "--admin-addr", &at(15000)])
             .args(["--metrics-addr", &at(15020), "--readiness-addr", &at(15021)])
