@@ -240,7 +240,10 @@ pub fn status(g: &Gathered, cp_probe: Option<&ControlPlaneProbe>, now: u64) -> S
                 );
             }
             if let Some(n) = probe.rejected.filter(|n| *n > 0) {
-                detail.push_str(&format!("; {n} objects rejected (/debug/rejected)"));
+                detail.push_str(&format!(
+                    "; {n} object{} rejected (/debug/rejected)",
+                    if n == 1 { "" } else { "s" }
+                ));
             }
             components.push(ComponentStatus {
                 kind: cp.kind,

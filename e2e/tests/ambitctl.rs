@@ -173,6 +173,28 @@ fn rejected(fabric: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
+/// The waypoint pod's own token where istiod-lite issues one
+/// (`<data dir>/waypoint-tokens/<namespace>/<pod>`: a node's token may not
+/// obtain a waypoint's identity), else its node's, as before waypoint tokens.
+fn waypoint_source(istiod: &Istiod, dir: &Path) -> anyhow::Result<e2e::process::Source> {
+    let node = istiod.source_for("node1")?;
+    let token = dir.join("ca/waypoint-tokens/demo/waypoint-0");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !token.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !token.exists() {
+        return Ok(node);
+    }
+    let mut args = node.0;
+    let at = args
+        .iter()
+        .position(|a| a == "--token-file")
+        .context("no --token-file in the node's source")?;
+    args[at + 1] = token.into();
+    Ok(e2e::process::Source(args))
+}
+
 #[test]
 fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
     if !root_or_skip("ambitctl_against_the_namespace_cluster") {
@@ -218,7 +240,7 @@ fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
     let waypoint = Waypoint::spawn_waypoint_in_netns(
         waypoint_pod,
         dir.path(),
-        &istiod.source_for("node1")?,
+        &waypoint_source(&istiod, dir.path())?,
         "demo/waypoint",
         "node1",
         &[],
