@@ -1,17 +1,19 @@
 //! The mesh CA over gRPC: Istio's `istio.v1.auth.IstioCertificateService`.
 //!
-//! A caller authenticates as a node (see [`crate::node_auth`]) and asks, on
-//! behalf of a workload, for a certificate naming that workload's identity,
-//! which it states in the request metadata field `ImpersonatedIdentity` as
-//! Istio's ztunnel does. The identity is granted only if a workload with it is
-//! scheduled on the caller's node in the current mesh config: a compromised
-//! node can then impersonate no more than the pods it already runs.
+//! A caller authenticates (see [`crate::node_auth`]) and asks for a
+//! certificate naming an identity, which it states in the request metadata
+//! field `ImpersonatedIdentity` as Istio's ztunnel does. Against the current
+//! mesh config:
+//! * a **node** obtains the identity of a workload scheduled on it, waypoints
+//!   excepted: a compromised node can then impersonate no more than the pods
+//!   it already runs, and never the waypoint whose L7 policy guards them;
+//! * a **waypoint pod** obtains its own identity only.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::ca::{CaError, CertificateAuthority};
-use mesh_core::config::MeshConfig;
+use mesh_core::config::{MeshConfig, Workload};
 use mesh_core::proto::istio::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -21,7 +23,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::{CaResult, Metrics};
-use crate::node_auth::Authenticator;
+use crate::node_auth::{Authenticator, Caller};
 
 /// Metadata field naming the identity a node proxy requests for a workload.
 pub use mesh_core::proto::IMPERSONATED_IDENTITY;
@@ -69,17 +71,26 @@ impl CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<IstioCertificateResponse, Refusal> {
-        let node = self
+        let caller = self
             .auth
             .authenticate(request.metadata())
             .await
-            .map_err(|s| Refusal::new(CaResult::unauthenticated, s, None, None))?;
+            .map_err(|s| {
+                // A caller the authenticator knows but refuses is a denial,
+                // not a missing credential.
+                let result = if s.code() == tonic::Code::PermissionDenied {
+                    CaResult::denied
+                } else {
+                    CaResult::unauthenticated
+                };
+                Refusal::new(result, s, None, None)
+            })?;
         let req = request.into_inner();
         let refuse = |result, status: Status, identity: Option<&str>| {
             Refusal::new(
                 result,
                 status,
-                Some(node.clone()),
+                Some(caller.to_string()),
                 identity.map(str::to_string),
             )
         };
@@ -94,12 +105,10 @@ impl CaService {
             )
         })?;
 
-        if !has_workload_on(&self.mesh.borrow(), &identity, &node) {
+        if let Err(why) = may_obtain(&self.mesh.borrow(), &caller, &identity) {
             return Err(refuse(
                 CaResult::denied,
-                Status::permission_denied(format!(
-                    "identity {identity} has no workload on node {node}"
-                )),
+                Status::permission_denied(why),
                 Some(requested),
             ));
         }
@@ -123,7 +132,7 @@ impl CaService {
                     Some(requested),
                 ),
             })?;
-        tracing::info!(%node, %identity, ttl_secs = ttl.as_secs(), "certificate issued");
+        tracing::info!(%caller, %identity, ttl_secs = ttl.as_secs(), "certificate issued");
         self.metrics.ca_request(CaResult::issued);
         Ok(IstioCertificateResponse {
             cert_chain: vec![leaf, self.ca.root_pem().to_string()],
@@ -141,7 +150,7 @@ impl IstioCertificateService for CaService {
             Ok(resp) => Ok(Response::new(resp)),
             Err(r) => {
                 tracing::warn!(
-                    node = r.node.as_deref().unwrap_or("-"),
+                    caller = r.caller.as_deref().unwrap_or("-"),
                     identity = r.identity.as_deref().unwrap_or("-"),
                     reason = r.status.message(),
                     "certificate refused"
@@ -157,7 +166,7 @@ impl IstioCertificateService for CaService {
 struct Refusal {
     result: CaResult,
     status: Status,
-    node: Option<String>,
+    caller: Option<String>,
     identity: Option<String>,
 }
 
@@ -165,13 +174,13 @@ impl Refusal {
     fn new(
         result: CaResult,
         status: Status,
-        node: Option<String>,
+        caller: Option<String>,
         identity: Option<String>,
     ) -> Self {
         Refusal {
             result,
             status,
-            node,
+            caller,
             identity,
         }
     }
@@ -195,11 +204,52 @@ fn impersonated_identity(req: &IstioCertificateRequest) -> Result<&str, Status> 
     }
 }
 
-fn has_workload_on(mesh: &MeshConfig, identity: &Identity, node: &str) -> bool {
-    identity.trust_domain() == mesh.trust_domain
-        && mesh.workloads.iter().any(|w| {
-            w.node == node
-                && w.namespace == identity.namespace()
-                && w.service_account == identity.service_account()
-        })
+/// Whether `caller` may obtain `identity` now, or why not.
+fn may_obtain(mesh: &MeshConfig, caller: &Caller, identity: &Identity) -> Result<(), String> {
+    if identity.trust_domain() != mesh.trust_domain {
+        return Err(format!(
+            "identity {identity} is not in trust domain {}",
+            mesh.trust_domain
+        ));
+    }
+    let has = |w: &Workload| {
+        w.namespace == identity.namespace() && w.service_account == identity.service_account()
+    };
+    match caller {
+        Caller::Node(node) => {
+            let on_node: Vec<&Workload> = mesh
+                .workloads
+                .iter()
+                .filter(|w| w.node == *node && has(w))
+                .collect();
+            // Waypoints hold their own credential; a node never gets their
+            // identity, or taking the node would bypass their L7 policy. (An
+            // ordinary pod of the same account still gives it: identities
+            // are per account.)
+            if on_node.iter().any(|w| !w.native_tunnel) {
+                Ok(())
+            } else if on_node.is_empty() {
+                Err(format!(
+                    "identity {identity} has no workload on node {node}"
+                ))
+            } else {
+                Err(format!(
+                    "identity {identity} is a waypoint's on node {node}: a waypoint obtains \
+                     its identity with its own token, a node's token cannot"
+                ))
+            }
+        }
+        Caller::Waypoint(_) => {
+            let pod = caller.waypoint_in(mesh)?;
+            if has(pod) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{caller} may obtain only its own identity spiffe://{}/ns/{}/sa/{}, not \
+                     {identity}",
+                    mesh.trust_domain, pod.namespace, pod.service_account
+                ))
+            }
+        }
+    }
 }

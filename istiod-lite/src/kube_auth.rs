@@ -1,8 +1,8 @@
-//! Node authentication in Kubernetes mode, as Istio's CA does it: a ztunnel
+//! Caller authentication in Kubernetes mode, as Istio's CA does it: a proxy
 //! presents its projected service-account token, the API server vouches for it
-//! (TokenReview), and the token's pod binding names the node.
+//! (TokenReview), and the token's pod binding says where it runs.
 //!
-//! A caller is a node when
+//! A caller is a **node proxy** when
 //! * the API server authenticates the token for one of our audiences
 //!   (`istio-ca` by default) and says so in `status.audiences`: an API server
 //!   that ignores audiences would accept a token minted for anyone else;
@@ -13,6 +13,14 @@
 //!   ServiceAccountTokenPodNodeInfo), else from that pod's `spec.nodeName`,
 //!   provided its UID is the token's: a token outliving its pod must not
 //!   transfer to a new pod of the same name.
+//!
+//! A caller of any other service account is a **waypoint pod** when the token
+//! is reviewed as above, is bound to a pod (`pod-name`/`pod-uid` extras) that
+//! still exists with that UID, runs as that account and carries
+//! `gateway.networking.k8s.io/gateway-name`. It may then act as itself only;
+//! that the label names a Gateway of class `istio-waypoint` is checked against
+//! the mesh model at each use ([`Caller::waypoint_in`]). No node is derived:
+//! a waypoint's scope is its own identity, wherever it runs.
 //!
 //! Answers are cached briefly by the token's SHA-256 (the token itself is not
 //! kept), so xDS reconnects and certificate renewals do not each cost a
@@ -35,7 +43,8 @@ use prometheus_client::registry::Registry;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use crate::node_auth::Authenticator;
+use crate::node_auth::{Authenticator, Caller, WaypointCaller};
+use crate::sources::gateway_api::GATEWAY_NAME_LABEL;
 
 /// Istio's CA audience: ztunnel's projected token is requested for it.
 pub const DEFAULT_AUDIENCE: &str = "istio-ca";
@@ -112,9 +121,9 @@ impl Default for KubernetesAuthConfig {
 pub enum ReviewResult {
     /// Answered from the cache.
     cached,
-    /// The API server was asked; the caller is a node.
+    /// The API server was asked; the caller is a node proxy or a waypoint pod.
     accepted,
-    /// The API server was asked; the caller is not a node.
+    /// The API server was asked; the caller is neither.
     refused,
     /// The API server could not be asked, or answered nonsense.
     failed,
@@ -134,8 +143,9 @@ impl KubeAuthMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = KubeAuthMetrics::default();
         registry.register(
+            // The name predates waypoint tokens; kept so dashboards still work.
             "node_token_reviews",
-            "Node authentications in Kubernetes mode, by how they were decided",
+            "Token authentications (node proxies and waypoints) in Kubernetes mode, by how they were decided",
             m.reviews.clone(),
         );
         m
@@ -146,14 +156,14 @@ impl KubeAuthMetrics {
     }
 }
 
-/// A decided authentication: the node, or the refusal to repeat.
-type Outcome = Result<String, (Code, String)>;
+/// A decided authentication: the caller, or the refusal to repeat.
+type Outcome = Result<Caller, (Code, String)>;
 
 struct Cache {
     entries: HashMap<[u8; 32], (Instant, Outcome)>,
 }
 
-/// Authenticates node proxies by TokenReview. Cheap to clone.
+/// Authenticates node proxies and waypoint pods by TokenReview. Cheap to clone.
 #[derive(Clone)]
 pub struct KubernetesAuthenticator {
     client: kube::Client,
@@ -179,8 +189,8 @@ impl KubernetesAuthenticator {
         self
     }
 
-    /// The node `token` may act for.
-    pub async fn node_for_token(&self, token: &str) -> Result<String, Status> {
+    /// Who `token` is: a node proxy and its node, or a waypoint pod.
+    pub async fn caller_for_token(&self, token: &str) -> Result<Caller, Status> {
         let key = digest(token);
         if let Some(outcome) = self.cached(&key) {
             self.metrics.count(ReviewResult::cached);
@@ -194,14 +204,14 @@ impl KubernetesAuthenticator {
                     ReviewResult::refused
                 });
                 if let Err((code, msg)) = &outcome {
-                    tracing::info!(code = ?code, "node token refused: {msg}");
+                    tracing::info!(code = ?code, "token refused: {msg}");
                 }
                 self.remember(key, outcome.clone());
                 outcome.map_err(|(code, msg)| Status::new(code, msg))
             }
             Err(transient) => {
                 self.metrics.count(ReviewResult::failed);
-                tracing::warn!("node authentication failed: {}", transient.message());
+                tracing::warn!("token authentication failed: {}", transient.message());
                 Err(transient)
             }
         }
@@ -270,18 +280,20 @@ impl KubernetesAuthenticator {
                 "TokenReview: the API server's answer has no status",
             ));
         };
-        let caller = match self.node_proxy(&status) {
+        let caller = match self.reviewed(&status) {
             Ok(caller) => caller,
             Err(refusal) => return Ok(Err(refusal)),
         };
-        match caller.node {
-            Some(node) => Ok(Ok(node)),
-            None => self.node_of_pod(&caller).await,
+        if caller.node_proxy {
+            self.node_of(&caller).await
+        } else {
+            self.waypoint_of(&caller).await
         }
     }
 
-    /// Checks the review's verdict, audience and user.
-    fn node_proxy(&self, status: &TokenReviewStatus) -> Result<Caller, (Code, String)> {
+    /// Checks the review's verdict, audience and user: the account, and
+    /// what the token says about its pod.
+    fn reviewed(&self, status: &TokenReviewStatus) -> Result<Reviewed, (Code, String)> {
         if status.authenticated != Some(true) {
             let why = status.error.as_deref().unwrap_or("no reason given");
             return Err((
@@ -328,21 +340,6 @@ impl KubernetesAuthenticator {
                     format!("caller {username:?} is not a service account"),
                 )
             })?;
-        if !self.config.node_proxy_accounts.contains(&account) {
-            let allowed: Vec<String> = self
-                .config
-                .node_proxy_accounts
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            return Err((
-                Code::PermissionDenied,
-                format!(
-                    "service account {account} may not act for a node (allowed: {})",
-                    allowed.join(", ")
-                ),
-            ));
-        }
         let extra = |key: &str| {
             user.extra
                 .as_ref()
@@ -351,36 +348,111 @@ impl KubernetesAuthenticator {
                 .filter(|v| !v.is_empty())
                 .cloned()
         };
-        if let Some(node) = extra(EXTRA_NODE_NAME) {
-            return Ok(Caller {
-                account,
-                node: Some(node),
-                pod: None,
-            });
+        let pod = match (extra(EXTRA_POD_NAME), extra(EXTRA_POD_UID)) {
+            (Some(name), Some(uid)) => Some((name, uid)),
+            _ => None,
+        };
+        Ok(Reviewed {
+            node_proxy: self.config.node_proxy_accounts.contains(&account),
+            account,
+            node: extra(EXTRA_NODE_NAME),
+            pod,
+        })
+    }
+
+    /// A node proxy's node: the token's `node-name` extra, else its pod's.
+    async fn node_of(&self, caller: &Reviewed) -> Result<Outcome, Status> {
+        if let Some(node) = &caller.node {
+            return Ok(Ok(Caller::Node(node.clone())));
         }
-        match (extra(EXTRA_POD_NAME), extra(EXTRA_POD_UID)) {
-            (Some(name), Some(uid)) => Ok(Caller {
-                account,
-                node: None,
-                pod: Some((name, uid)),
-            }),
-            _ => Err((
-                Code::PermissionDenied,
-                format!(
-                    "token of {account} is not bound to a pod (no {EXTRA_NODE_NAME} or \
-                     {EXTRA_POD_NAME}/{EXTRA_POD_UID}): use a projected service-account token"
-                ),
-            )),
+        let pod = match self.bound_pod(caller).await? {
+            Ok(pod) => pod,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let ns = &caller.account.namespace;
+        match pod.spec.and_then(|s| s.node_name).filter(|n| !n.is_empty()) {
+            Some(node) => Ok(Ok(Caller::Node(node))),
+            // Not cached: scheduling will give it one.
+            None => Err(Status::permission_denied(format!(
+                "pod {ns}/{} is not scheduled on a node",
+                pod.metadata.name.as_deref().unwrap_or_default()
+            ))),
         }
     }
 
-    /// The node of the token's pod, if that pod is still the one the token
-    /// was issued to.
-    async fn node_of_pod(&self, caller: &Caller) -> Result<Outcome, Status> {
-        let Some((name, uid)) = &caller.pod else {
-            return Err(Status::internal("no pod to look up"));
+    /// Any other account: a waypoint pod, if the token's pod carries a
+    /// waypoint's Gateway label. That the Gateway is of class
+    /// `istio-waypoint` is the mesh model's call at each use
+    /// ([`Caller::waypoint_in`]), so it is not frozen into the cache.
+    async fn waypoint_of(&self, caller: &Reviewed) -> Result<Outcome, Status> {
+        let refuse = |code, why: String| {
+            Ok(Err((
+                code,
+                format!(
+                    "service account {} may not act for a node (allowed: {}), nor as a \
+                     waypoint: {why}",
+                    caller.account,
+                    self.allowed()
+                ),
+            )))
+        };
+        let pod = match self.bound_pod(caller).await? {
+            Ok(pod) => pod,
+            Err((code, why)) => return refuse(code, why),
         };
         let ns = &caller.account.namespace;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let labelled = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+            .is_some_and(|g| !g.is_empty());
+        if !labelled {
+            return refuse(
+                Code::PermissionDenied,
+                format!(
+                    "its pod {ns}/{name} is not a waypoint pod (no label {GATEWAY_NAME_LABEL})"
+                ),
+            );
+        }
+        Ok(Ok(Caller::Waypoint(WaypointCaller {
+            namespace: ns.clone(),
+            pod: name,
+            service_account: Some(caller.account.name.clone()),
+        })))
+    }
+
+    fn allowed(&self) -> String {
+        let allowed: Vec<String> = self
+            .config
+            .node_proxy_accounts
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        allowed.join(", ")
+    }
+
+    /// The token's pod, if it is still the one the token was issued to and
+    /// runs as the token's account.
+    async fn bound_pod(&self, caller: &Reviewed) -> Result<Result<Pod, (Code, String)>, Status> {
+        let account = &caller.account;
+        let Some((name, uid)) = &caller.pod else {
+            let role = if caller.node_proxy {
+                "act for a node"
+            } else {
+                "act as a waypoint"
+            };
+            return Ok(Err((
+                Code::PermissionDenied,
+                format!(
+                    "token of {account} is not bound to a pod (no {EXTRA_NODE_NAME} or \
+                     {EXTRA_POD_NAME}/{EXTRA_POD_UID}): use a projected service-account token \
+                     to {role}"
+                ),
+            )));
+        };
+        let ns = &account.namespace;
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let pod = tokio::time::timeout(self.config.timeout, api.get_opt(name))
             .await
@@ -402,28 +474,28 @@ impl KubernetesAuthenticator {
                 pod.metadata.uid.as_deref().unwrap_or("none")
             ));
         }
-        let spec = pod.spec.unwrap_or_default();
         // Defaulted by the API server, so a pod always names its account.
-        let pod_account = spec.service_account_name.as_deref().unwrap_or("default");
-        if pod_account != caller.account.name {
+        let pod_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .unwrap_or("default");
+        if pod_account != account.name {
             return denied(format!(
                 "pod {ns}/{name} runs as service account {pod_account}, not {}",
-                caller.account.name
+                account.name
             ));
         }
-        match spec.node_name.filter(|n| !n.is_empty()) {
-            Some(node) => Ok(Ok(node)),
-            // Not cached: scheduling will give it one.
-            None => Err(Status::permission_denied(format!(
-                "pod {ns}/{name} is not scheduled on a node"
-            ))),
-        }
+        Ok(Ok(pod))
     }
 }
 
-/// An allowed node proxy, and what its token says about where it runs.
-struct Caller {
+/// A service account the API server vouched for, and what its token says
+/// about where it runs.
+struct Reviewed {
     account: ServiceAccount,
+    /// On the node-proxy allow list.
+    node_proxy: bool,
     node: Option<String>,
     /// (name, uid), in the account's namespace.
     pod: Option<(String, String)>,
@@ -438,7 +510,7 @@ fn digest(token: &str) -> [u8; 32] {
 
 #[tonic::async_trait]
 impl Authenticator for KubernetesAuthenticator {
-    async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         if metadata.get("authorization").is_none() {
             return Err(Status::unauthenticated(
                 "missing token: send `authorization: Bearer <service-account token>`",
@@ -452,7 +524,7 @@ impl Authenticator for KubernetesAuthenticator {
         if token.is_empty() {
             return Err(Status::unauthenticated("empty bearer token"));
         }
-        self.node_for_token(token).await
+        self.caller_for_token(token).await
     }
 }
 

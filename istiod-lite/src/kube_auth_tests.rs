@@ -42,9 +42,13 @@ fn authenticator(fake: &FakeApiServer) -> KubernetesAuthenticator {
     KubernetesAuthenticator::new(fake.client(), KubernetesAuthConfig::default())
 }
 
+fn node(name: &str) -> Caller {
+    Caller::Node(name.to_string())
+}
+
 async fn refused(auth: &KubernetesAuthenticator, token: &str) -> Status {
     match auth.authenticate(&bearer(token)).await {
-        Ok(node) => panic!("{token}: accepted as {node}"),
+        Ok(caller) => panic!("{token}: accepted as {caller}"),
         Err(e) => e,
     }
 }
@@ -61,11 +65,14 @@ async fn ztunnel_token_with_node_extra_is_its_node_and_is_cached() {
     let metrics = KubeAuthMetrics::register(&mut registry);
     let auth = authenticator(&fake).with_metrics(metrics);
 
-    assert_eq!(auth.authenticate(&bearer("zt-a")).await.unwrap(), "node-a");
+    assert_eq!(
+        auth.authenticate(&bearer("zt-a")).await.unwrap(),
+        node("node-a")
+    );
     // Reconnects within the TTL do not ask again; no pod was read.
     assert_eq!(
         auth.clone().authenticate(&bearer("zt-a")).await.unwrap(),
-        "node-a"
+        node("node-a")
     );
     assert_eq!(fake.requests(REVIEWS), 1);
     assert_eq!(fake.requests("get pod"), 0);
@@ -113,7 +120,8 @@ async fn other_accounts_and_users_are_permission_denied() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert_eq!(
         err.message(),
-        "service account demo/web may not act for a node (allowed: istio-system/ztunnel)"
+        "service account demo/web may not act for a node (allowed: istio-system/ztunnel), nor \
+         as a waypoint: the token's pod demo/ztunnel-x no longer exists"
     );
     let err = refused(&auth, "fake-zt").await;
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -135,7 +143,10 @@ async fn other_accounts_and_users_are_permission_denied() {
             ..Default::default()
         },
     );
-    assert_eq!(auth.authenticate(&bearer("web")).await.unwrap(), "node-a");
+    assert_eq!(
+        auth.authenticate(&bearer("web")).await.unwrap(),
+        node("node-a")
+    );
 }
 
 #[tokio::test]
@@ -191,7 +202,7 @@ async fn unauthenticated_reviews_and_wrong_audiences_are_unauthenticated() {
     );
     assert_eq!(
         auth.authenticate(&bearer("for-api")).await.unwrap(),
-        "node-a"
+        node("node-a")
     );
     assert_eq!(refused(&auth, "for-ca").await.code(), Code::Unauthenticated);
 
@@ -249,7 +260,10 @@ async fn without_node_extra_the_pod_gives_the_node_if_its_uid_matches() {
     let auth = authenticator(&fake);
     let reads = fake.requests("get pod");
 
-    assert_eq!(auth.authenticate(&bearer("bound")).await.unwrap(), "node-b");
+    assert_eq!(
+        auth.authenticate(&bearer("bound")).await.unwrap(),
+        node("node-b")
+    );
     assert_eq!(fake.requests("get pod"), reads + 1);
 
     let err = refused(&auth, "stale").await;
@@ -387,5 +401,192 @@ fn service_accounts_parse() {
     );
     for bad in ["ztunnel", "/ztunnel", "istio-system/", "a/b/c", ""] {
         assert!(bad.parse::<ServiceAccount>().is_err(), "{bad}");
+    }
+}
+
+mod waypoints {
+    use super::*;
+    use crate::ca_service::{CaService, IMPERSONATED_IDENTITY};
+    use crate::metrics::Metrics;
+    use mesh_core::ca::{generate_csr, CertificateAuthority};
+    use mesh_core::config::{parse_mesh_config, MeshConfig};
+    use mesh_core::proto::istio::ca::istio_certificate_service_server::IstioCertificateService;
+    use mesh_core::proto::istio::ca::IstioCertificateRequest;
+    use mesh_core::Identity;
+    use tokio::sync::watch;
+
+    fn demo_pod(name: &str, sa: &str, gateway: Option<&str>) -> Value {
+        let labels = match gateway {
+            Some(g) => json!({"gateway.networking.k8s.io/gateway-name": g}),
+            None => json!({}),
+        };
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "demo", "labels": labels},
+            "spec": {"serviceAccountName": sa, "nodeName": "node-a", "containers": []},
+        })
+    }
+
+    /// The model: on node-a, the waypoint pod of Gateway demo/wp (account
+    /// wp), an application pod, and `lookalike-0`, labelled for Gateway
+    /// demo/not-wp, which is not of class istio-waypoint, so the model does
+    /// not count it as a waypoint.
+    const MESH: &str = r#"
+workloads:
+- {name: wp-0, namespace: demo, serviceAccount: wp, node: node-a, addresses: [10.0.0.9], nativeTunnel: true}
+- {name: app-0, namespace: demo, serviceAccount: app, node: node-a, addresses: [10.0.0.2]}
+- {name: lookalike-0, namespace: demo, serviceAccount: lookalike, node: node-a, addresses: [10.0.0.3]}
+"#;
+
+    struct World {
+        fake: FakeApiServer,
+        ca: CaService,
+        metrics: Arc<Metrics>,
+    }
+
+    async fn world() -> World {
+        let fake = FakeApiServer::start().await;
+        fake.apply(demo_pod("wp-0", "wp", Some("wp")));
+        // The waypoint's account running a pod that is no waypoint.
+        fake.apply(demo_pod("debug", "wp", None));
+        fake.apply(demo_pod("lookalike-0", "lookalike", Some("not-wp")));
+        fake.apply(demo_pod("app-0", "app", None));
+        for (token, pod, sa) in [
+            ("wp-token", "wp-0", "wp"),
+            ("wp-on-debug", "debug", "wp"),
+            ("lookalike", "lookalike-0", "lookalike"),
+            ("app", "app-0", "app"),
+        ] {
+            let uid = uid_of(&fake, "demo", pod).await;
+            fake.add_token(token, &["istio-ca"], sa_user("demo", sa, of_pod(pod, &uid)));
+        }
+        fake.add_token(
+            "zt-a",
+            &["istio-ca"],
+            sa_user("istio-system", "ztunnel", on_node("node-a")),
+        );
+        let mesh: Arc<MeshConfig> = Arc::new(parse_mesh_config(MESH).unwrap());
+        let (_tx, rx) = watch::channel(mesh);
+        // The sender may go: the CA reads the last value.
+        let metrics = Arc::new(Metrics::new());
+        let ca = CaService::new(
+            Arc::new(CertificateAuthority::generate("cluster.local").unwrap()),
+            Arc::new(authenticator(&fake)),
+            rx,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
+        .with_metrics(metrics.clone());
+        World { fake, ca, metrics }
+    }
+
+    fn sa(name: &str) -> String {
+        format!("spiffe://cluster.local/ns/demo/sa/{name}")
+    }
+
+    /// Asks the CA for `identity` with `token`.
+    async fn ask(w: &World, token: &str, identity: &str) -> Result<Vec<String>, Status> {
+        let id: Identity = identity.parse().unwrap();
+        let (csr, _) = generate_csr(&id).unwrap();
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: 0,
+            metadata: Some(prost_types::Struct {
+                fields: [(
+                    IMPERSONATED_IDENTITY.to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(identity.into())),
+                    },
+                )]
+                .into(),
+            }),
+        });
+        *request.metadata_mut() = bearer(token);
+        w.ca.create_certificate(request)
+            .await
+            .map(|r| r.into_inner().cert_chain)
+    }
+
+    #[tokio::test]
+    async fn a_waypoint_token_obtains_its_own_identity_only() {
+        let w = world().await;
+        let chain = ask(&w, "wp-token", &sa("wp")).await.unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(
+            authenticator(&w.fake)
+                .authenticate(&bearer("wp-token"))
+                .await
+                .unwrap(),
+            Caller::Waypoint(WaypointCaller {
+                namespace: "demo".into(),
+                pod: "wp-0".into(),
+                service_account: Some("wp".into()),
+            })
+        );
+
+        // Not its neighbour's, though it runs on the same node.
+        let err = ask(&w, "wp-token", &sa("app")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(
+            err.message(),
+            "waypoint pod demo/wp-0 may obtain only its own identity \
+             spiffe://cluster.local/ns/demo/sa/wp, not spiffe://cluster.local/ns/demo/sa/app"
+        );
+        let text = w.metrics.encode();
+        assert!(
+            text.contains("istiod_ca_requests_total{result=\"issued\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("istiod_ca_requests_total{result=\"denied\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_waypoint_account_on_another_pod_or_a_lookalike_is_refused() {
+        let w = world().await;
+        let err = ask(&w, "wp-on-debug", &sa("wp")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(
+            err.message(),
+            "service account demo/wp may not act for a node (allowed: istio-system/ztunnel), \
+             nor as a waypoint: its pod demo/debug is not a waypoint pod (no label \
+             gateway.networking.k8s.io/gateway-name)"
+        );
+        // Labelled, but for a Gateway the model does not take as a waypoint.
+        let err = ask(&w, "lookalike", &sa("lookalike")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(
+            err.message()
+                .starts_with("pod demo/lookalike-0 is not a waypoint pod: it must be labelled"),
+            "{err:?}"
+        );
+        // An ordinary workload's token is no credential at all.
+        let err = ask(&w, "app", &sa("app")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("is not a waypoint pod"), "{err:?}");
+        let text = w.metrics.encode();
+        assert!(
+            text.contains("istiod_ca_requests_total{result=\"denied\"} 3"),
+            "{text}"
+        );
+        assert!(!text.contains("result=\"issued\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_node_token_no_longer_obtains_its_waypoints_identity() {
+        let w = world().await;
+        let err = ask(&w, "zt-a", &sa("wp")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(
+            err.message(),
+            "identity spiffe://cluster.local/ns/demo/sa/wp is a waypoint's on node node-a: a \
+             waypoint obtains its identity with its own token, a node's token cannot"
+        );
+        // Its other workloads' identities still.
+        assert!(ask(&w, "zt-a", &sa("app")).await.is_ok());
+        assert!(ask(&w, "zt-a", &sa("lookalike")).await.is_ok());
     }
 }

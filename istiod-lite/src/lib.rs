@@ -4,7 +4,8 @@
 //! * [`sources`] → [`translate`] → [`pipeline`]: cluster objects become the
 //!   mesh model and versioned [`xds::Snapshot`]s.
 //! * [`xds`]: the delta ADS server; [`ca_service`]: the gRPC CA;
-//!   [`node_auth`] and [`kube_auth`]: who is calling; [`tls_serve`]: TLS for both.
+//!   [`node_auth`], [`waypoint_tokens`] and [`kube_auth`]: who is calling;
+//!   [`tls_serve`]: TLS for both.
 //! * [`serve`]: the running process; [`monitoring`] and [`metrics`]: 15014.
 //! * [`waypoint_deployer`]: in Kubernetes, a waypoint (Deployment, Service,
 //!   ServiceAccount) for every `istio-waypoint` Gateway.
@@ -24,6 +25,7 @@ pub mod sources;
 pub mod tls_serve;
 pub mod translate;
 pub mod waypoint_deployer;
+pub mod waypoint_tokens;
 pub mod xds;
 
 #[cfg(test)]

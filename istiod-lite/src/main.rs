@@ -59,14 +59,17 @@ enum Command {
         /// YAML map of node name to bootstrap token; a ztunnel presents its
         /// node's token as `authorization: Bearer <token>`. Required with
         /// `--source manifests`, refused with `kubernetes` (TokenReview there).
+        /// Waypoint pods get their own tokens, issued into
+        /// `<data-dir>/waypoint-tokens/<namespace>/<pod>`.
         #[arg(long)]
         bootstrap_tokens: Option<PathBuf>,
-        /// Kubernetes mode: audience a node proxy's service-account token
-        /// must be valid for (repeatable).
+        /// Kubernetes mode: audience a node proxy's or waypoint's
+        /// service-account token must be valid for (repeatable).
         #[arg(long = "token-audience", value_name = "AUDIENCE", default_value = istiod_lite::kube_auth::DEFAULT_AUDIENCE)]
         token_audiences: Vec<String>,
         /// Kubernetes mode: `namespace/name` of a service account allowed to
-        /// act for the node its pod runs on (repeatable).
+        /// act for the node its pod runs on (repeatable). Tokens of other
+        /// accounts are accepted only from waypoint pods, for their own identity.
         #[arg(long = "node-proxy-service-account", value_name = "NAMESPACE/NAME", default_value = istiod_lite::kube_auth::DEFAULT_NODE_PROXY_ACCOUNT)]
         node_proxy_accounts: Vec<ServiceAccount>,
         /// Default workload certificate lifetime in seconds.

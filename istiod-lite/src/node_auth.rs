@@ -1,25 +1,119 @@
 //! Who is calling: authentication of proxies to the control plane.
 //!
+//! A caller is either a node proxy (ztunnel), acting for the workloads of its
+//! node, or a waypoint pod, acting as itself only ([`Caller`]).
+//!
 //! In manifests (local) mode every node has a bootstrap token, listed in a YAML
 //! map `node-name: token`; a ztunnel presents its node's token as
-//! `authorization: Bearer <token>` and is thereby that node. The Kubernetes
-//! variant (TokenReview of the projected service-account token) will implement
-//! the same [`Authenticator`] trait, so the CA and xDS servers do not care which
-//! one is in use.
+//! `authorization: Bearer <token>` and is thereby that node. Waypoint pods get
+//! tokens istiod-lite issues itself ([`crate::waypoint_tokens`]). The
+//! Kubernetes variant (TokenReview of the projected service-account token,
+//! [`crate::kube_auth`]) implements the same [`Authenticator`] trait, so the CA
+//! and xDS servers do not care which one is in use.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+
+use mesh_core::config::{MeshConfig, Workload};
 use std::time::{Duration, Instant, SystemTime};
 
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-/// Maps a call's credentials to the node it comes from.
+use crate::sources::gateway_api::{GATEWAY_NAME_LABEL, WAYPOINT_CLASS};
+use crate::waypoint_tokens::WaypointTokens;
+
+/// Who a call comes from, as its credential proves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A node proxy: may act for the workloads of this node, waypoints
+    /// excepted.
+    Node(String),
+    /// A waypoint pod: may act as itself only.
+    Waypoint(WaypointCaller),
+}
+
+/// A waypoint pod, as its credential names it. Whether it really is a
+/// waypoint pod (labelled for a Gateway of class `istio-waypoint`) is checked
+/// against the current mesh model at each use ([`Caller::waypoint_in`]), so a
+/// Gateway deleted or reclassed stops granting anything at once, whatever
+/// was cached about the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaypointCaller {
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// Kubernetes: the service account the token belongs to, which the pod
+    /// must run as. Bootstrap tokens name the pod only.
+    pub service_account: Option<String>,
+}
+
+impl WaypointCaller {
+    /// `namespace/pod`, the key of its workload in the mesh model.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod)
+    }
+}
+
+impl Caller {
+    /// The waypoint workload in `mesh` this caller is, with the reason if it
+    /// is not one (or is a node).
+    pub fn waypoint_in<'m>(&self, mesh: &'m MeshConfig) -> Result<&'m Workload, String> {
+        let Caller::Waypoint(w) = self else {
+            return Err(format!("{self} is not a waypoint"));
+        };
+        let found = mesh
+            .workloads
+            .iter()
+            .find(|x| x.namespace == w.namespace && x.name == w.pod);
+        check_waypoint(
+            w,
+            found.map(|x| (x.native_tunnel, x.service_account.as_str())),
+        )?;
+        found.ok_or_else(|| format!("pod {} is not in the mesh", w.key()))
+    }
+}
+
+/// Whether a workload found as (native_tunnel, service account) is the
+/// waypoint pod `w` claims to be; shared by the CA (mesh model) and xDS
+/// (its visibility index) so both refuse alike.
+pub fn check_waypoint(w: &WaypointCaller, found: Option<(bool, &str)>) -> Result<(), String> {
+    let key = w.key();
+    match found {
+        None => Err(format!(
+            "pod {key} is not a waypoint pod of the mesh (yet): none of that name with an \
+             address, labelled {GATEWAY_NAME_LABEL}=<name> of a Gateway of class {WAYPOINT_CLASS}"
+        )),
+        Some((false, _)) => Err(format!(
+            "pod {key} is not a waypoint pod: it must be labelled \
+             {GATEWAY_NAME_LABEL}=<name> of a Gateway of class {WAYPOINT_CLASS} in {}",
+            w.namespace
+        )),
+        Some((true, sa)) => match &w.service_account {
+            Some(want) if want != sa => Err(format!(
+                "waypoint pod {key} runs as service account {sa} in the mesh, not {want}"
+            )),
+            _ => Ok(()),
+        },
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Node(node) => write!(f, "node {node}"),
+            Caller::Waypoint(w) => write!(f, "waypoint pod {}", w.key()),
+        }
+    }
+}
+
+/// Maps a call's credentials to who it comes from.
 #[tonic::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
-    /// The caller's node, or UNAUTHENTICATED with the reason.
-    async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status>;
+    /// The caller, or UNAUTHENTICATED / PERMISSION_DENIED with the reason.
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +130,14 @@ pub enum TokenFileError {
     DuplicateToken(PathBuf, String, String),
 }
 
-/// Per-node bootstrap tokens from a file, re-read when the file changes.
+/// Per-node bootstrap tokens from a file, re-read when the file changes, and
+/// optionally the waypoint tokens istiod-lite issued.
 ///
 /// Cheap to clone; clones share the token table.
 #[derive(Clone)]
 pub struct NodeAuthenticator {
     inner: Arc<Inner>,
+    waypoints: Option<WaypointTokens>,
 }
 
 struct Inner {
@@ -71,7 +167,14 @@ impl NodeAuthenticator {
                 tokens: RwLock::new(tokens),
                 last_check: Mutex::new(Instant::now()),
             }),
+            waypoints: None,
         })
+    }
+
+    /// Also accepts the waypoint pods' tokens in `waypoints`.
+    pub fn with_waypoint_tokens(mut self, waypoints: WaypointTokens) -> Self {
+        self.waypoints = Some(waypoints);
+        self
     }
 
     /// The node whose token is `token`.
@@ -136,7 +239,7 @@ impl NodeAuthenticator {
 
 #[tonic::async_trait]
 impl Authenticator for NodeAuthenticator {
-    async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         if metadata.get("authorization").is_none() {
             return Err(Status::unauthenticated(
                 "missing node token: send `authorization: Bearer <node bootstrap token>`",
@@ -150,8 +253,15 @@ impl Authenticator for NodeAuthenticator {
         if token.is_empty() {
             return Err(Status::unauthenticated("empty bearer token"));
         }
-        self.node_for_token(token)
-            .ok_or_else(|| Status::unauthenticated("unknown node token"))
+        if let Some(node) = self.node_for_token(token) {
+            return Ok(Caller::Node(node));
+        }
+        if let Some(w) = self.waypoints.as_ref().and_then(|w| w.pod_for_token(token)) {
+            return Ok(Caller::Waypoint(w));
+        }
+        Err(Status::unauthenticated(
+            "unknown node or waypoint bootstrap token",
+        ))
     }
 }
 
@@ -228,12 +338,12 @@ mod tests {
         assert_eq!(auth.node_for_token("secret-a").as_deref(), Some("node-a"));
         assert_eq!(
             auth.authenticate(&bearer("secret-b")).await.unwrap(),
-            "node-b"
+            Caller::Node("node-b".into())
         );
 
         let err = auth.authenticate(&bearer("secret-c")).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        assert!(err.message().contains("unknown node token"), "{err}");
+        assert!(err.message().contains("unknown node or waypoint"), "{err}");
         // A prefix of a real token is not that token.
         let err = auth.authenticate(&bearer("secret-")).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
@@ -289,7 +399,7 @@ mod tests {
         tokio::time::sleep(RECHECK + Duration::from_millis(100)).await;
         assert_eq!(
             clone.authenticate(&bearer("new-token")).await.unwrap(),
-            "node-a"
+            Caller::Node("node-a".into())
         );
         assert!(auth.authenticate(&bearer("old")).await.is_err());
 
@@ -297,7 +407,7 @@ mod tests {
         tokio::time::sleep(RECHECK + Duration::from_millis(100)).await;
         assert_eq!(
             auth.authenticate(&bearer("new-token")).await.unwrap(),
-            "node-a"
+            Caller::Node("node-a".into())
         );
     }
 }

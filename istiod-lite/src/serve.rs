@@ -21,6 +21,7 @@ use crate::node_auth::{Authenticator, NodeAuthenticator};
 use crate::pipeline::{self, MeshOptions, Outputs, PipelineMetrics};
 use crate::sources::kubernetes::{follow_kubernetes, KubernetesConfig, KubernetesMetrics};
 use crate::waypoint_deployer::{DeployerConfig, DeployerMetrics, DeployerSettings};
+use crate::waypoint_tokens::WaypointTokens;
 use crate::xds::{XdsMetrics, XdsServer};
 
 /// Where the cluster objects come from.
@@ -43,7 +44,8 @@ pub struct ServeOptions {
     pub xds_plaintext_addr: Option<SocketAddr>,
     pub monitoring_addr: SocketAddr,
     /// Node bootstrap tokens: required with [`SourceKind::Manifests`]; with
-    /// Kubernetes, nodes are authenticated by TokenReview instead.
+    /// Kubernetes, nodes are authenticated by TokenReview instead. Waypoint
+    /// pods' tokens are issued into `<data_dir>/waypoint-tokens`.
     pub bootstrap_tokens: Option<PathBuf>,
     /// Kubernetes mode: audiences a node proxy's token must be valid for.
     pub token_audiences: Vec<String>,
@@ -61,6 +63,10 @@ pub struct ServeOptions {
     /// (default `https://istiod-lite.<our namespace>.svc:15012`).
     pub waypoint_xds_address: Option<String>,
 }
+
+/// Manifests mode: where, under `--data-dir`, waypoint pods' tokens are
+/// written ([`crate::waypoint_tokens`]).
+pub const WAYPOINT_TOKEN_DIR: &str = "waypoint-tokens";
 
 /// How long the serving certificate lives; it is re-issued at every start.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -140,6 +146,14 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .context("--manifests is required with --source manifests")?;
             pipeline::rebuild(&dir, &opts.mesh, &outputs, &pipeline_metrics)
                 .map_err(anyhow::Error::msg)?;
+            // Issued before serving, so the waypoint pods of the first model
+            // have their tokens by the time we are ready.
+            let token_dir = opts.data_dir.join(WAYPOINT_TOKEN_DIR);
+            let waypoint_tokens = WaypointTokens::open(&token_dir)
+                .with_context(|| format!("waypoint tokens {}", token_dir.display()))?;
+            waypoint_tokens.sync(&outputs.mesh.borrow());
+            tokio::spawn(waypoint_tokens.clone().follow(outputs.mesh.subscribe()));
+            let auth = auth.with_waypoint_tokens(waypoint_tokens);
             tokio::spawn(pipeline::follow_manifests(
                 dir,
                 opts.mesh.clone(),

@@ -12,6 +12,7 @@ use istiod_lite::kube_auth::{KubernetesAuthConfig, KubernetesAuthenticator};
 use istiod_lite::metrics::Metrics;
 use istiod_lite::node_auth::{Authenticator, NodeAuthenticator};
 use istiod_lite::tls_serve::{server_config, tls_incoming};
+use istiod_lite::waypoint_tokens::{token_path, WaypointTokens};
 use mesh_core::ca::{generate_csr, CertificateAuthority};
 use mesh_core::config::{MeshConfig, Workload};
 use mesh_core::grpc::ControlPlane;
@@ -259,7 +260,10 @@ async fn missing_wrong_or_unknown_tokens_are_unauthenticated() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(err.message().contains("unknown node token"), "{err:?}");
+    assert!(
+        err.message().contains("unknown node or waypoint"),
+        "{err:?}"
+    );
 
     // Not a bearer token at all.
     let cp = h.control_plane(addr, None);
@@ -482,4 +486,117 @@ async fn token_review_authenticated_node_gets_only_its_identities() {
     .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("invalid bearer token"), "{err:?}");
+}
+
+fn waypoint_workload(name: &str, sa: &str, node: &str, ip: &str) -> Workload {
+    serde_yaml::from_str(&format!(
+        "{{name: {name}, namespace: demo, serviceAccount: {sa}, node: {node}, addresses: [{ip}], nativeTunnel: true}}"
+    ))
+    .unwrap()
+}
+
+/// Manifests mode: node bootstrap tokens plus the waypoint tokens istiod-lite
+/// issues, with waypoint pod demo/wp-0 (account wp) on node-a next to web-1.
+fn with_waypoint_tokens(name: &str) -> (Harness, WaypointTokens) {
+    let mut tokens = None;
+    let h = Harness::with_auth(name, |dir| {
+        let _ = std::fs::remove_dir_all(dir.join("wp-tokens"));
+        let t = WaypointTokens::open(dir.join("wp-tokens")).unwrap();
+        tokens = Some(t.clone());
+        Arc::new(
+            NodeAuthenticator::from_file(dir.join("tokens.yaml"))
+                .unwrap()
+                .with_waypoint_tokens(t),
+        )
+    });
+    let tokens = tokens.unwrap();
+    h.mesh.send_modify(|m| {
+        let mut next = (**m).clone();
+        next.workloads
+            .push(waypoint_workload("wp-0", "wp", "node-a", "10.0.0.9"));
+        *m = Arc::new(next);
+    });
+    tokens.sync(&h.mesh.borrow());
+    (h, tokens)
+}
+
+#[tokio::test]
+async fn manifests_waypoint_token_obtains_its_own_identity_only() {
+    let (h, tokens) = with_waypoint_tokens("wp-own");
+    let addr = h.serve_plaintext().await;
+    let token_file = token_path(tokens.dir(), "demo", "wp-0");
+    assert!(token_file.starts_with(&h.dir));
+    let cp = ControlPlane {
+        token_file: Some(token_file.clone()),
+        ..ControlPlane::plaintext(format!("http://{addr}"))
+    };
+    let wp = id("wp");
+    let (csr, key) = generate_csr(&wp).unwrap();
+    let chain = call(&cp, request(&csr, Some(&wp.to_string()), 0))
+        .await
+        .unwrap();
+    let cert = WorkloadCertificate::from_pem(chain.concat().as_bytes(), key.as_bytes()).unwrap();
+    assert_eq!(cert.identity(), &wp);
+
+    // Its neighbour on node-a is not its to have.
+    let (csr, _) = generate_csr(&id("web")).unwrap();
+    let err = call(&cp, request(&csr, Some(&id("web").to_string()), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        "waypoint pod demo/wp-0 may obtain only its own identity \
+         spiffe://cluster.local/ns/demo/sa/wp, not spiffe://cluster.local/ns/demo/sa/web"
+    );
+
+    // The pod leaves the model: its token is revoked, file and all.
+    h.mesh.send_modify(|m| {
+        let mut next = (**m).clone();
+        next.workloads.retain(|w| w.name != "wp-0");
+        *m = Arc::new(next);
+    });
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    tokens.sync(&h.mesh.borrow());
+    assert!(!token_file.exists());
+    std::fs::write(h.dir.join("revoked"), token).unwrap();
+    let (csr, _) = generate_csr(&wp).unwrap();
+    let err = call(
+        &h.control_plane(addr, Some("revoked")),
+        request(&csr, Some(&wp.to_string()), 0),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let text = h.metrics.encode();
+    for want in [
+        "istiod_ca_requests_total{result=\"issued\"} 1",
+        "istiod_ca_requests_total{result=\"denied\"} 1",
+        "istiod_ca_requests_total{result=\"unauthenticated\"} 1",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn manifests_node_token_no_longer_obtains_its_waypoints_identity() {
+    let (h, _tokens) = with_waypoint_tokens("wp-node");
+    let addr = h.serve_plaintext().await;
+    let cp = h.control_plane(addr, Some("a"));
+    let wp = id("wp");
+    let (csr, _) = generate_csr(&wp).unwrap();
+    let err = call(&cp, request(&csr, Some(&wp.to_string()), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        "identity spiffe://cluster.local/ns/demo/sa/wp is a waypoint's on node node-a: a \
+         waypoint obtains its identity with its own token, a node's token cannot"
+    );
+    // Its own workloads' identities still.
+    let (csr, _) = generate_csr(&id("web")).unwrap();
+    assert!(call(&cp, request(&csr, Some(&id("web").to_string()), 0))
+        .await
+        .is_ok());
 }

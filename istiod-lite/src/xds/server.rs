@@ -24,8 +24,8 @@ use mesh_core::proto::ADDRESS_TYPE;
 
 use super::metrics::XdsMetrics;
 use super::snapshot::{Entry, Snapshot, TYPES};
-use super::visibility;
-use crate::node_auth::Authenticator;
+use super::visibility::{self, Viewer};
+use crate::node_auth::{check_waypoint, Authenticator, Caller};
 
 #[derive(Clone)]
 pub struct XdsServer {
@@ -51,6 +51,27 @@ impl XdsServer {
     }
 }
 
+impl XdsServer {
+    /// What an authenticated caller is sent. A waypoint pod must be one in
+    /// the model being served (checked once: a pod that stops being one is
+    /// then simply sent no L7 resources).
+    fn viewer(&self, caller: Caller) -> Result<Viewer, Status> {
+        match caller {
+            Caller::Node(node) => Ok(Viewer::Node(node)),
+            Caller::Waypoint(w) => {
+                let key = w.key();
+                let snapshot = self.snapshots.borrow().clone();
+                let found = snapshot
+                    .visibility
+                    .waypoint_pod(&key)
+                    .map(|p| (true, p.service_account.as_str()));
+                check_waypoint(&w, found).map_err(Status::permission_denied)?;
+                Ok(Viewer::Waypoint(key))
+            }
+        }
+    }
+}
+
 type ResponseStream = Pin<
     Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send + 'static>,
 >;
@@ -63,16 +84,21 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let authenticated =
-            match &self.auth {
-                Some(auth) => Some(auth.authenticate(request.metadata()).await.inspect_err(
-                    |e| {
-                        self.metrics.count_rejected_stream();
-                        tracing::warn!("xDS stream refused: {}", e.message());
-                    },
-                )?),
-                None => None,
-            };
+        let refused = |e: Status| {
+            self.metrics.count_rejected_stream();
+            tracing::warn!("xDS stream refused: {}", e.message());
+            e
+        };
+        let viewer = match &self.auth {
+            Some(auth) => {
+                let caller = auth
+                    .authenticate(request.metadata())
+                    .await
+                    .map_err(refused)?;
+                Some(self.viewer(caller).map_err(refused)?)
+            }
+            None => None,
+        };
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
@@ -82,7 +108,7 @@ impl AggregatedDiscoveryService for XdsServer {
             responses: tx,
             snapshots: self.snapshots.clone(),
             metrics: self.metrics.clone(),
-            node: authenticated,
+            viewer,
             peer,
             subscriptions: HashMap::new(),
             nonce: 0,
@@ -116,8 +142,9 @@ struct Stream {
     responses: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: XdsMetrics,
-    /// The authenticated node, or the node the client says it is (plaintext port).
-    node: Option<String>,
+    /// The authenticated caller, or the node the client says it is
+    /// (plaintext port); `None` sees everything.
+    viewer: Option<Viewer>,
     peer: String,
     subscriptions: HashMap<String, Subscription>,
     nonce: u64,
@@ -146,10 +173,10 @@ impl Stream {
         self.metrics.clients.inc();
         let outcome = self.serve().await;
         self.metrics.clients.dec();
-        let node = self.node.as_deref().unwrap_or("?");
+        let caller = self.caller();
         match outcome {
-            Ok(()) => tracing::info!(node, peer = %self.peer, "xDS client disconnected"),
-            Err(e) => tracing::info!(node, peer = %self.peer, "xDS stream ended: {e}"),
+            Ok(()) => tracing::info!(caller, peer = %self.peer, "xDS client disconnected"),
+            Err(e) => tracing::info!(caller, peer = %self.peer, "xDS stream ended: {e}"),
         }
     }
 
@@ -178,8 +205,8 @@ impl Stream {
     }
 
     async fn on_request(&mut self, r: DeltaDiscoveryRequest) -> Result<(), String> {
-        if self.node.is_none() {
-            self.node = r
+        if self.viewer.is_none() {
+            self.viewer = r
                 .node
                 .as_ref()
                 .and_then(|n| n.metadata.as_ref())
@@ -188,9 +215,10 @@ impl Stream {
                     Some(Kind::StringValue(s)) => Some(s.clone()),
                     _ => None,
                 })
-                .or_else(|| r.node.as_ref().map(|n| n.id.clone()));
-            if let Some(node) = &self.node {
-                tracing::info!(node, peer = %self.peer, "xDS client connected");
+                .or_else(|| r.node.as_ref().map(|n| n.id.clone()))
+                .map(Viewer::ClaimedNode);
+            if self.viewer.is_some() {
+                tracing::info!(caller = self.caller(), peer = %self.peer, "xDS client connected");
             }
         }
         let type_url = r.type_url.clone();
@@ -219,7 +247,7 @@ impl Stream {
                 Some(e) => {
                     self.metrics.count_nack(&type_url);
                     tracing::warn!(
-                        node = self.node.as_deref().unwrap_or("?"),
+                        caller = self.caller(),
                         type_url,
                         nonce = r.response_nonce,
                         "client rejected an update (NACK), it keeps its previous resources: {}",
@@ -309,7 +337,8 @@ impl Stream {
             self.in_flight = None;
             permit = self.full_pushes.clone().acquire_owned().await.ok();
         }
-        let node = self.node.clone();
+        let viewer = self.viewer.clone();
+        let viewer = viewer.as_ref();
         let Some(sub) = self.subscriptions.get_mut(type_url) else {
             return Ok(());
         };
@@ -317,17 +346,14 @@ impl Stream {
         if sub.wildcard {
             let filtered = visibility::filtered(type_url);
             match &sub.held {
-                Some(held) => diff.between(held, snapshot, type_url, node.as_deref()),
+                Some(held) => diff.between(held, snapshot, type_url, viewer),
                 None => diff.against_versions(&sub.sent, current, |n| {
-                    !filtered || snapshot.visibility.visible(type_url, node.as_deref(), n)
+                    !filtered || snapshot.visibility.visible(type_url, viewer, n)
                 }),
             }
             for name in std::mem::take(&mut sub.resend) {
                 // Naming a policy does not make it this node's business.
-                let visible = !filtered
-                    || snapshot
-                        .visibility
-                        .visible(type_url, node.as_deref(), &name);
+                let visible = !filtered || snapshot.visibility.visible(type_url, viewer, &name);
                 if visible && !diff.resources.iter().any(|r| r.name == name) {
                     if let Some(entry) = current.get(&name) {
                         diff.send(&name, entry);
@@ -343,8 +369,7 @@ impl Stream {
             let names = &sub.names;
             let filtered = visibility::filtered(type_url);
             diff.against_versions(&sub.sent, current, |n| {
-                names.contains(n)
-                    && (!filtered || snapshot.visibility.visible(type_url, node.as_deref(), n))
+                names.contains(n) && (!filtered || snapshot.visibility.visible(type_url, viewer, n))
             });
             for r in &diff.resources {
                 sub.sent.insert(r.name.clone(), r.version.clone());
@@ -417,6 +442,13 @@ impl Stream {
         Ok(())
     }
 
+    /// Who this stream serves, for log lines.
+    fn caller(&self) -> String {
+        self.viewer
+            .as_ref()
+            .map_or_else(|| "?".to_string(), ToString::to_string)
+    }
+
     fn next_nonce(&mut self) -> String {
         self.nonce += 1;
         self.nonce.to_string()
@@ -455,10 +487,10 @@ impl Diff {
         });
     }
 
-    /// From a snapshot the client holds to `new`, as seen by `node`: when
+    /// From a snapshot the client holds to `new`, as seen by `viewer`: when
     /// `new` directly follows it, only the names `new` records as changed,
-    /// and those whose visibility to `node` shifted, are looked at.
-    fn between(&mut self, old: &Snapshot, new: &Snapshot, type_url: &str, node: Option<&str>) {
+    /// and those whose visibility to `viewer` shifted, are looked at.
+    fn between(&mut self, old: &Snapshot, new: &Snapshot, type_url: &str, viewer: Option<&Viewer>) {
         if old.version == new.version {
             return;
         }
@@ -470,12 +502,12 @@ impl Diff {
         let held = |name: &str| {
             before
                 .get(name)
-                .filter(|_| !filtered || old.visibility.visible(type_url, node, name))
+                .filter(|_| !filtered || old.visibility.visible(type_url, viewer, name))
         };
         let wanted = |name: &str| {
             after
                 .get(name)
-                .filter(|_| !filtered || new.visibility.visible(type_url, node, name))
+                .filter(|_| !filtered || new.visibility.visible(type_url, viewer, name))
         };
         let look = |diff: &mut Diff, name: &String| match (held(name), wanted(name)) {
             (Some(o), Some(e)) if o.version == e.version => {}
@@ -487,7 +519,7 @@ impl Diff {
             Some(changed) if old.version + 1 == new.version => {
                 let mut names: Vec<String> = changed.clone();
                 if filtered {
-                    names.extend(new.visibility.shifted(&old.visibility, type_url, node));
+                    names.extend(new.visibility.shifted(&old.visibility, type_url, viewer));
                     names.sort();
                     names.dedup();
                 }

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::Streaming;
 
 use super::{Snapshot, XdsMetrics, XdsServer};
+use crate::node_auth::{Authenticator, Caller, WaypointCaller};
 
 fn mesh(extra_workloads: &str) -> String {
     format!(
@@ -51,13 +52,17 @@ struct Harness {
 }
 
 async fn start(yaml: &str) -> Harness {
+    start_with_auth(yaml, None).await
+}
+
+async fn start_with_auth(yaml: &str, auth: Option<Arc<dyn Authenticator>>) -> Harness {
     let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
     publish(&snapshots, yaml);
     let mut registry = Registry::default();
     let metrics = XdsMetrics::register(&mut registry);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = XdsServer::new(rx, None, metrics);
+    let server = XdsServer::new(rx, auth, metrics);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(server))
@@ -101,6 +106,35 @@ impl RawClient {
             .unwrap()
             .into_inner();
         RawClient { tx, rx }
+    }
+
+    /// As [`RawClient::connect`], presenting `token`; the server's refusal
+    /// is returned.
+    async fn connect_as(
+        addr: std::net::SocketAddr,
+        token: &str,
+        first: Vec<DeltaDiscoveryRequest>,
+    ) -> Result<RawClient, tonic::Status> {
+        let channel = ControlPlane::plaintext(format!("http://{addr}"))
+            .channel()
+            .unwrap();
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", value.clone());
+                Ok(r)
+            },
+        );
+        let (tx, rx) = mpsc::channel(16);
+        for r in first {
+            tx.send(r).await.unwrap();
+        }
+        let rx = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawClient { tx, rx })
     }
 
     async fn recv(&mut self) -> DeltaDiscoveryResponse {
@@ -737,4 +771,117 @@ async fn a_reconnecting_waypoint_resumes_its_routes() {
     let resume = c.recv().await;
     assert_eq!(names(&resume), vec!["demo/to-app"]);
     assert_eq!(resume.removed_resources, vec!["demo/to-plain"]);
+}
+
+/// Callers by token: `node-<name>` is that node, `pod-<name>` the pod
+/// `demo/<name>` claiming to be a waypoint running as `wp-sa`.
+struct ByToken;
+
+#[tonic::async_trait]
+impl Authenticator for ByToken {
+    async fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Caller, tonic::Status> {
+        let token = mesh_core::grpc::bearer_token(metadata).unwrap_or_default();
+        if let Some(node) = token.strip_prefix("node-") {
+            return Ok(Caller::Node(node.into()));
+        }
+        if let Some(pod) = token.strip_prefix("pod-") {
+            return Ok(Caller::Waypoint(WaypointCaller {
+                namespace: "demo".into(),
+                pod: pod.into(),
+                service_account: Some("wp-sa".into()),
+            }));
+        }
+        Err(tonic::Status::unauthenticated("unknown token"))
+    }
+}
+
+/// [`l7_mesh`] with L4 policies: one mesh-wide, one namespace-wide for demo
+/// (which has workloads on n1 and n3), and the waypoint pod running as wp-sa.
+fn l7_mesh_with_l4() -> String {
+    l7_mesh(WITH_WAYPOINT, ROUTES).replace(
+        "nativeTunnel: true}",
+        "nativeTunnel: true, serviceAccount: wp-sa}",
+    ) + r#"
+policies:
+- {name: all, namespace: istio-system, scope: Global, action: Deny, rules: []}
+- {name: ns, namespace: demo, scope: Namespace, action: Allow, rules: []}
+"#
+}
+
+async fn first_names(
+    c: &mut RawClient,
+    n: usize,
+) -> std::collections::HashMap<String, Vec<String>> {
+    let mut out = std::collections::HashMap::new();
+    for _ in 0..n {
+        let r = c.recv().await;
+        c.ack(&r).await;
+        out.insert(r.type_url.clone(), names(&r));
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_authenticated_waypoint_gets_its_gateways_l7_and_its_node_none() {
+    let h = start_with_auth(&l7_mesh_with_l4(), Some(Arc::new(ByToken))).await;
+    publish_l7(&h.snapshots, &l7_mesh_with_l4());
+    let types = [HTTP_ROUTE_TYPE, HTTP_AUTHORIZATION_TYPE, AUTHORIZATION_TYPE];
+    // What it says in its node metadata does not matter: the token does.
+    let subscribe_all = |claimed: &str| types.iter().map(|t| subscribe_as(claimed, t)).collect();
+
+    let mut wp = RawClient::connect_as(h.addr, "pod-wp-0", subscribe_all("n1"))
+        .await
+        .unwrap();
+    let got = first_names(&mut wp, 3).await;
+    assert_eq!(got[HTTP_ROUTE_TYPE], vec!["demo/to-app"]);
+    assert_eq!(got[HTTP_AUTHORIZATION_TYPE], vec!["demo/on-wp"]);
+    // L4 policies are the ztunnels' business: the mesh-wide one only.
+    assert_eq!(got[AUTHORIZATION_TYPE], vec!["istio-system/all"]);
+
+    // The node hosting it no longer gets any L7 resource.
+    let mut n3 = RawClient::connect_as(h.addr, "node-n3", subscribe_all("n3"))
+        .await
+        .unwrap();
+    let got = first_names(&mut n3, 3).await;
+    assert!(got[HTTP_ROUTE_TYPE].is_empty(), "{got:?}");
+    assert!(got[HTTP_AUTHORIZATION_TYPE].is_empty(), "{got:?}");
+    assert_eq!(got[AUTHORIZATION_TYPE], vec!["demo/ns", "istio-system/all"]);
+
+    // A change reaches the waypoint, not the node.
+    let changed = l7_mesh_with_l4().replace(ROUTES, ROUTES_CHANGED);
+    publish_l7(&h.snapshots, &changed);
+    let r = wp.recv().await;
+    assert_eq!(
+        (r.type_url.as_str(), names(&r)),
+        (HTTP_ROUTE_TYPE, vec!["demo/to-app".to_string()])
+    );
+    n3.nothing_for(Duration::from_millis(300)).await;
+
+    // A pod that is not a waypoint pod of the model is refused outright.
+    let err = match RawClient::connect_as(h.addr, "pod-a", subscribe_all("n1")).await {
+        Ok(_) => panic!("a non-waypoint pod was served"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("pod demo/a is not a waypoint pod"),
+        "{err:?}"
+    );
+    // So is a waypoint pod claimed by another service account.
+    let impostor = l7_mesh_with_l4().replace("serviceAccount: wp-sa", "serviceAccount: other");
+    publish_l7(&h.snapshots, &impostor);
+    let err = match RawClient::connect_as(h.addr, "pod-wp-0", subscribe_all("n3")).await {
+        Ok(_) => panic!("a waypoint of another account was served"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("runs as service account other"),
+        "{err:?}"
+    );
+    let text = h.scrape();
+    assert!(text.contains("xds_rejected_streams_total 2"), "{text}");
 }

@@ -1,22 +1,28 @@
-//! Which node is sent which resource.
+//! Which caller is sent which resource.
 //!
-//! Authorization: those that can apply to a workload on the node (mesh-wide
-//! ones, namespace-wide ones of namespaces it has workloads in, and the
-//! selector policies its workloads name). A node enforces policy only for
+//! Authorization (L4): to a node, those that can apply to a workload on it
+//! (mesh-wide ones, namespace-wide ones of namespaces it has workloads in, and
+//! the selector policies its workloads name). A node enforces policy only for
 //! its own workloads, so the others are none of its business, and a
-//! compromised node learns no more than it needs.
+//! compromised node learns no more than it needs. A waypoint enforces no
+//! workload's L4 policy: it is sent the mesh-wide ones only, what any caller
+//! sees.
 //!
-//! L7 types (HTTPRoute, HTTPAuthorization, TrafficPolicy): only to nodes that
-//! host a waypoint (a `native_tunnel` workload), and only what concerns the
-//! waypoints there: routes whose parent is such a waypoint's Gateway or a
-//! Service using it; policies targeting that Gateway, such a Service or such
-//! a route; traffic policies targeting such a Service or route, or a Service
-//! such a route sends (or mirrors) to, whose limits apply to the waypoint's
-//! requests. A plain ztunnel node is sent none.
+//! L7 types (HTTPRoute, HTTPAuthorization, TrafficPolicy): only to waypoint
+//! pods, and only what concerns the Gateways they serve: routes whose parent
+//! is such a Gateway or a Service using it; policies targeting that Gateway,
+//! such a Service or such a route; traffic policies targeting such a Service
+//! or route, or a Service such a route sends (or mirrors) to, whose limits
+//! apply to the waypoint's requests. A node is sent none: waypoints have
+//! their own credential, so a node's needs no L7 config.
+//!
+//! A node named by the client itself (plaintext test port, unauthenticated)
+//! is believed and sent what that node and the waypoints on it would get.
 //!
 //! Addresses are not filtered: any workload may be a destination.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fmt;
 
 use mesh_core::config::{
     BackendTarget, HttpRoute, MeshConfig, ParentKind, PolicyScope, TargetKind,
@@ -25,7 +31,28 @@ use mesh_core::proto::{
     AUTHORIZATION_TYPE, HTTP_AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE, TRAFFIC_POLICY_TYPE,
 };
 
-/// The types whose resources are sent to some nodes only.
+/// Who a stream serves, for filtering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Viewer {
+    /// An authenticated node proxy.
+    Node(String),
+    /// An authenticated waypoint pod, `namespace/name`.
+    Waypoint(String),
+    /// A node the client named itself, on the unauthenticated test port.
+    ClaimedNode(String),
+}
+
+impl fmt::Display for Viewer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Viewer::Node(n) => write!(f, "node {n}"),
+            Viewer::Waypoint(p) => write!(f, "waypoint pod {p}"),
+            Viewer::ClaimedNode(n) => write!(f, "node {n} (unauthenticated)"),
+        }
+    }
+}
+
+/// The types whose resources are sent to some callers only.
 pub fn filtered(type_url: &str) -> bool {
     type_url == AUTHORIZATION_TYPE || l7_type(type_url).is_some()
 }
@@ -48,6 +75,14 @@ enum Audience {
     Selected,
 }
 
+/// A waypoint pod of the model.
+#[derive(Debug, Default)]
+pub struct WaypointPod {
+    pub service_account: String,
+    /// The Gateways (`namespace/name`) it serves.
+    gateways: BTreeSet<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct Visibility {
     /// Authorization resource name → who may see it. Names not listed (and
@@ -57,9 +92,13 @@ pub struct Visibility {
     node_selected: HashMap<String, BTreeSet<String>>,
     /// Namespace → its namespace-wide policies.
     by_namespace: HashMap<String, Vec<String>>,
-    /// L7 type → node → the names it is sent. Nodes without a waypoint, and
-    /// names not listed, see nothing.
+    /// L7 type → Gateway → the names its waypoints are sent. Names not
+    /// listed are sent to no one.
     l7: HashMap<&'static str, HashMap<String, BTreeSet<String>>>,
+    /// Waypoint pods (`native_tunnel` workloads) by `namespace/name`.
+    waypoint_pods: HashMap<String, WaypointPod>,
+    /// Node → the Gateways whose waypoint pods run there (plaintext port).
+    node_gateways: HashMap<String, BTreeSet<String>>,
 }
 
 impl Visibility {
@@ -101,24 +140,78 @@ impl Visibility {
                 }
             }
         }
-        v.l7 = l7_audiences(config);
+        // A waypoint pod serves the Gateway its Service is named after
+        // (Istio: the waypoint Service is the Gateway's); its `services`
+        // name it.
+        for w in config.workloads.iter().filter(|w| w.native_tunnel) {
+            let gateways: BTreeSet<String> = w.services.iter().cloned().collect();
+            v.node_gateways
+                .entry(w.node.clone())
+                .or_default()
+                .extend(gateways.iter().cloned());
+            v.waypoint_pods.insert(
+                format!("{}/{}", w.namespace, w.name),
+                WaypointPod {
+                    service_account: w.service_account.clone(),
+                    gateways,
+                },
+            );
+        }
+        v.l7 = l7_audiences(config, &v.node_gateways);
         v
     }
 
-    /// Whether `node` is sent the resource `name` of `type_url`; a client
-    /// that did not say which node it is (plaintext test port) sees all.
-    pub fn visible(&self, type_url: &str, node: Option<&str>, name: &str) -> bool {
-        let Some(node) = node else { return true };
+    /// The waypoint pod `namespace/name`, if the model has one.
+    pub fn waypoint_pod(&self, key: &str) -> Option<&WaypointPod> {
+        self.waypoint_pods.get(key)
+    }
+
+    /// The Gateways whose L7 resources `viewer` is sent.
+    fn gateways_of(&self, viewer: &Viewer) -> Option<&BTreeSet<String>> {
+        match viewer {
+            Viewer::Node(_) => None,
+            Viewer::Waypoint(pod) => self.waypoint_pods.get(pod).map(|p| &p.gateways),
+            Viewer::ClaimedNode(node) => self.node_gateways.get(node),
+        }
+    }
+
+    /// The L7 names of `type_url` that `viewer` is sent.
+    fn l7_names(&self, t: &'static str, viewer: &Viewer) -> BTreeSet<String> {
+        let Some(by_gateway) = self.l7.get(t) else {
+            return BTreeSet::new();
+        };
+        self.gateways_of(viewer)
+            .into_iter()
+            .flatten()
+            .filter_map(|g| by_gateway.get(g))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `viewer` is sent the resource `name` of `type_url`; a client
+    /// that did not say who it is (plaintext test port) sees all.
+    pub fn visible(&self, type_url: &str, viewer: Option<&Viewer>, name: &str) -> bool {
+        let Some(viewer) = viewer else { return true };
         if let Some(t) = l7_type(type_url) {
+            let Some(by_gateway) = self.l7.get(t) else {
+                return false;
+            };
             return self
-                .l7
-                .get(t)
-                .and_then(|nodes| nodes.get(node))
-                .is_some_and(|names| names.contains(name));
+                .gateways_of(viewer)
+                .into_iter()
+                .flatten()
+                .any(|g| by_gateway.get(g).is_some_and(|names| names.contains(name)));
         }
         if type_url != AUTHORIZATION_TYPE {
             return true;
         }
+        let node = match viewer {
+            Viewer::Node(n) | Viewer::ClaimedNode(n) => n,
+            Viewer::Waypoint(_) => {
+                return matches!(self.audience.get(name), None | Some(Audience::Everyone));
+            }
+        };
         match self.audience.get(name) {
             None | Some(Audience::Everyone) => true,
             Some(Audience::Namespace(ns)) => self
@@ -132,26 +225,34 @@ impl Visibility {
         }
     }
 
-    /// Names of `type_url` whose visibility for `node` may differ between
+    /// Names of `type_url` whose visibility for `viewer` may differ between
     /// `self` and `other` although the resources themselves did not change.
-    pub fn shifted(&self, other: &Visibility, type_url: &str, node: Option<&str>) -> Vec<String> {
-        let Some(node) = node else { return Vec::new() };
-        let empty = BTreeSet::new();
+    pub fn shifted(
+        &self,
+        other: &Visibility,
+        type_url: &str,
+        viewer: Option<&Viewer>,
+    ) -> Vec<String> {
+        let Some(viewer) = viewer else {
+            return Vec::new();
+        };
         if let Some(t) = l7_type(type_url) {
-            let names = |v: &'_ Visibility| {
-                v.l7.get(t)
-                    .and_then(|nodes| nodes.get(node))
-                    .unwrap_or(&empty)
-                    .clone()
-            };
-            return names(self)
-                .symmetric_difference(&names(other))
+            return self
+                .l7_names(t, viewer)
+                .symmetric_difference(&other.l7_names(t, viewer))
                 .cloned()
                 .collect();
         }
         if type_url != AUTHORIZATION_TYPE {
             return Vec::new();
         }
+        let node = match viewer {
+            Viewer::Node(n) | Viewer::ClaimedNode(n) => n,
+            // Only an audience change shifts what a waypoint sees, and that
+            // changes the resource itself.
+            Viewer::Waypoint(_) => return Vec::new(),
+        };
+        let empty = BTreeSet::new();
         let mut out = Vec::new();
         let (a, b) = (
             self.node_namespaces.get(node).unwrap_or(&empty),
@@ -171,17 +272,18 @@ impl Visibility {
     }
 }
 
-/// Who is sent each L7 resource: see the module comment. Work is
-/// proportional to the L7 objects and the waypoint pods, not to the mesh.
-fn l7_audiences(config: &MeshConfig) -> HashMap<&'static str, HashMap<String, BTreeSet<String>>> {
-    // A waypoint pod serves the Gateway its Service is named after (Istio:
-    // the waypoint Service is the Gateway's); its `services` name it.
-    let mut hosts: HashMap<&str, BTreeSet<&str>> = HashMap::new();
-    for w in config.workloads.iter().filter(|w| w.native_tunnel) {
-        for gateway in &w.services {
-            hosts.entry(gateway).or_default().insert(&w.node);
-        }
-    }
+/// Which L7 resources concern each Gateway that has waypoint pods: see the
+/// module comment. Work is proportional to the L7 objects and the waypoint
+/// pods, not to the mesh.
+fn l7_audiences(
+    config: &MeshConfig,
+    node_gateways: &HashMap<String, BTreeSet<String>>,
+) -> HashMap<&'static str, HashMap<String, BTreeSet<String>>> {
+    let hosts: BTreeSet<&str> = node_gateways
+        .values()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     let mut out: HashMap<&'static str, HashMap<String, BTreeSet<String>>> = HashMap::new();
     if hosts.is_empty() {
         return out;
@@ -193,12 +295,12 @@ fn l7_audiences(config: &MeshConfig) -> HashMap<&'static str, HashMap<String, BT
         .filter_map(|s| Some((s.key(), s.waypoint.as_ref()?.key())))
         .collect();
     let mut grant = |type_url: &'static str, gateway: &str, name: String| {
-        for node in hosts.get(gateway).into_iter().flatten() {
+        if hosts.contains(gateway) {
             out.entry(type_url)
                 .or_default()
-                .entry(node.to_string())
+                .entry(gateway.to_string())
                 .or_default()
-                .insert(name.clone());
+                .insert(name);
         }
     };
 
@@ -234,7 +336,7 @@ fn l7_audiences(config: &MeshConfig) -> HashMap<&'static str, HashMap<String, BT
         let key = format!("{namespace}/{name}");
         match kind {
             TargetKind::Gateway => BTreeSet::from([key]),
-            TargetKind::GatewayClass => hosts.keys().map(|g| g.to_string()).collect(),
+            TargetKind::GatewayClass => hosts.iter().map(|g| g.to_string()).collect(),
             TargetKind::Service => waypoint_of.get(&key).cloned().into_iter().collect(),
             TargetKind::HttpRoute => route_gateways.get(&key).cloned().unwrap_or_default(),
         }
@@ -301,7 +403,13 @@ policies:
         let sees = |node: &str| -> Vec<&str> {
             ["istio-system/all", "red/ns", "red/sel", "blue/ns"]
                 .into_iter()
-                .filter(|n| v.visible(AUTHORIZATION_TYPE, Some(node), n))
+                .filter(|n| {
+                    v.visible(
+                        AUTHORIZATION_TYPE,
+                        Some(&Viewer::ClaimedNode(node.into())),
+                        n,
+                    )
+                })
                 .collect()
         };
         assert_eq!(sees("n1"), ["istio-system/all", "red/ns", "red/sel"]);
@@ -350,7 +458,7 @@ trafficPolicies:
             names
                 .iter()
                 .copied()
-                .filter(|n| v.visible(type_url, Some(node), n))
+                .filter(|n| v.visible(type_url, Some(&Viewer::ClaimedNode(node.into())), n))
                 .collect()
         };
         let routes = ["red/app", "red/gw2-all"];
