@@ -399,11 +399,7 @@ fn action(body: &str, at: &str) -> Result<Option<Act>> {
 }
 
 /// Builds nodes until an `else`/`end` (returned) at this depth.
-fn build(
-    items: &mut Items,
-    defines: &mut BTreeMap<String, Vec<Node>>,
-    file: &str,
-) -> Result<Built> {
+fn build(items: &mut Items, defines: &mut BTreeMap<String, Vec<Node>>) -> Result<Built> {
     let mut nodes = Vec::new();
     while let Some((act, text, at)) = items.next() {
         if !text.is_empty() {
@@ -418,12 +414,12 @@ fn build(
                 let mut branches = Vec::new();
                 let mut cond = cond;
                 let otherwise = loop {
-                    let (body, stop) = build(items, defines, file)?;
+                    let (body, stop) = build(items, defines)?;
                     branches.push((cond, body));
                     match stop {
                         Some((Act::ElseIf(c), _)) => cond = c,
                         Some((Act::Else, _)) => {
-                            let (body, stop) = build(items, defines, file)?;
+                            let (body, stop) = build(items, defines)?;
                             expect_end(stop, &at)?;
                             break body;
                         }
@@ -434,15 +430,15 @@ fn build(
                 nodes.push(Node::If(branches, otherwise));
             }
             Act::With(p) => {
-                let (body, otherwise) = block_body(items, defines, file, &at)?;
+                let (body, otherwise) = block_body(items, defines, &at)?;
                 nodes.push(Node::With(p, body, otherwise));
             }
             Act::Range(p) => {
-                let (body, otherwise) = block_body(items, defines, file, &at)?;
+                let (body, otherwise) = block_body(items, defines, &at)?;
                 nodes.push(Node::Range(p, body, otherwise));
             }
             Act::Define(name) => {
-                let (body, stop) = build(items, defines, file)?;
+                let (body, stop) = build(items, defines)?;
                 expect_end(stop, &at)?;
                 if defines.insert(name.clone(), body).is_some() {
                     return err(format!("{at}: template {name:?} defined twice"));
@@ -462,13 +458,12 @@ type Items = std::iter::Peekable<std::vec::IntoIter<(Option<Act>, String, String
 fn block_body(
     items: &mut Items,
     defines: &mut BTreeMap<String, Vec<Node>>,
-    file: &str,
     at: &str,
 ) -> Result<(Vec<Node>, Vec<Node>)> {
-    let (body, stop) = build(items, defines, file)?;
+    let (body, stop) = build(items, defines)?;
     let otherwise = match stop {
         Some((Act::Else, _)) => {
-            let (b, stop) = build(items, defines, file)?;
+            let (b, stop) = build(items, defines)?;
             expect_end(stop, at)?;
             b
         }
@@ -503,7 +498,7 @@ impl Templates {
         }
         items.push((None, pending_text, format!("{name}:end")));
         let mut iter = items.into_iter().peekable();
-        let (nodes, stop) = build(&mut iter, &mut self.defines, name)?;
+        let (nodes, stop) = build(&mut iter, &mut self.defines)?;
         if let Some((_, at)) = stop {
             return err(format!("{at}: `else` or `end` without a block"));
         }
@@ -580,14 +575,14 @@ impl Templates {
                 }
                 Node::Template(name, p) => {
                     let v = self.pipe(p, dot, root, depth)?;
-                    out.push_str(&self.include(name, &v, root, depth)?);
+                    out.push_str(&self.include(name, &v, depth)?);
                 }
             }
         }
         Ok(())
     }
 
-    fn include(&self, name: &str, dot: &Value, root: &Value, depth: usize) -> Result<String> {
+    fn include(&self, name: &str, dot: &Value, depth: usize) -> Result<String> {
         if depth > 50 {
             return err(format!("template {name:?}: recursion too deep"));
         }
@@ -598,7 +593,6 @@ impl Templates {
         let mut out = String::new();
         // `$` inside a named template is the data it was called with.
         self.exec(body, dot, dot, &mut out, depth + 1)?;
-        let _ = root;
         Ok(out)
     }
 
@@ -619,7 +613,7 @@ impl Templates {
             Arg::Int(n) => Value::from(*n),
             Arg::Bool(b) => Value::Bool(*b),
             Arg::Sub(p) => self.pipe(p, dot, root, depth)?,
-            Arg::Func(f) => self.call(f, Vec::new(), root, depth)?,
+            Arg::Func(f) => self.call(f, Vec::new(), depth)?,
         })
     }
 
@@ -638,13 +632,13 @@ impl Templates {
                     args.push(self.arg(a, dot, root, depth)?);
                 }
                 args.extend(piped);
-                self.call(f, args, root, depth)
+                self.call(f, args, depth)
             }
             a => self.arg(a, dot, root, depth),
         }
     }
 
-    fn call(&self, f: &str, args: Vec<Value>, root: &Value, depth: usize) -> Result<Value> {
+    fn call(&self, f: &str, args: Vec<Value>, depth: usize) -> Result<Value> {
         let arity = |n: usize| -> Result<()> {
             if args.len() == n {
                 Ok(())
@@ -658,7 +652,7 @@ impl Templates {
                 let name = args[0]
                     .as_str()
                     .ok_or_else(|| Error("include: name must be a string".into()))?;
-                Value::String(self.include(name, &args[1], root, depth)?)
+                Value::String(self.include(name, &args[1], depth)?)
             }
             "toYaml" => {
                 arity(1)?;
