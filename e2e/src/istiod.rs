@@ -1,5 +1,6 @@
 //! An istiod-lite child process (`serve`) on a loopback address, with node
-//! bootstrap tokens, and the flags a ztunnel needs to follow it.
+//! bootstrap tokens, and the flags a ztunnel (or, with the token istiod-lite
+//! issues each waypoint pod, a waypoint) needs to follow it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -149,6 +150,42 @@ impl Istiod {
             .tokens
             .get(node)
             .with_context(|| format!("no bootstrap token for node {node}"))?;
+        Ok(Source(vec![
+            "--xds-address".into(),
+            format!("https://{}", self.grpc()).into(),
+            "--ca-root-cert".into(),
+            self.root_cert().into(),
+            "--token-file".into(),
+            token.into(),
+        ]))
+    }
+
+    /// Waypoint flags to follow this control plane as waypoint pod `pod`
+    /// (`namespace/name`), with the token istiod-lite issued that pod: a
+    /// waypoint never holds its node's token, which would let it obtain its
+    /// neighbours' identities. Waits (up to 10 s) for the token, issued once
+    /// the pod is a waypoint pod of the model.
+    pub fn source_for_waypoint(&self, pod: &str) -> anyhow::Result<Source> {
+        let (ns, name) = pod
+            .split_once('/')
+            .with_context(|| format!("waypoint pod {pod:?} is not `namespace/name`"))?;
+        let token = self
+            .dir
+            .join("ca")
+            .join("waypoint-tokens")
+            .join(ns)
+            .join(name);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !token.exists() {
+            if Instant::now() > deadline {
+                bail!(
+                    "istiod-lite issued no token for waypoint pod {pod} within 10 s (is it a \
+                     pod labelled with the name of a Gateway of class istio-waypoint?):\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(Source(vec![
             "--xds-address".into(),
             format!("https://{}", self.grpc()).into(),

@@ -263,10 +263,12 @@ impl Proxy {
 
     /// Starts the waypoint of Gateway `gateway` (`namespace/name`) inside
     /// `pod`'s network namespace of a namespace cluster, as that waypoint
-    /// pod (HBONE on `<pod ip>:15008`, admin ports on the pod address), for
-    /// the pod's node `node` (whose bootstrap token `source` carries: the CA
-    /// signs only identities of pods on the caller's node). Returns once it
-    /// is ready: config synced and its own certificate issued.
+    /// pod (HBONE on `<pod ip>:15008`, admin ports on the pod address), on
+    /// the pod's node `node`. With a control plane, `source` carries the
+    /// pod's own token ([`crate::istiod::Istiod::source_for_waypoint`]): the
+    /// CA grants a waypoint its own identity only, and a node's token no
+    /// waypoint identity. Returns once it is ready: config synced and its own
+    /// certificate issued.
     pub fn spawn_waypoint_in_netns(
         pod: &crate::cluster::Pod,
         dir: &Path,

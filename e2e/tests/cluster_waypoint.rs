@@ -285,7 +285,7 @@ fn curl_through_ztunnel_waypoint_ztunnel_and_past_an_auto_waypoint() -> anyhow::
     let waypoint = Waypoint::spawn_waypoint_in_netns(
         pod("demo/waypoint-0")?,
         dir.path(),
-        &istiod.source_for("node1")?,
+        &istiod.source_for_waypoint("demo/waypoint-0")?,
         "demo/waypoint",
         "node1",
         &[],

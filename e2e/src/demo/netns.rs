@@ -282,8 +282,9 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     // Each waypoint pod runs the waypoint in its own namespace: HBONE on
     // <pod ip>:15008 as the pod's identity, config (routes, L7 policies) over
-    // xDS and its certificate from the CA with its node's bootstrap token,
-    // as the ztunnels get theirs.
+    // xDS and its certificate from the CA with the token istiod-lite issued
+    // that pod (never its node's: that would give it its neighbours'
+    // identities).
     let mut waypoints = Vec::new();
     for p in pods.iter().filter(|p| native(&p.spec.name) == Some(true)) {
         let Some(gateway) = &p.gateway else { continue };
@@ -291,7 +292,9 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             .pod_named(&p.spec.name)
             .with_context(|| format!("pod {} not built", p.spec.name))?;
         let node = format!("node{}", p.spec.node);
-        let source = traced(&node)?;
+        let source = istiod
+            .source_for_waypoint(&p.spec.name)?
+            .with_args(&["--otlp-endpoint", &otlp_endpoint]);
         let w = Waypoint::spawn_waypoint_in_netns(pod, dir.path(), &source, gateway, &node, &[])?;
         println!(
             "  {node}: waypoint {gateway} up in pod {} ({}:15008; routes, L7 policy and certificate from istiod-lite)",
