@@ -679,6 +679,16 @@ fn overrides_take_effect() {
         .find(|p| p.container_port == 15000)
         .unwrap();
     assert_eq!(admin.name.as_deref(), Some("http-admin"));
+
+    // The privileged escape hatch is all or nothing.
+    let objs = render(json!({"ztunnel": {"privileged": true}}));
+    let ds = daemonset(&objs);
+    let c = only_container(ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap());
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(
+        (sc.privileged, sc.allow_privilege_escalation),
+        (Some(true), Some(true))
+    );
 }
 
 /// A value nobody reads is a setting that silently does nothing.
