@@ -1,8 +1,9 @@
 //! A Helm chart directory rendered the way `helm template` does, for the
 //! parts the Ambit chart uses: `Chart.yaml`, `values.yaml` merged with an
-//! override, every file under `templates/` (those starting with `_` only
-//! define named templates), `crds/` passed through unrendered, and each
-//! output split into YAML documents with empty ones dropped.
+//! override and checked against `values.schema.json`, every file under
+//! `templates/` (those starting with `_` only define named templates),
+//! `crds/` passed through unrendered, and each output split into YAML
+//! documents with empty ones dropped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ pub struct Chart {
     pub dir: PathBuf,
     pub meta: Value,
     pub values: Value,
+    /// `values.schema.json`, if the chart has one.
+    pub schema: Option<Value>,
     /// File name under `templates/` → source.
     pub templates: BTreeMap<String, String>,
     /// File name under `crds/` → contents.
@@ -75,12 +78,19 @@ impl Chart {
     pub fn load(dir: &Path) -> Result<Chart, String> {
         let meta = read_yaml(&dir.join("Chart.yaml"))?;
         let values = read_yaml(&dir.join("values.yaml"))?;
+        let schema_path = dir.join("values.schema.json");
+        let schema = if schema_path.exists() {
+            Some(read_yaml(&schema_path)?)
+        } else {
+            None
+        };
         let templates = files(&dir.join("templates"))?;
         let crds = files(&dir.join("crds"))?;
         Ok(Chart {
             dir: dir.to_path_buf(),
             meta,
             values,
+            schema,
             templates,
             crds,
         })
@@ -95,6 +105,10 @@ impl Chart {
     ) -> Result<Vec<Document>, String> {
         let mut values = self.values.clone();
         merge(&mut values, over);
+        if let Some(schema) = &self.schema {
+            crate::values_schema::validate(schema, &values, "")
+                .map_err(|e| format!("values.schema.json: {e}"))?;
+        }
         let field = |k: &str| self.meta.get(k).cloned().unwrap_or(Value::Null);
         let root = json!({
             "Values": values,

@@ -4,7 +4,8 @@
 //! * [`gotmpl`]: the Go-template subset the chart is written in, so the
 //!   chart renders in-process exactly as far as that subset goes, and fails
 //!   loudly beyond it;
-//! * [`chart`]: Helm's chart layout, values merge and document splitting on
+//! * [`chart`]: Helm's chart layout, values merge (checked against
+//!   `values.schema.json` by [`values_schema`]) and document splitting on
 //!   top of it;
 //! * [`objects`]: every rendered document parsed into its k8s-openapi type,
 //!   refusing unknown kinds and fields the type does not have.
@@ -12,6 +13,7 @@
 pub mod chart;
 pub mod gotmpl;
 pub mod objects;
+pub mod values_schema;
 
 /// The workspace root.
 pub fn workspace() -> std::path::PathBuf {

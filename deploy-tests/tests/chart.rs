@@ -732,6 +732,48 @@ fn every_value_is_read_by_a_template() {
     assert!(unused.is_empty(), "values no template reads: {unused:?}");
 }
 
+/// Helm refuses values its schema does not describe, so a misspelt value
+/// fails the install instead of being ignored; the schema admits every value
+/// the chart documents.
+#[test]
+fn values_schema_refuses_misspelt_and_mistyped_values() {
+    let c = chart();
+    let schema = c.schema.as_ref().expect("values.schema.json");
+    deploy_tests::values_schema::validate(schema, &c.values, "").unwrap();
+    for (over, why) in [
+        (
+            json!({"ztunnel": {"captur": {"enabled": false}}}),
+            "ztunnel.captur: not a value",
+        ),
+        (json!({"imag": {"tag": "v1"}}), "imag: not a value"),
+        (
+            json!({"istiod": {"replicas": "two"}}),
+            "is not of type integer",
+        ),
+        (json!({"istiod": {"replicas": 0}}), "below 1"),
+        (
+            json!({"ztunnel": {"capture": {"enabled": "yes"}}}),
+            "is not of type boolean",
+        ),
+        (
+            json!({"image": {"pullPolicy": "Sometimes"}}),
+            "is not one of",
+        ),
+        (json!({"trustDomain": ""}), "shorter than 1"),
+    ] {
+        match c.render("mesh", NS, &over) {
+            Ok(_) => panic!("{over} was accepted"),
+            Err(e) => assert!(e.contains(why), "{over}: {e}"),
+        }
+    }
+    // What users pass: a numeric tag from --set, free-form scheduling.
+    render(json!({
+        "image": {"tag": 1.2},
+        "istiod": {"affinity": {"nodeAffinity": {}}, "nodeSelector": {"kubernetes.io/os": "linux"}},
+        "ztunnel": {"tolerations": [{"key": "k", "operator": "Exists"}]},
+    }));
+}
+
 fn render_one(src: &str, data: Value) -> Result<String, String> {
     let mut t = Templates::default();
     t.add("t.yaml", src).map_err(|e| e.to_string())?;
