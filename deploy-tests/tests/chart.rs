@@ -634,6 +634,8 @@ fn overrides_take_effect() {
         .flatten()
         .all(|m| m.mount_path != "/sys/fs/bpf"));
     assert_eq!(flag(&a, "--trust-domain").as_deref(), Some("corp.example"));
+    // ztunnel reads mesh-wide policies from istiod-lite's root namespace.
+    assert_eq!(flag(&a, "--root-namespace").as_deref(), Some("mesh-root"));
     let otlp = c
         .env
         .iter()
@@ -655,6 +657,17 @@ fn overrides_take_effect() {
     assert_eq!(flag(&a, "--waypoint-image"), None);
     assert_eq!(flag(&a, "--trust-domain").as_deref(), Some("corp.example"));
     assert_eq!(flag(&a, "--root-namespace").as_deref(), Some("mesh-root"));
+
+    // Deployed waypoints trace to the same collector.
+    let objs = render(json!({"otlpEndpoint": "http://otel.observability:4317"}));
+    let d = deployment(&objs);
+    let a = args(only_container(
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap(),
+    ));
+    assert_eq!(
+        flag(&a, "--waypoint-otlp-endpoint").as_deref(),
+        Some("http://otel.observability:4317")
+    );
 
     // Capture with an uplink; admin on the pod IP, for ambitctl.
     let objs = render(json!({"ztunnel": {"capture": {"uplink": "eth0"}, "adminOnPodIP": true}}));

@@ -102,6 +102,10 @@ enum Command {
         /// [default: https://istiod-lite.<istiod-lite's namespace>.svc:15012].
         #[arg(long, env = "AMBIT_WAYPOINT_XDS_ADDRESS")]
         waypoint_xds_address: Option<String>,
+        /// Kubernetes mode: the OTLP/gRPC collector deployed waypoints export
+        /// their spans to (their `--otlp-endpoint`) [default: no tracing].
+        #[arg(long, env = "AMBIT_WAYPOINT_OTLP_ENDPOINT")]
+        waypoint_otlp_endpoint: Option<String>,
     },
     /// Translate a manifests directory into ztunnel's mesh config (YAML on stdout).
     Render {
@@ -188,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             allow_loopback_pods,
             waypoint_image,
             waypoint_xds_address,
+            waypoint_otlp_endpoint,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
                 .map_err(|e| anyhow::anyhow!("bad log level {log_level:?}: {e}"))?;
@@ -221,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 poll_interval: Duration::from_millis(poll_ms.max(10)),
                 waypoint_image,
                 waypoint_xds_address,
+                waypoint_otlp_endpoint,
             })?;
         }
         Command::Render {

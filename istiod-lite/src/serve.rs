@@ -62,6 +62,8 @@ pub struct ServeOptions {
     /// Kubernetes mode: the control plane address deployed waypoints dial
     /// (default `https://istiod-lite.<our namespace>.svc:15012`).
     pub waypoint_xds_address: Option<String>,
+    /// `--waypoint-otlp-endpoint`: passed to deployed waypoints.
+    pub waypoint_otlp_endpoint: Option<String>,
 }
 
 /// Manifests mode: where, under `--data-dir`, waypoint pods' tokens are
@@ -99,10 +101,12 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             anyhow::bail!("--bootstrap-tokens is required with --source manifests")
         }
         _ if opts.source == SourceKind::Manifests
-            && (opts.waypoint_image.is_some() || opts.waypoint_xds_address.is_some()) =>
+            && (opts.waypoint_image.is_some()
+                || opts.waypoint_xds_address.is_some()
+                || opts.waypoint_otlp_endpoint.is_some()) =>
         {
             anyhow::bail!(
-                "--waypoint-image and --waypoint-xds-address apply to --source kubernetes only: \
+                "--waypoint-image, --waypoint-xds-address and --waypoint-otlp-endpoint apply to --source kubernetes only: \
                  from a manifests directory waypoints are run by hand"
             )
         }
@@ -189,6 +193,11 @@ async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                         .cloned()
                         .unwrap_or_else(|| mesh_core::grpc::CONTROL_PLANE_NAME.to_string()),
                     trust_domain: opts.mesh.trust_domain.clone(),
+                    root_namespace: opts.mesh.root_namespace.clone(),
+                    otlp_endpoint: opts
+                        .waypoint_otlp_endpoint
+                        .clone()
+                        .filter(|e| !e.trim().is_empty()),
                     token_audience: opts
                         .token_audiences
                         .first()

@@ -197,6 +197,9 @@ pub struct DeployerSettings {
     pub xds_address: Option<String>,
     pub control_plane_name: String,
     pub trust_domain: String,
+    pub root_namespace: String,
+    /// `--waypoint-otlp-endpoint`: where deployed waypoints send spans.
+    pub otlp_endpoint: Option<String>,
     pub token_audience: String,
     pub root_cert_pem: String,
 }
@@ -249,6 +252,8 @@ pub fn template(client: &Client, settings: DeployerSettings) -> Option<WaypointT
         xds_address,
         control_plane_name: settings.control_plane_name,
         trust_domain: settings.trust_domain,
+        root_namespace: settings.root_namespace,
+        otlp_endpoint: settings.otlp_endpoint,
         token_audience: settings.token_audience,
         root_cert_pem: settings.root_cert_pem,
     })

@@ -49,6 +49,11 @@ pub struct WaypointTemplate {
     /// The DNS name on istiod-lite's serving certificate the waypoint checks.
     pub control_plane_name: String,
     pub trust_domain: String,
+    /// istiod-lite's root namespace, which the waypoint must know to read
+    /// mesh-wide policies as istiod-lite meant them.
+    pub root_namespace: String,
+    /// The collector the waypoint exports spans to; `None`: no tracing.
+    pub otlp_endpoint: Option<String>,
     /// Audience of the projected token the CA's TokenReview asks for.
     pub token_audience: String,
     /// The mesh root, published next to the waypoint for `--ca-root-cert`.
@@ -267,7 +272,7 @@ impl WaypointGateway {
     /// The waypoint's command line: everything from flags, nothing from a
     /// config file, so the Deployment alone says how it runs.
     pub fn args(&self, t: &WaypointTemplate) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--gateway".into(),
             self.key(),
             // The kubelet expands $(POD_IP) from the env below. IPv4 only:
@@ -290,7 +295,13 @@ impl WaypointGateway {
             format!("0.0.0.0:{METRICS_PORT}"),
             "--readiness-addr".into(),
             format!("0.0.0.0:{READINESS_PORT}"),
-        ]
+            "--root-namespace".into(),
+            t.root_namespace.clone(),
+        ];
+        if let Some(otlp) = &t.otlp_endpoint {
+            args.extend(["--otlp-endpoint".into(), otlp.clone()]);
+        }
+        args
     }
 
     pub fn deployment(&self, t: &WaypointTemplate) -> Value {
@@ -390,6 +401,8 @@ mod tests {
             xds_address: "https://istiod-lite.istio-system.svc:15012".into(),
             control_plane_name: "istiod.istio-system.svc".into(),
             trust_domain: "cluster.local".into(),
+            root_namespace: "mesh-root".into(),
+            otlp_endpoint: Some("http://otel-collector.observability:4317".into()),
             token_audience: "istio-ca".into(),
             root_cert_pem: "-----BEGIN CERTIFICATE-----\nroot\n".into(),
         }
@@ -587,6 +600,16 @@ mod tests {
         assert_eq!(flag("--trust-domain"), "cluster.local");
         assert_eq!(flag("--readiness-addr"), "0.0.0.0:15021");
         assert_eq!(flag("--metrics-addr"), "0.0.0.0:15020");
+        assert_eq!(flag("--root-namespace"), "mesh-root");
+        assert_eq!(
+            flag("--otlp-endpoint"),
+            "http://otel-collector.observability:4317"
+        );
+        let untraced = WaypointTemplate {
+            otlp_endpoint: None,
+            ..t.clone()
+        };
+        assert!(!g.args(&untraced).iter().any(|a| a == "--otlp-endpoint"));
         // The files the flags name are where the volumes are mounted.
         let mounts = c["volumeMounts"].as_array().unwrap();
         for (f, volume) in [

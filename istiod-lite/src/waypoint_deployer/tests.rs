@@ -24,6 +24,8 @@ fn test_template() -> WaypointTemplate {
         xds_address: "https://istiod-lite.istio-system.svc:15012".into(),
         control_plane_name: "istiod.istio-system.svc".into(),
         trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+        otlp_endpoint: None,
         token_audience: "istio-ca".into(),
         root_cert_pem: "-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n".into(),
     }
@@ -566,6 +568,7 @@ async fn serve_refuses_waypoint_flags_without_kubernetes() {
         poll_interval: Duration::from_millis(100),
         waypoint_image: Some("img".into()),
         waypoint_xds_address: None,
+        waypoint_otlp_endpoint: None,
     };
     let e = tokio::task::spawn_blocking(move || crate::serve::run(options))
         .await
