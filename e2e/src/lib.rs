@@ -14,6 +14,7 @@ pub mod netns;
 pub mod otlp;
 pub mod pki;
 pub mod process;
+pub mod served;
 pub mod servers;
 pub mod sniff;
 pub mod waypoint_stub;

@@ -18,11 +18,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use e2e::cluster::{Cluster, PodSpec, CONTROL_PLANE_IP};
+use e2e::cluster::{PodSpec, CONTROL_PLANE_IP};
 use e2e::istiod::Istiod;
 use e2e::mesh::TempDir;
-use e2e::netns::{root_or_skip, PinDir};
-use e2e::process::{bin_path, Waypoint, Ztunnel};
+use e2e::netns::root_or_skip;
+use e2e::process::{bin_path, Waypoint};
+use e2e::served::ServedCluster;
 use serde_json::{json, Value};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
@@ -216,24 +217,14 @@ fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
         node,
         ip,
     });
-    // Declared in this order so they drop in reverse: processes first, then
-    // pins, then the namespaces (the work dir last of all).
-    let cluster = Cluster::build_with(2, &specs)?;
-    let istiod = Istiod::spawn_in(
-        Some(cluster.fabric_name()),
-        dir.path(),
-        &manifests,
-        CONTROL_PLANE_IP.into(),
-        &["node1", "node2"],
-    )?;
-    let pins = PinDir::new()?;
-    let mut ztunnels = Vec::new();
-    for n in 1..=2 {
-        let source = istiod.source_for(&format!("node{n}"))?;
-        let z = Ztunnel::spawn_capturing_from(cluster.node(n), dir.path(), &source, pins.path())?;
-        z.wait_certificates(Duration::from_secs(15))?;
-        ztunnels.push(z);
-    }
+    // Dropped in reverse: processes first, then pins, then the namespaces
+    // (the work dir last of all).
+    let ServedCluster {
+        cluster,
+        istiod,
+        pins,
+        mut ztunnels,
+    } = ServedCluster::start(dir.path(), &manifests, 2, &specs)?;
     let waypoint_pod = cluster
         .pod_named("demo/waypoint-0")
         .context("waypoint pod")?;

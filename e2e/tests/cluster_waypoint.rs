@@ -25,11 +25,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use e2e::cluster::{Cluster, Pod, PodSpec, CONTROL_PLANE_IP};
-use e2e::istiod::Istiod;
+use e2e::cluster::{Pod, PodSpec};
 use e2e::mesh::TempDir;
-use e2e::netns::{root_or_skip, PinDir};
+use e2e::netns::root_or_skip;
 use e2e::process::{metric_sum, Proxy, Waypoint, Ztunnel};
+use e2e::served::ServedCluster;
 
 const CURL: &str = "/usr/bin/curl";
 const APP_PORT: u16 = 8080;
@@ -263,24 +263,14 @@ fn curl_through_ztunnel_waypoint_ztunnel_and_past_an_auto_waypoint() -> anyhow::
         node,
         ip,
     });
-    // Declared in this order so they drop in reverse: processes first, then
-    // pins, then the namespaces (the work dir last of all).
-    let cluster = Cluster::build_with(2, &specs)?;
-    let istiod = Istiod::spawn_in(
-        Some(cluster.fabric_name()),
-        dir.path(),
-        &manifests,
-        CONTROL_PLANE_IP.into(),
-        &["node1", "node2"],
-    )?;
-    let pins = PinDir::new()?;
-    let mut ztunnels = Vec::new();
-    for n in 1..=2 {
-        let source = istiod.source_for(&format!("node{n}"))?;
-        let z = Ztunnel::spawn_capturing_from(cluster.node(n), dir.path(), &source, pins.path())?;
-        z.wait_certificates(Duration::from_secs(15))?;
-        ztunnels.push(z);
-    }
+    // Dropped in reverse: processes first, then pins, then the namespaces
+    // (the work dir last of all).
+    let ServedCluster {
+        cluster,
+        istiod,
+        pins: _pins,
+        ztunnels,
+    } = ServedCluster::start(dir.path(), &manifests, 2, &specs)?;
     let pod = |name: &str| cluster.pod_named(name).context(name.to_string());
     let waypoint = Waypoint::spawn_waypoint_in_netns(
         pod("demo/waypoint-0")?,
