@@ -522,25 +522,9 @@ async fn patch_status(shared: &Shared, req: Request<Incoming>) -> Response<Body>
             "the fake only patches status subresources",
         );
     };
-    let content_type = req
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    if content_type != "application/merge-patch+json" {
-        return status(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UnsupportedMediaType",
-            &format!("the fake takes JSON merge patches only, not {content_type:?}"),
-        );
-    }
-    let Ok(body) = req.into_body().collect().await else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
-    };
-    let patch: Value = match serde_json::from_slice(&body.to_bytes()) {
-        Ok(v) => v,
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+    let patch = match read_merge_patch(req).await {
+        Ok(p) => p,
+        Err(refused) => return refused,
     };
     let (rv, object) = {
         let mut inner = shared.inner.lock().expect("fake API server lock");
@@ -617,19 +601,50 @@ fn count(inner: &mut Inner, what: String) {
     *inner.requests.entry(what).or_default() += 1;
 }
 
-fn list(shared: &Shared, resource: Resource, selector: &LabelSelector) -> Response<Body> {
-    let mut inner = shared.inner.lock().expect("fake API server lock");
-    count(&mut inner, format!("list {}", resource.path));
-    let items: Vec<Value> = inner
+/// The body of a JSON merge patch request, or the answer refusing it.
+pub(crate) async fn read_merge_patch(req: Request<Incoming>) -> Result<Value, Response<Body>> {
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if content_type != "application/merge-patch+json" {
+        return Err(status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the fake takes JSON merge patches only, not {content_type:?}"),
+        ));
+    }
+    let Ok(body) = req.into_body().collect().await else {
+        return Err(status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "unreadable body",
+        ));
+    };
+    serde_json::from_slice(&body.to_bytes())
+        .map_err(|e| status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()))
+}
+
+/// The stored objects of `resource` that `selector` selects.
+fn selected(inner: &Inner, resource: &Resource, selector: &LabelSelector) -> Vec<Value> {
+    inner
         .objects
-        .get(&resource)
+        .get(resource)
         .map(|m| {
             m.values()
                 .filter(|o| selector.matches(o))
                 .cloned()
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn list(shared: &Shared, resource: Resource, selector: &LabelSelector) -> Response<Body> {
+    let mut inner = shared.inner.lock().expect("fake API server lock");
+    count(&mut inner, format!("list {}", resource.path));
+    let items = selected(&inner, &resource, selector);
     let body = json!({
         "kind": format!("{}List", resource.kind),
         "apiVersion": resource.api_version,
@@ -726,16 +741,7 @@ async fn stream_watch(
         None => {
             let (rv, objects) = {
                 let inner = shared.inner.lock().expect("fake API server lock");
-                let objects: Vec<Value> = inner
-                    .objects
-                    .get(&resource)
-                    .map(|m| {
-                        m.values()
-                            .filter(|o| selector.matches(o))
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let objects = selected(&inner, &resource, selector);
                 (inner.rv, objects)
             };
             for object in objects {

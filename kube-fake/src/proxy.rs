@@ -222,25 +222,9 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 /// into a Namespace (`null` removes a key); anything else in the patch is
 /// refused, which is all a namespace patch of a test needs.
 async fn patch_namespace(shared: &Shared, name: &str, req: Request<Incoming>) -> Response<Body> {
-    let content_type = req
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    if content_type != "application/merge-patch+json" {
-        return status(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UnsupportedMediaType",
-            &format!("the fake takes JSON merge patches of namespaces only, not {content_type:?}"),
-        );
-    }
-    let Ok(body) = req.into_body().collect().await else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
-    };
-    let patch: Value = match serde_json::from_slice(&body.to_bytes()) {
-        Ok(v) => v,
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+    let patch = match crate::read_merge_patch(req).await {
+        Ok(p) => p,
+        Err(refused) => return refused,
     };
     let allowed = patch.as_object().is_some_and(|o| {
         o.keys().all(|k| k == "metadata")
