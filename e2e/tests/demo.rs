@@ -92,7 +92,7 @@ fn namespace_demo_reports_waypoint_split_denial_capture_and_mtls() -> anyhow::Re
             "reviews saw the caller as 198.19.2.30",
             "POST http://198.18.128.10:9080/: 403 RBAC: access denied",
             "refused: plaintext to a STRICT mTLS namespace",
-            "TCP ports {15008}; marker in cleartext: no",
+            "pod traffic on TCP ports {15008} (control plane and span export aside); marker in cleartext: no",
             // Source side: the client's ztunnel tunnels straight to the waypoint pod.
             "spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/waypoint  mTLS=yes  src=198.19.1.10",
             // Destination side: reviews' ztunnel sees the waypoint's identity.

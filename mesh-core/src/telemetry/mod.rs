@@ -218,6 +218,7 @@ pub fn init(config: &TracingConfig) -> anyhow::Result<(TelemetryGuard, LogLevel)
         s => s.to_owned(),
     };
     let (filter, handle) = reload::Layer::new(log_filter(&spec)?);
+    let spec = std::sync::Mutex::new(spec);
     let (otel, mut guard) = layer(config, &ExportOptions::default())?;
     // Batched: one write per 50 ms instead of one per access line.
     let (writer, flusher) = crate::log_writer::BatchedStderr::start();
@@ -232,7 +233,7 @@ pub fn init(config: &TracingConfig) -> anyhow::Result<(TelemetryGuard, LogLevel)
         .with(otel)
         .try_init()
         .context("installing the tracing subscriber")?;
-    Ok((guard, LogLevel { handle }))
+    Ok((guard, LogLevel { handle, spec }))
 }
 
 /// The log filter for `spec`, with the span-only targets turned off: their
@@ -250,19 +251,22 @@ fn log_filter(spec: &str) -> anyhow::Result<EnvFilter> {
 /// Changes the log filter of the subscriber [`init`] installed.
 pub struct LogLevel {
     handle: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    /// The filter as the operator gave it (without the span-only targets
+    /// [`log_filter`] adds, which are not theirs to see or set).
+    spec: std::sync::Mutex<String>,
 }
 
 impl LogLevel {
     /// Sets the filter to `spec` (EnvFilter syntax) when given; returns the
     /// filter now in force, or why `spec` was refused (the old one stays).
     pub fn set(&self, spec: Option<&str>) -> Result<String, String> {
+        let mut current = self.spec.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(spec) = spec {
             let filter = log_filter(spec).map_err(|e| format!("{e:#}"))?;
             self.handle.reload(filter).map_err(|e| e.to_string())?;
+            *current = spec.to_owned();
         }
-        self.handle
-            .with_current(|f| f.to_string())
-            .map_err(|e| e.to_string())
+        Ok(current.clone())
     }
 }
 
