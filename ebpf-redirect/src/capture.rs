@@ -632,9 +632,20 @@ pub fn setup_node_routing() -> Result<(), CaptureError> {
         "table",
         &CAPTURE_ROUTE_TABLE.to_string(),
     ])?;
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .map_err(|e| CaptureError::Routing(format!("enabling ip_forward: {e}")))?;
+    enable_ipv4_forwarding()?;
     Ok(())
+}
+
+/// Turns IPv4 forwarding on unless it already is: Kubernetes nodes have it
+/// on, and a container's `/proc/sys` is read-only, so writing it regardless
+/// would fail capture in any unprivileged ztunnel.
+fn enable_ipv4_forwarding() -> Result<(), CaptureError> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1")
+        .map_err(|e| CaptureError::Routing(format!("enabling ip_forward: {e}")))
 }
 
 /// The interface the calling thread's namespace routes `ip` out of: for a pod
