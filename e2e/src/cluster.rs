@@ -5,8 +5,14 @@
 //!
 //! Pod addressing is /32 with the node as the only next hop, so all pod traffic,
 //! same-node too, crosses the node's veth (where capture hooks in).
+//!
+//! [`Cluster::build_dual_stack`] adds IPv6 from the benchmarking range
+//! 2001:2::/48 (RFC 5180), wired the same way: node N is 2001:2::N/64 on the
+//! fabric, its pods are 2001:2:0:N::X/128 (X: the digits of the last octet of
+//! the pod's IPv4 address, so 198.19.1.10 pairs with 2001:2:0:1::10), and a
+//! pod's next hop is fe80::1 on its veth's node side.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::netns::{veth, Netns};
 
@@ -15,6 +21,8 @@ pub struct Pod {
     /// `namespace/name` when built from a spec, else `n<N>p<M>`.
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// The node-side end of the pod's veth (where outbound capture attaches).
     pub host_if: String,
 }
@@ -23,6 +31,8 @@ pub struct Node {
     pub ns: Netns,
     pub index: u8,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on the fabric, in a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// The node-side end of its link to the fabric.
     pub uplink: String,
     pub pods: Vec<Pod>,
@@ -46,24 +56,80 @@ pub fn pod_ip(node: u8, pod: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, node, 10 + pod)
 }
 
-/// Addresses and routes for one pod's veth pair (/32 pod, node as next hop).
+/// Node N's IPv6 address on the fabric (dual-stack clusters).
+pub fn node_ip6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, u16::from(n))
+}
+
+/// The IPv6 address paired with pod address `v4` of node `node`.
+pub fn pod_ip6(node: u8, v4: Ipv4Addr) -> Ipv6Addr {
+    let last = v4.octets()[3].to_string();
+    // Decimal digits read as hex: always valid, distinct per octet.
+    let x = u16::from_str_radix(&last, 16).unwrap_or(0);
+    Ipv6Addr::new(0x2001, 2, 0, u16::from(node), 0, 0, 0, x)
+}
+
+/// The /64 holding node N's pods' IPv6 addresses.
+fn pod_net6(node: u8) -> String {
+    format!("2001:2:0:{node:x}::/64")
+}
+
+/// The node side's address on every pod veth: a pod's IPv6 next hop.
+/// Link-local, so every veth of a node can carry it.
+const GATEWAY6: &str = "fe80::1";
+
+/// Addresses and routes for one pod's veth pair (/32 pod, node as next hop;
+/// /128 and fe80::1 for IPv6).
 fn wire(
     node: &Netns,
     pod: &Netns,
     n: u8,
     pip: Ipv4Addr,
+    pip6: Option<Ipv6Addr>,
     host_if: &str,
     pod_if: &str,
 ) -> anyhow::Result<()> {
     let gw = gateway(n).to_string();
     node.ip(&["addr", "add", &format!("{gw}/32"), "dev", host_if])?;
+    if pip6.is_some() {
+        let gw6 = format!("{GATEWAY6}/64");
+        node.ip(&["-6", "addr", "add", &gw6, "dev", host_if, "nodad"])?;
+    }
     node.ip(&["link", "set", host_if, "up"])?;
     node.ip(&["route", "add", &format!("{pip}/32"), "dev", host_if])?;
     pod.ip(&["addr", "add", &format!("{pip}/32"), "dev", pod_if])?;
+    if let Some(p6) = pip6 {
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{p6}/128"),
+            "dev",
+            pod_if,
+            "nodad",
+        ])?;
+    }
     pod.ip(&["link", "set", pod_if, "up"])?;
     pod.ip(&["route", "add", &gw, "dev", pod_if])?;
     pod.ip(&["route", "add", "default", "via", &gw, "dev", pod_if])?;
+    if let Some(p6) = pip6 {
+        node.ip(&["-6", "route", "add", &format!("{p6}/128"), "dev", host_if])?;
+        pod.ip(&[
+            "-6", "route", "add", "default", "via", GATEWAY6, "dev", pod_if,
+        ])?;
+    }
     Ok(())
+}
+
+/// No duplicate address detection in a namespace: addresses are usable at
+/// once (a tentative one would stall the first connections for a second).
+fn no_dad(ns: &Netns) -> anyhow::Result<()> {
+    ns.run(|| {
+        for conf in ["all", "default"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad"), "0")?;
+        }
+        Ok(())
+    })
 }
 
 fn gateway(node: u8) -> Ipv4Addr {
@@ -142,11 +208,31 @@ impl Cluster {
                 })
             })
             .collect::<Vec<_>>();
-        Self::build_with(nodes, &specs)
+        Self::build_inner(nodes, &specs, false)
+    }
+
+    /// As [`Cluster::build`], with IPv6 addresses and routes besides the
+    /// IPv4 ones (see the module docs).
+    pub fn build_dual_stack(nodes: u8, pods: u8) -> anyhow::Result<Self> {
+        anyhow::ensure!(pods <= 200, "unsupported size");
+        let specs = (1..=nodes)
+            .flat_map(|n| {
+                (0..pods).map(move |m| PodSpec {
+                    name: format!("n{n}p{m}"),
+                    node: n,
+                    ip: pod_ip(n, m),
+                })
+            })
+            .collect::<Vec<_>>();
+        Self::build_inner(nodes, &specs, true)
     }
 
     /// Builds `nodes` nodes and exactly the pods given.
     pub fn build_with(nodes: u8, pods: &[PodSpec]) -> anyhow::Result<Self> {
+        Self::build_inner(nodes, pods, false)
+    }
+
+    fn build_inner(nodes: u8, pods: &[PodSpec], dual_stack: bool) -> anyhow::Result<Self> {
         anyhow::ensure!((1..=9).contains(&nodes), "unsupported size");
         for p in pods {
             anyhow::ensure!(
@@ -157,7 +243,13 @@ impl Cluster {
             );
         }
         let fabric = Netns::create("fabric")?;
+        if dual_stack {
+            no_dad(&fabric)?;
+        }
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        if dual_stack {
+            fabric.ip(&["-6", "addr", "add", "2001:2::fe/64", "dev", "br0", "nodad"])?;
+        }
         fabric.ip(&["link", "set", "br0", "up"])?;
         // Where a control plane in the fabric namespace is reached from nodes.
         fabric.ip(&[
@@ -170,24 +262,40 @@ impl Cluster {
         let mut built = Vec::new();
         for n in 1..=nodes {
             let ns = Netns::create(&format!("node{n}"))?;
+            if dual_stack {
+                no_dad(&ns)?;
+            }
             let (uplink, fabric_end) = veth(&ns, &fabric)?;
             fabric.ip(&["link", "set", &fabric_end, "master", "br0", "up"])?;
             ns.ip(&["addr", "add", &format!("{}/24", node_ip(n)), "dev", &uplink])?;
+            let ip6 = dual_stack.then(|| node_ip6(n));
+            if let Some(ip6) = ip6 {
+                let a = format!("{ip6}/64");
+                ns.ip(&["-6", "addr", "add", &a, "dev", &uplink, "nodad"])?;
+            }
             ns.ip(&["link", "set", &uplink, "up"])?;
-            ns.run(|| {
+            ns.run(move || {
                 std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                if dual_stack {
+                    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+                }
                 Ok(())
             })?;
             let mut pod_list = Vec::new();
             for (m, spec) in pods.iter().filter(|p| p.node == n).enumerate() {
                 let pns = Netns::create(&format!("n{n}p{m}"))?;
+                if dual_stack {
+                    no_dad(&pns)?;
+                }
                 let (host_if, pod_if) = veth(&ns, &pns)?;
                 let pip = spec.ip;
-                wire(&ns, &pns, n, pip, &host_if, &pod_if)?;
+                let pip6 = dual_stack.then(|| pod_ip6(n, pip));
+                wire(&ns, &pns, n, pip, pip6, &host_if, &pod_if)?;
                 pod_list.push(Pod {
                     ns: pns,
                     name: spec.name.clone(),
                     ip: pip,
+                    ip6: pip6,
                     host_if,
                 });
             }
@@ -195,6 +303,7 @@ impl Cluster {
                 ns,
                 index: n,
                 ip: node_ip(n),
+                ip6,
                 uplink,
                 pods: pod_list,
             });
@@ -215,6 +324,16 @@ impl Cluster {
                     let net = format!("198.19.{}.0/24", other.index);
                     node.ns
                         .ip(&["route", "add", &net, "via", &other.ip.to_string()])?;
+                }
+            }
+            let Some(ip6) = node.ip6 else { continue };
+            let via = ip6.to_string();
+            fabric.ip(&["-6", "route", "add", &pod_net6(node.index), "via", &via])?;
+            for other in built.iter().filter(|o| o.index != node.index) {
+                if let Some(o6) = other.ip6 {
+                    let net = pod_net6(other.index);
+                    node.ns
+                        .ip(&["-6", "route", "add", &net, "via", &o6.to_string()])?;
                 }
             }
         }
@@ -261,7 +380,15 @@ impl Cluster {
             "netns",
             pod.ns.name(),
         ])?;
-        wire(&node.ns, &pod.ns, node.index, pod.ip, &pod.host_if, &pod_if)
+        wire(
+            &node.ns,
+            &pod.ns,
+            node.index,
+            pod.ip,
+            pod.ip6,
+            &pod.host_if,
+            &pod_if,
+        )
     }
 
     /// A pod by the name it was built with.

@@ -100,23 +100,32 @@ impl Capture {
             .any(|f| f.windows(needle.len()).any(|w| w == needle))
     }
 
-    /// (source port, destination port) of every IPv4 TCP frame.
+    /// (source port, destination port) of every TCP frame, IPv4 or IPv6
+    /// (IPv6 with TCP right after the fixed header).
     pub fn tcp_ports(&self) -> Vec<(u16, u16)> {
+        self.frames.iter().filter_map(|f| tcp_ports(f)).collect()
+    }
+
+    /// How many frames were IPv6 TCP.
+    pub fn ipv6_tcp_frames(&self) -> usize {
         self.frames
             .iter()
-            .filter_map(|f| {
-                // Ethernet (14) + IPv4 with protocol 6.
-                if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
-                    return None;
-                }
-                let ihl = usize::from(f[14] & 0x0f) * 4;
-                let t = 14 + ihl;
-                let ports = f.get(t..t + 4)?;
-                Some((
-                    u16::from_be_bytes([ports[0], ports[1]]),
-                    u16::from_be_bytes([ports[2], ports[3]]),
-                ))
-            })
-            .collect()
+            .filter(|f| f.get(12..14) == Some(&[0x86, 0xdd]) && tcp_ports(f).is_some())
+            .count()
     }
+}
+
+fn tcp_ports(f: &[u8]) -> Option<(u16, u16)> {
+    let t = match f.get(12..14)? {
+        // Ethernet (14) + IPv4 with protocol 6.
+        [0x08, 0x00] if *f.get(23)? == 6 => 14 + usize::from(f.get(14)? & 0x0f) * 4,
+        // Ethernet (14) + IPv6 (40) with next header 6.
+        [0x86, 0xdd] if *f.get(20)? == 6 => 14 + 40,
+        _ => return None,
+    };
+    let ports = f.get(t..t + 4)?;
+    Some((
+        u16::from_be_bytes([ports[0], ports[1]]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    ))
 }

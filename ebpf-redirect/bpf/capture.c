@@ -1,15 +1,16 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
 //
-// Capture of enrolled pods' TCP into ztunnel's transparent listeners in the
-// node's network namespace, keeping the original destination (the accepted
-// socket's local address is what the client dialled).
+// Capture of enrolled pods' TCP (IPv4 and IPv6) into ztunnel's transparent
+// listeners in the node's network namespace, keeping the original destination
+// (the accepted socket's local address is what the client dialled).
 //
 // capture_outbound: tc ingress of the host-side veth of an enrolled pod; new
 //   connections go to the outbound listener (15001).
 // capture_inbound: tc ingress of the node's uplink; new connections to an
 //   enrolled pod go to the HBONE listener (15008) if they target port 15008,
 //   else to the inbound plaintext listener (15006), so policy cannot be skipped.
-//   Also on tc ingress of a local waypoint pod's veth: its HBONE to an enrolled
+//   Also on tc ingress of the veths of local pods that are not captured
+//   themselves (waypoints, pods outside the mesh): their traffic to an enrolled
 //   pod on the same node never crosses the uplink, and bpf_sk_assign works only
 //   at ingress, so it is taken where it enters the node.
 //
@@ -20,15 +21,20 @@
 //  3. Everything else (non-TCP, excluded ports, connections older than the
 //     attachment) passes untouched.
 //
-// Every assigned packet carries CAPTURE_MARK, which the node routes to `local`.
+// Every assigned packet carries CAPTURE_MARK, which the node routes to `local`
+// (one rule and route per family).
 //
 // Maps and links are pinned (see the loader): they outlive ztunnel, so a
 // stopped ztunnel leaves enrolled pods failing closed, and a restarted one
-// picks the state up and swaps its program in atomically.
+// picks the state up and swaps its program in atomically. IPv6 has maps of its
+// own rather than wider keys in the IPv4 ones: a pinned map is reused by name
+// without a layout check, so an upgraded ztunnel must find the old maps as
+// they were.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
@@ -45,11 +51,24 @@
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
+// IPv6 extension headers walked to find the upper-layer protocol. Longer
+// chains are not looked through (an enrolled pod's such packet is dropped).
+#define MAX_EXT_HEADERS 8
+#define IP6_FRAG_OFFSET 0xfff8
+
 struct capture_config {
 	__u32 listener_ip;    // network order; 0 = the packet's destination (wildcard listeners)
 	__u16 listener_port;  // outbound listener, network order; 0 = none: drop new connections
 	__u16 hbone_port;     // network order; 0 = none
 	__u16 plaintext_port; // network order; 0 = none
+	__u16 pad;
+};
+
+// The outbound listener for IPv6 connections (HBONE and plaintext ports are
+// capture_config's).
+struct capture_config6 {
+	__u32 listener_ip[4]; // network order; all zero = the packet's destination
+	__u16 listener_port;  // network order; 0 = none: drop new IPv6 connections
 	__u16 pad;
 };
 
@@ -63,6 +82,7 @@ enum stat {
 	STAT_INBOUND_HBONE = 6,
 	STAT_INBOUND_PLAINTEXT = 7,
 	STAT_DROPPED_MALFORMED = 8,
+	// An enrolled pod's IPv6 TCP behind extension headers (not captured).
 	STAT_DROPPED_IPV6 = 9,
 	STAT_MAX = 10,
 };
@@ -75,6 +95,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } capture_config SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct capture_config6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} capture_config6 SEC(".maps");
+
 // Addresses (network order) of the enrolled pods on this node.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -84,14 +112,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } enrolled_pods SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct in6_addr);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} enrolled_pods6 SEC(".maps");
+
 #define DIR_OUTBOUND 0
 #define DIR_INBOUND 1
 
 // Ports that bypass capture: per pod (its address) and direction; address 0
-// applies to every pod of the node.
+// (:: for IPv6) applies to every pod of the node.
 struct exclusion_key {
 	__u32 pod_ip; // network order, 0 = any pod
 	__u16 port;   // host order
+	__u8 direction;
+	__u8 pad;
+};
+
+struct exclusion_key6 {
+	__u32 pod_ip[4]; // network order, :: = any pod
+	__u16 port;      // host order
 	__u8 direction;
 	__u8 pad;
 };
@@ -104,14 +147,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } excluded_ports SEC(".maps");
 
-static __always_inline int excluded(__u32 pod_ip, __u16 port, __u8 direction)
-{
-	struct exclusion_key k = {.pod_ip = pod_ip, .port = port, .direction = direction};
-	if (bpf_map_lookup_elem(&excluded_ports, &k))
-		return 1;
-	k.pod_ip = 0;
-	return bpf_map_lookup_elem(&excluded_ports, &k) != 0;
-}
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct exclusion_key6);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} excluded_ports6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -128,6 +170,41 @@ static __always_inline void count(__u32 which)
 		*v += 1;
 }
 
+// `v6` is a constant at every call site, so after inlining each family is
+// straight-line code for the verifier.
+static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct bpf_sock_tuple *t, int v6)
+{
+	return bpf_skc_lookup_tcp(skb, t, v6 ? sizeof(t->ipv6) : sizeof(t->ipv4), BPF_F_CURRENT_NETNS, 0);
+}
+
+static __always_inline int is_enrolled(struct bpf_sock_tuple *t, int v6, int dst)
+{
+	if (v6)
+		return bpf_map_lookup_elem(&enrolled_pods6, dst ? t->ipv6.daddr : t->ipv6.saddr) != 0;
+	return bpf_map_lookup_elem(&enrolled_pods, dst ? &t->ipv4.daddr : &t->ipv4.saddr) != 0;
+}
+
+// Whether `port` is excluded for the pod (the source outbound, the
+// destination inbound) or for every pod.
+static __always_inline int excluded(struct bpf_sock_tuple *t, int v6, __u16 port, __u8 direction)
+{
+	if (v6) {
+		struct exclusion_key6 k = {.port = port, .direction = direction};
+		__builtin_memcpy(k.pod_ip, direction == DIR_OUTBOUND ? t->ipv6.saddr : t->ipv6.daddr,
+				 sizeof(k.pod_ip));
+		if (bpf_map_lookup_elem(&excluded_ports6, &k))
+			return 1;
+		__builtin_memset(k.pod_ip, 0, sizeof(k.pod_ip));
+		return bpf_map_lookup_elem(&excluded_ports6, &k) != 0;
+	}
+	struct exclusion_key k = {.port = port, .direction = direction};
+	k.pod_ip = direction == DIR_OUTBOUND ? t->ipv4.saddr : t->ipv4.daddr;
+	if (bpf_map_lookup_elem(&excluded_ports, &k))
+		return 1;
+	k.pod_ip = 0;
+	return bpf_map_lookup_elem(&excluded_ports, &k) != 0;
+}
+
 static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __u32 stat)
 {
 	long err = bpf_sk_assign(skb, sk, 0);
@@ -142,20 +219,26 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __
 	return TC_ACT_OK;
 }
 
-// Assigns a SYN to the listener on `port` (network order), or drops it.
-static __always_inline int to_listener(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp,
-				       __u32 listener_ip, __u16 port, __u32 stat)
+// Assigns a SYN to the listener on `port` (network order) at `ip4` / `ip6`
+// (zero or NULL: the packet's destination), or drops it.
+static __always_inline int to_listener(struct __sk_buff *skb, struct bpf_sock_tuple *t, int v6, __u32 ip4,
+				       const __u32 *ip6, __u16 port, __u32 stat)
 {
 	if (port == 0) {
 		count(STAT_DROPPED_NO_LISTENER);
 		return TC_ACT_SHOT;
 	}
-	struct bpf_sock_tuple lt = {};
-	lt.ipv4.saddr = ip->saddr;
-	lt.ipv4.sport = tcp->source;
-	lt.ipv4.daddr = listener_ip ? listener_ip : ip->daddr;
-	lt.ipv4.dport = port;
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &lt, sizeof(lt.ipv4), BPF_F_CURRENT_NETNS, 0);
+	struct bpf_sock_tuple lt = *t;
+	if (v6) {
+		if (ip6 && (ip6[0] | ip6[1] | ip6[2] | ip6[3]))
+			__builtin_memcpy(lt.ipv6.daddr, ip6, sizeof(lt.ipv6.daddr));
+		lt.ipv6.dport = port;
+	} else {
+		if (ip4)
+			lt.ipv4.daddr = ip4;
+		lt.ipv4.dport = port;
+	}
+	struct bpf_sock *sk = lookup(skb, &lt, v6);
 	if (!sk) {
 		count(STAT_DROPPED_NO_LISTENER);
 		return TC_ACT_SHOT;
@@ -171,13 +254,14 @@ static __always_inline int to_listener(struct __sk_buff *skb, struct iphdr *ip, 
 // Whether a node service listens on the packet's destination: the listener
 // the kernel would pick when a SYN meets a TIME_WAIT socket. The probe tuple's
 // source port 0 matches no connection, so only listeners can be found.
-static __always_inline int node_listener(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp)
+static __always_inline int node_listener(struct __sk_buff *skb, struct bpf_sock_tuple *t, int v6)
 {
-	struct bpf_sock_tuple probe = {};
-	probe.ipv4.saddr = ip->saddr;
-	probe.ipv4.daddr = ip->daddr;
-	probe.ipv4.dport = tcp->dest;
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &probe, sizeof(probe.ipv4), BPF_F_CURRENT_NETNS, 0);
+	struct bpf_sock_tuple probe = *t;
+	if (v6)
+		probe.ipv6.sport = 0;
+	else
+		probe.ipv4.sport = 0;
+	struct bpf_sock *sk = lookup(skb, &probe, v6);
 	if (!sk)
 		return 0;
 	int listening = sk->state == BPF_TCP_LISTEN;
@@ -185,36 +269,76 @@ static __always_inline int node_listener(struct __sk_buff *skb, struct iphdr *ip
 	return listening;
 }
 
-// Both programs: `direction` is a constant after inlining, so each program is
-// straight-line code for the verifier.
-static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
+// An enrolled pod's TCP packet, whose tuple is `t`: steps 1-3 above.
+static __always_inline int capture_tcp(struct __sk_buff *skb, struct bpf_sock_tuple *t, int v6, int syn,
+				       __u8 direction)
+{
+	// Pitfall: skc (not sk) lookup, so a half-open connection finds its
+	// request socket rather than the listener; TIME_WAIT sockets too.
+	struct bpf_sock *sk = lookup(skb, t, v6);
+	if (sk) {
+		if (sk->state == BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+		} else if (syn && sk->state == BPF_TCP_TIME_WAIT && node_listener(skb, t, v6)) {
+			// A SYN on a TIME_WAIT socket is handed by the kernel to whatever
+			// listens on the original destination: a node service here, which
+			// must not receive pod traffic. Treat it as a new connection.
+			bpf_sk_release(sk);
+		} else {
+			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
+		}
+	}
+	if (!syn) {
+		count(STAT_PASSED);
+		return PASS;
+	}
+	__u16 dport = v6 ? t->ipv6.dport : t->ipv4.dport;
+	// Exclusions apply to new connections only, never to packets of a
+	// connection ztunnel owns. An outbound exclusion never opens a way
+	// around an enrolled destination's own capture.
+	int enrolled_dst = direction == DIR_OUTBOUND && is_enrolled(t, v6, 1);
+	if (!enrolled_dst && excluded(t, v6, bpf_ntohs(dport), direction)) {
+		count(STAT_EXCLUDED);
+		return PASS;
+	}
+
+	__u32 zero = 0;
+	struct capture_config *cfg = bpf_map_lookup_elem(&capture_config, &zero);
+	if (!cfg) {
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	const __u32 *ip6 = 0;
+	__u16 outbound_port = cfg->listener_port;
+	if (v6) {
+		struct capture_config6 *cfg6 = bpf_map_lookup_elem(&capture_config6, &zero);
+		if (!cfg6) {
+			count(STAT_DROPPED_NO_LISTENER);
+			return TC_ACT_SHOT;
+		}
+		ip6 = cfg6->listener_ip;
+		outbound_port = cfg6->listener_port;
+	}
+	if (direction == DIR_OUTBOUND)
+		return to_listener(skb, t, v6, cfg->listener_ip, ip6, outbound_port, STAT_CAPTURED_NEW);
+	if (cfg->hbone_port && dport == cfg->hbone_port)
+		return to_listener(skb, t, v6, 0, 0, cfg->hbone_port, STAT_INBOUND_HBONE);
+	return to_listener(skb, t, v6, 0, 0, cfg->plaintext_port, STAT_INBOUND_PLAINTEXT);
+}
+
+static __always_inline int capture4(struct __sk_buff *skb, __u8 direction)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end)
-		return PASS;
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		// IPv6 is not captured yet. An enrolled pod's IPv6 TCP must not leave
-		// the mesh uncaptured, so it is dropped; other IPv6 (neighbour
-		// discovery) passes.
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		if (direction == DIR_OUTBOUND && (void *)(ip6 + 1) <= end && ip6->nexthdr == IPPROTO_TCP) {
-			count(STAT_DROPPED_IPV6);
-			return TC_ACT_SHOT;
-		}
-		return PASS;
-	}
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return PASS;
-	struct iphdr *ip = (void *)(eth + 1);
+	struct iphdr *ip = data + sizeof(struct ethhdr);
 	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
 		return PASS;
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = ip->saddr;
+	t.ipv4.daddr = ip->daddr;
 	// Outbound: the pod is the sender (the program sits on its veth).
 	// Inbound: only traffic for enrolled pods; the node's own passes.
-	__u32 pod = direction == DIR_OUTBOUND ? ip->saddr : ip->daddr;
-	if (direction == DIR_INBOUND && !bpf_map_lookup_elem(&enrolled_pods, &pod))
+	if (direction == DIR_INBOUND && !is_enrolled(&t, 0, 1))
 		return PASS;
 
 	// From here on this is an enrolled pod's TCP: what cannot be inspected is
@@ -247,52 +371,117 @@ static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
 		count(STAT_DROPPED_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	int syn = tcp->syn && !tcp->ack;
+	t.ipv4.sport = tcp->source;
+	t.ipv4.dport = tcp->dest;
+	return capture_tcp(skb, &t, 0, tcp->syn && !tcp->ack, direction);
+}
 
-	struct bpf_sock_tuple tuple = {};
-	tuple.ipv4.saddr = ip->saddr;
-	tuple.ipv4.daddr = ip->daddr;
-	tuple.ipv4.sport = tcp->source;
-	tuple.ipv4.dport = tcp->dest;
-	// Pitfall: skc (not sk) lookup, so a half-open connection finds its
-	// request socket rather than the listener; TIME_WAIT sockets too.
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	if (sk) {
-		if (sk->state == BPF_TCP_LISTEN) {
-			bpf_sk_release(sk);
-		} else if (syn && sk->state == BPF_TCP_TIME_WAIT && node_listener(skb, ip, tcp)) {
-			// A SYN on a TIME_WAIT socket is handed by the kernel to whatever
-			// listens on the original destination: a node service here, which
-			// must not receive pod traffic. Treat it as a new connection.
-			bpf_sk_release(sk);
-		} else {
-			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
+// The upper-layer protocol behind the IPv6 extension headers starting at
+// `off` with type `nexthdr`; -1 when it cannot be told (a chain too long or
+// unreadable, a later fragment whose first header is another extension).
+static __always_inline int ipv6_upper_protocol(struct __sk_buff *skb, __u32 off, __u8 nexthdr)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_EXT_HEADERS; i++) {
+		__u8 hdr[4];
+		switch (nexthdr) {
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+		case IPPROTO_MH:
+		case 139: // HIP
+		case 140: // Shim6
+		case 253: // experimental (RFC 3692)
+		case 254:
+			if (bpf_skb_load_bytes(skb, off, hdr, 2))
+				return -1;
+			nexthdr = hdr[0];
+			off += ((__u32)hdr[1] + 1) * 8;
+			break;
+		case IPPROTO_AH:
+			if (bpf_skb_load_bytes(skb, off, hdr, 2))
+				return -1;
+			nexthdr = hdr[0];
+			off += ((__u32)hdr[1] + 2) * 4;
+			break;
+		case IPPROTO_FRAGMENT:
+			if (bpf_skb_load_bytes(skb, off, hdr, 4))
+				return -1;
+			nexthdr = hdr[0];
+			// A later fragment carries no headers after this one: its own
+			// next header is all there is to go by.
+			if (((__u16)hdr[2] << 8 | hdr[3]) & IP6_FRAG_OFFSET) {
+				if (nexthdr == IPPROTO_TCP)
+					return IPPROTO_TCP;
+				return nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_DSTOPTS ||
+					       nexthdr == IPPROTO_AH ? -1 : nexthdr;
+			}
+			off += 8;
+			break;
+		default:
+			return nexthdr;
 		}
 	}
-	if (!syn) {
-		count(STAT_PASSED);
-		return PASS;
-	}
-	// Exclusions apply to new connections only, never to packets of a
-	// connection ztunnel owns. An outbound exclusion never opens a way
-	// around an enrolled destination's own capture.
-	int enrolled_dst = direction == DIR_OUTBOUND && bpf_map_lookup_elem(&enrolled_pods, &ip->daddr);
-	if (!enrolled_dst && excluded(pod, bpf_ntohs(tcp->dest), direction)) {
-		count(STAT_EXCLUDED);
-		return PASS;
-	}
+	return -1;
+}
 
-	__u32 zero = 0;
-	struct capture_config *cfg = bpf_map_lookup_elem(&capture_config, &zero);
-	if (!cfg) {
-		count(STAT_DROPPED_NO_LISTENER);
-		return TC_ACT_SHOT;
+static __always_inline int capture6(struct __sk_buff *skb, __u8 direction)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+	if ((void *)(ip6 + 1) > end)
+		return PASS;
+	struct bpf_sock_tuple t = {};
+	__builtin_memcpy(t.ipv6.saddr, &ip6->saddr, sizeof(t.ipv6.saddr));
+	__builtin_memcpy(t.ipv6.daddr, &ip6->daddr, sizeof(t.ipv6.daddr));
+	if (direction == DIR_INBOUND && !is_enrolled(&t, 1, 1))
+		return PASS;
+	__u8 nexthdr = ip6->nexthdr;
+	if (nexthdr != IPPROTO_TCP) {
+		// Neighbour discovery, MLD (behind a hop-by-hop header), UDP... pass.
+		// TCP behind extension headers (a fragment, a routing header that
+		// changes the destination) is not captured: an enrolled pod's is
+		// dropped, never passed, and so is what cannot be told apart from it.
+		int upper = ipv6_upper_protocol(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr), nexthdr);
+		if (upper == IPPROTO_TCP || upper < 0) {
+			count(STAT_DROPPED_IPV6);
+			return TC_ACT_SHOT;
+		}
+		return PASS;
 	}
-	if (direction == DIR_OUTBOUND)
-		return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->listener_port, STAT_CAPTURED_NEW);
-	if (cfg->hbone_port && tcp->dest == cfg->hbone_port)
-		return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->hbone_port, STAT_INBOUND_HBONE);
-	return to_listener(skb, ip, tcp, cfg->listener_ip, cfg->plaintext_port, STAT_INBOUND_PLAINTEXT);
+	struct tcphdr *tcp = (void *)(ip6 + 1);
+	if ((void *)(tcp + 1) > end) {
+		if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct tcphdr))) {
+			count(STAT_DROPPED_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		tcp = data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+		if ((void *)(tcp + 1) > end) {
+			count(STAT_DROPPED_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+	}
+	t.ipv6.sport = tcp->source;
+	t.ipv6.dport = tcp->dest;
+	return capture_tcp(skb, &t, 1, tcp->syn && !tcp->ack, direction);
+}
+
+// Both programs: `direction` is a constant after inlining.
+static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return capture4(skb, direction);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return capture6(skb, direction);
+	return PASS;
 }
 
 SEC("classifier")

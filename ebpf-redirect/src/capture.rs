@@ -1,7 +1,7 @@
-//! Loading, configuring and attaching the outbound capture program with aya.
+//! Loading, configuring and attaching the capture programs with aya.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,10 +18,13 @@ static CAPTURE_OBJECT: &[u8] =
 
 const OUTBOUND: &str = "capture_outbound";
 const INBOUND: &str = "capture_inbound";
-const MAPS: [&str; 4] = [
+const MAPS: [&str; 7] = [
     "capture_config",
+    "capture_config6",
     "enrolled_pods",
+    "enrolled_pods6",
     "excluded_ports",
+    "excluded_ports6",
     "capture_stats",
 ];
 const OUTBOUND_LINK: &str = "link-out-";
@@ -58,6 +61,19 @@ struct CaptureConfig {
 // (the explicit `pad` field covers them).
 unsafe impl aya::Pod for CaptureConfig {}
 
+/// Mirrors `struct capture_config6` in `bpf/capture.c`: the outbound listener
+/// for IPv6 connections (address and port in network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct CaptureConfig6 {
+    listener_ip: [u8; 16],
+    listener_port: u16,
+    pad: u16,
+}
+
+// SAFETY: C layout (16 + 2 + 2 bytes, alignment 2), no implicit padding.
+unsafe impl aya::Pod for CaptureConfig6 {}
+
 /// Which way a connection goes, relative to the pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -76,7 +92,7 @@ struct ExclusionKey {
 }
 
 impl ExclusionKey {
-    fn new(pod: Option<std::net::Ipv4Addr>, port: u16, direction: Direction) -> Self {
+    fn new(pod: Option<Ipv4Addr>, port: u16, direction: Direction) -> Self {
         ExclusionKey {
             pod_ip: pod.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
             port,
@@ -88,6 +104,31 @@ impl ExclusionKey {
 
 // SAFETY: C layout, no implicit padding (the explicit `pad` covers it).
 unsafe impl aya::Pod for ExclusionKey {}
+
+/// Mirrors `struct exclusion_key6` in `bpf/capture.c` (`::` = any pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ExclusionKey6 {
+    pod_ip: [u8; 16],
+    port: u16,
+    direction: u8,
+    pad: u8,
+}
+
+impl ExclusionKey6 {
+    fn new(pod: Option<Ipv6Addr>, port: u16, direction: Direction) -> Self {
+        ExclusionKey6 {
+            pod_ip: pod.map_or([0; 16], |ip| ip.octets()),
+            port,
+            direction: direction as u8,
+            pad: 0,
+        }
+    }
+}
+
+// SAFETY: C layout (16 + 2 + 1 + 1 bytes; the C side's u32 array makes its
+// alignment 4, which adds no padding to 20 bytes).
+unsafe impl aya::Pod for ExclusionKey6 {}
 
 /// Counters kept by the program (summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,6 +142,8 @@ pub struct CaptureStats {
     pub inbound_hbone: u64,
     pub inbound_plaintext: u64,
     pub dropped_malformed: u64,
+    /// An enrolled pod's IPv6 TCP behind extension headers (or a packet
+    /// that cannot be told apart from it): not captured, so dropped.
     pub dropped_ipv6: u64,
 }
 
@@ -129,6 +172,7 @@ fn ifindex(name: &str) -> u32 {
 pub struct Capture {
     ebpf: Ebpf,
     config: CaptureConfig,
+    config6: CaptureConfig6,
     pin_dir: PathBuf,
     /// Pod interfaces (outbound program).
     links: HashMap<String, Attached>,
@@ -141,10 +185,10 @@ pub struct Capture {
 
 impl Capture {
     /// Loads the programs into the current network namespace's kernel, steering
-    /// new outbound connections to `listener` (IP 0.0.0.0 = a wildcard
-    /// listener). Maps are pinned under `pin_dir` (on bpffs) and reused if a
-    /// previous instance left them there.
-    pub fn load(listener: SocketAddrV4, pin_dir: &Path) -> Result<Self, CaptureError> {
+    /// new outbound connections to `listener` (see [`Capture::set_listener`]).
+    /// Maps are pinned under `pin_dir` (on bpffs) and reused if a previous
+    /// instance left them there.
+    pub fn load(listener: SocketAddr, pin_dir: &Path) -> Result<Self, CaptureError> {
         std::fs::create_dir_all(pin_dir).map_err(|e| {
             CaptureError::Load(format!(
                 "creating {}: {e} (is bpffs mounted?)",
@@ -164,6 +208,7 @@ impl Capture {
         let mut capture = Capture {
             ebpf,
             config: CaptureConfig::default(),
+            config6: CaptureConfig6::default(),
             pin_dir: pin_dir.to_path_buf(),
             links: HashMap::new(),
             uplinks: HashMap::new(),
@@ -238,15 +283,19 @@ impl Capture {
     }
 
     /// Points new outbound connections at `listener`, or (`None`) drops them:
-    /// fail closed.
-    pub fn set_listener(&mut self, listener: Option<SocketAddrV4>) -> Result<(), CaptureError> {
-        match listener {
-            Some(l) => {
-                self.config.listener_ip = u32::from_ne_bytes(l.ip().octets());
-                self.config.listener_port = l.port().to_be();
-            }
-            None => self.config.listener_port = 0,
-        }
+    /// fail closed. An IPv4 address takes IPv4 only; `[::]` is taken for a
+    /// dual-stack wildcard (IPv4 and IPv6 connections, each kept to its own
+    /// destination), as ztunnel binds it; another IPv6 address takes IPv6
+    /// only. New connections of a family the listener does not take are
+    /// dropped.
+    pub fn set_listener(&mut self, listener: Option<SocketAddr>) -> Result<(), CaptureError> {
+        let (v4, v6) = per_family(listener);
+        let (ip, port) = v4.unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+        self.config.listener_ip = u32::from_ne_bytes(ip.octets());
+        self.config.listener_port = port.to_be();
+        let (ip, port) = v6.unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        self.config6.listener_ip = ip.octets();
+        self.config6.listener_port = port.to_be();
         self.write_config()
     }
 
@@ -267,43 +316,78 @@ impl Capture {
             Array::try_from(map).map_err(|e| CaptureError::Map("capture_config", e.to_string()))?;
         config
             .set(0, self.config, 0)
-            .map_err(|e| CaptureError::Map("capture_config", e.to_string()))
+            .map_err(|e| CaptureError::Map("capture_config", e.to_string()))?;
+        let map = self
+            .ebpf
+            .map_mut("capture_config6")
+            .ok_or_else(|| CaptureError::Map("capture_config6", "missing".into()))?;
+        let mut config: Array<_, CaptureConfig6> = Array::try_from(map)
+            .map_err(|e| CaptureError::Map("capture_config6", e.to_string()))?;
+        config
+            .set(0, self.config6, 0)
+            .map_err(|e| CaptureError::Map("capture_config6", e.to_string()))
     }
 
     /// Marks `ip` as an enrolled pod on this node (its inbound TCP is captured).
-    pub fn enroll(&mut self, ip: std::net::Ipv4Addr) -> Result<(), CaptureError> {
+    pub fn enroll(&mut self, ip: IpAddr) -> Result<(), CaptureError> {
+        let ip = canonical_ip(ip);
         if ip.is_unspecified() {
             return Err(CaptureError::Map(
                 "enrolled_pods",
-                "0.0.0.0 is not a pod address".into(),
+                format!("{ip} is not a pod address"),
             ));
         }
-        self.enrolled_map()?
-            .insert(u32::from_ne_bytes(ip.octets()), 1, 0)
-            .map_err(|e| CaptureError::Map("enrolled_pods", e.to_string()))
+        match ip {
+            IpAddr::V4(v4) => self
+                .enrolled_map()?
+                .insert(u32::from_ne_bytes(v4.octets()), 1, 0)
+                .map_err(|e| CaptureError::Map("enrolled_pods", e.to_string())),
+            IpAddr::V6(v6) => self
+                .enrolled_map6()?
+                .insert(v6.octets(), 1, 0)
+                .map_err(|e| CaptureError::Map("enrolled_pods6", e.to_string())),
+        }
     }
 
-    pub fn unenroll(&mut self, ip: std::net::Ipv4Addr) -> Result<(), CaptureError> {
-        match self
-            .enrolled_map()?
-            .remove(&u32::from_ne_bytes(ip.octets()))
-        {
+    pub fn unenroll(&mut self, ip: IpAddr) -> Result<(), CaptureError> {
+        let removed = match canonical_ip(ip) {
+            IpAddr::V4(v4) => self
+                .enrolled_map()?
+                .remove(&u32::from_ne_bytes(v4.octets())),
+            IpAddr::V6(v6) => self.enrolled_map6()?.remove(&v6.octets()),
+        };
+        match removed {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(CaptureError::Map("enrolled_pods", e.to_string())),
         }
     }
 
-    pub fn enrolled(&self) -> Vec<std::net::Ipv4Addr> {
-        let Some(map) = self.ebpf.map("enrolled_pods") else {
-            return Vec::new();
-        };
-        let Ok(pods) = BpfHashMap::<_, u32, u8>::try_from(map) else {
-            return Vec::new();
-        };
-        pods.keys()
-            .filter_map(Result::ok)
-            .map(|k| std::net::Ipv4Addr::from(k.to_ne_bytes()))
-            .collect()
+    /// The enrolled addresses, both families.
+    pub fn enrolled(&self) -> Vec<IpAddr> {
+        let mut all = Vec::new();
+        if let Some(pods) = self
+            .ebpf
+            .map("enrolled_pods")
+            .and_then(|m| BpfHashMap::<_, u32, u8>::try_from(m).ok())
+        {
+            all.extend(
+                pods.keys()
+                    .filter_map(Result::ok)
+                    .map(|k| IpAddr::from(Ipv4Addr::from(k.to_ne_bytes()))),
+            );
+        }
+        if let Some(pods) = self
+            .ebpf
+            .map("enrolled_pods6")
+            .and_then(|m| BpfHashMap::<_, [u8; 16], u8>::try_from(m).ok())
+        {
+            all.extend(
+                pods.keys()
+                    .filter_map(Result::ok)
+                    .map(|k| IpAddr::from(Ipv6Addr::from(k))),
+            );
+        }
+        all
     }
 
     fn enrolled_map(
@@ -316,30 +400,68 @@ impl Capture {
         BpfHashMap::try_from(map).map_err(|e| CaptureError::Map("enrolled_pods", e.to_string()))
     }
 
+    fn enrolled_map6(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, [u8; 16], u8>, CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("enrolled_pods6")
+            .ok_or_else(|| CaptureError::Map("enrolled_pods6", "missing".into()))?;
+        BpfHashMap::try_from(map).map_err(|e| CaptureError::Map("enrolled_pods6", e.to_string()))
+    }
+
     /// Lets connections to `port` bypass capture, for `pod` (or, with
-    /// `None`, every pod of the node) in `direction`.
+    /// `None`, every pod of the node, both families) in `direction`.
     pub fn exclude_port(
         &mut self,
-        pod: Option<std::net::Ipv4Addr>,
+        pod: Option<IpAddr>,
         port: u16,
         direction: Direction,
     ) -> Result<(), CaptureError> {
-        self.exclusions()?
-            .insert(ExclusionKey::new(pod, port, direction), 1, 0)
-            .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))
+        let pod = pod.map(canonical_ip);
+        if !matches!(pod, Some(IpAddr::V6(_))) {
+            let v4 = match pod {
+                Some(IpAddr::V4(v4)) => Some(v4),
+                _ => None,
+            };
+            self.exclusions()?
+                .insert(ExclusionKey::new(v4, port, direction), 1, 0)
+                .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))?;
+        }
+        if !matches!(pod, Some(IpAddr::V4(_))) {
+            let v6 = match pod {
+                Some(IpAddr::V6(v6)) => Some(v6),
+                _ => None,
+            };
+            self.exclusions6()?
+                .insert(ExclusionKey6::new(v6, port, direction), 1, 0)
+                .map_err(|e| CaptureError::Map("excluded_ports6", e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Removes the exclusions of every pod not in `keep` (pods that left).
-    pub fn retain_exclusions(&mut self, keep: &[std::net::Ipv4Addr]) -> Result<(), CaptureError> {
-        let keep: Vec<u32> = keep
-            .iter()
-            .map(|ip| u32::from_ne_bytes(ip.octets()))
-            .collect();
+    pub fn retain_exclusions(&mut self, keep: &[IpAddr]) -> Result<(), CaptureError> {
+        let keep: Vec<IpAddr> = keep.iter().copied().map(canonical_ip).collect();
         let mut map = self.exclusions()?;
         let stale: Vec<ExclusionKey> = map
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.pod_ip != 0 && !keep.contains(&k.pod_ip))
+            .filter(|k| {
+                k.pod_ip != 0
+                    && !keep.contains(&IpAddr::from(Ipv4Addr::from(k.pod_ip.to_ne_bytes())))
+            })
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        let mut map = self.exclusions6()?;
+        let stale: Vec<ExclusionKey6> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.pod_ip != [0; 16] && !keep.contains(&IpAddr::from(Ipv6Addr::from(k.pod_ip)))
+            })
             .collect();
         for k in stale {
             let _ = map.remove(&k);
@@ -350,39 +472,64 @@ impl Capture {
     /// Makes `pod`'s exclusions exactly `ports` (outbound, inbound).
     pub fn set_exclusions(
         &mut self,
-        pod: std::net::Ipv4Addr,
+        pod: IpAddr,
         outbound: &[u16],
         inbound: &[u16],
     ) -> Result<(), CaptureError> {
+        let pod = canonical_ip(pod);
         if pod.is_unspecified() {
-            // Key 0 is the node-wide wildcard: never write it for a "pod".
+            // The unspecified address is the node-wide wildcard: never write
+            // it for a "pod".
             return Err(CaptureError::Map(
                 "excluded_ports",
-                "0.0.0.0 is not a pod address".into(),
+                format!("{pod} is not a pod address"),
             ));
         }
-        let want: std::collections::HashSet<ExclusionKey> = outbound
-            .iter()
-            .map(|p| ExclusionKey::new(Some(pod), *p, Direction::Outbound))
-            .chain(
-                inbound
-                    .iter()
-                    .map(|p| ExclusionKey::new(Some(pod), *p, Direction::Inbound)),
-            )
-            .collect();
-        let mut map = self.exclusions()?;
-        let pod_key = u32::from_ne_bytes(pod.octets());
-        let stale: Vec<ExclusionKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pod_ip == pod_key && !want.contains(k))
-            .collect();
-        for k in stale {
-            let _ = map.remove(&k);
-        }
-        for k in want {
-            map.insert(k, 1, 0)
-                .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))?;
+        let ports = || {
+            outbound
+                .iter()
+                .map(|p| (*p, Direction::Outbound))
+                .chain(inbound.iter().map(|p| (*p, Direction::Inbound)))
+        };
+        match pod {
+            IpAddr::V4(v4) => {
+                let want: std::collections::HashSet<ExclusionKey> = ports()
+                    .map(|(p, d)| ExclusionKey::new(Some(v4), p, d))
+                    .collect();
+                let pod_key = u32::from_ne_bytes(v4.octets());
+                let mut map = self.exclusions()?;
+                let stale: Vec<ExclusionKey> = map
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| k.pod_ip == pod_key && !want.contains(k))
+                    .collect();
+                for k in stale {
+                    let _ = map.remove(&k);
+                }
+                for k in want {
+                    map.insert(k, 1, 0)
+                        .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))?;
+                }
+            }
+            IpAddr::V6(v6) => {
+                let want: std::collections::HashSet<ExclusionKey6> = ports()
+                    .map(|(p, d)| ExclusionKey6::new(Some(v6), p, d))
+                    .collect();
+                let pod_key = v6.octets();
+                let mut map = self.exclusions6()?;
+                let stale: Vec<ExclusionKey6> = map
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| k.pod_ip == pod_key && !want.contains(k))
+                    .collect();
+                for k in stale {
+                    let _ = map.remove(&k);
+                }
+                for k in want {
+                    map.insert(k, 1, 0)
+                        .map_err(|e| CaptureError::Map("excluded_ports6", e.to_string()))?;
+                }
+            }
         }
         Ok(())
     }
@@ -395,6 +542,16 @@ impl Capture {
             .map_mut("excluded_ports")
             .ok_or_else(|| CaptureError::Map("excluded_ports", "missing".into()))?;
         BpfHashMap::try_from(map).map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))
+    }
+
+    fn exclusions6(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, ExclusionKey6, u8>, CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("excluded_ports6")
+            .ok_or_else(|| CaptureError::Map("excluded_ports6", "missing".into()))?;
+        BpfHashMap::try_from(map).map_err(|e| CaptureError::Map("excluded_ports6", e.to_string()))
     }
 
     /// Attaches the outbound program at tc ingress of `interface` (the host
@@ -603,35 +760,64 @@ fn release_pin(pin: &Path) -> Result<(), CaptureError> {
     }
 }
 
+/// The outbound listener's address and port for each family, if it takes
+/// that family (see [`Capture::set_listener`]).
+type FamilyListener<A> = Option<(A, u16)>;
+
+fn per_family(
+    listener: Option<SocketAddr>,
+) -> (FamilyListener<Ipv4Addr>, FamilyListener<Ipv6Addr>) {
+    match listener.map(canonical) {
+        None => (None, None),
+        Some(SocketAddr::V4(l)) => (Some((*l.ip(), l.port())), None),
+        Some(SocketAddr::V6(l)) if l.ip().is_unspecified() => (
+            Some((Ipv4Addr::UNSPECIFIED, l.port())),
+            Some((Ipv6Addr::UNSPECIFIED, l.port())),
+        ),
+        Some(SocketAddr::V6(l)) => (None, Some((*l.ip(), l.port()))),
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are IPv4 addresses here: the programs see
+/// them as IPv4 packets.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+}
+
 fn map_name(name: &str) -> &'static str {
     MAPS.into_iter().find(|m| *m == name).unwrap_or("map")
 }
 
-/// Node routing for captured packets: marked packets are delivered locally.
-/// Idempotent; runs `ip` in the calling thread's network namespace.
+/// Node routing for captured packets: marked packets are delivered locally,
+/// both families (IPv6 only where the kernel has it). Idempotent; runs `ip`
+/// in the calling thread's network namespace.
 pub fn setup_node_routing() -> Result<(), CaptureError> {
-    let rules = run_ip(&["rule", "show"])?;
-    let want = format!("fwmark {CAPTURE_MARK:#x} lookup {CAPTURE_ROUTE_TABLE}");
-    if !rules.contains(&want) {
+    let table = CAPTURE_ROUTE_TABLE.to_string();
+    let mark = format!("{CAPTURE_MARK:#x}");
+    let want = format!("fwmark {mark} lookup {table}");
+    let mut families = vec![("-4", "0.0.0.0/0")];
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        families.push(("-6", "::/0"));
+    }
+    for (family, any) in families {
+        let rules = run_ip(&[family, "rule", "show"])?;
+        if !rules.contains(&want) {
+            run_ip(&[family, "rule", "add", "fwmark", &mark, "lookup", &table])?;
+        }
         run_ip(&[
-            "rule",
-            "add",
-            "fwmark",
-            &format!("{CAPTURE_MARK:#x}"),
-            "lookup",
-            &CAPTURE_ROUTE_TABLE.to_string(),
+            family, "route", "replace", "local", any, "dev", "lo", "table", &table,
         ])?;
     }
-    run_ip(&[
-        "route",
-        "replace",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        &CAPTURE_ROUTE_TABLE.to_string(),
-    ])?;
+    // IPv6 needs no forwarding for capture (marked packets are delivered,
+    // never forwarded); turning it on would also stop the node from taking
+    // router advertisements.
     enable_ipv4_forwarding()?;
     Ok(())
 }
@@ -650,7 +836,7 @@ fn enable_ipv4_forwarding() -> Result<(), CaptureError> {
 
 /// The interface the calling thread's namespace routes `ip` out of: for a pod
 /// address on its node, the host side of the pod's veth.
-pub fn interface_for(ip: std::net::Ipv4Addr) -> Result<String, CaptureError> {
+pub fn interface_for(ip: IpAddr) -> Result<String, CaptureError> {
     let out = run_ip(&["-o", "route", "get", &ip.to_string()])?;
     let dev = out
         .split_whitespace()
@@ -728,5 +914,40 @@ mod tests {
         assert_eq!(parse_link_names(out), ["va12ab", "eth0"]);
         assert!(parse_link_names("").is_empty());
         assert!(parse_link_names("garbage without separators").is_empty());
+    }
+
+    #[test]
+    fn listener_families() {
+        let any4 = Ipv4Addr::UNSPECIFIED;
+        let any6 = Ipv6Addr::UNSPECIFIED;
+        let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(per_family(None), (None, None));
+        assert_eq!(per_family(at("0.0.0.0:15001")), (Some((any4, 15001)), None));
+        assert_eq!(
+            per_family(at("[::]:15001")),
+            (Some((any4, 15001)), Some((any6, 15001)))
+        );
+        let ip6: Ipv6Addr = "2001:2::1".parse().unwrap();
+        assert_eq!(
+            per_family(at("[2001:2::1]:15001")),
+            (None, Some((ip6, 15001)))
+        );
+        let ip4 = Ipv4Addr::new(198, 18, 0, 1);
+        assert_eq!(
+            per_family(at("[::ffff:198.18.0.1]:15001")),
+            (Some((ip4, 15001)), None)
+        );
+    }
+
+    #[test]
+    fn map_keys_match_the_c_layout() {
+        assert_eq!(std::mem::size_of::<CaptureConfig>(), 12);
+        assert_eq!(std::mem::size_of::<CaptureConfig6>(), 20);
+        assert_eq!(std::mem::size_of::<ExclusionKey>(), 8);
+        assert_eq!(std::mem::size_of::<ExclusionKey6>(), 20);
+        assert_eq!(
+            canonical_ip("::ffff:198.19.1.10".parse().unwrap()),
+            "198.19.1.10".parse::<IpAddr>().unwrap()
+        );
     }
 }

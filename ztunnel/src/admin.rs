@@ -167,10 +167,7 @@ fn capture_state(state: &ProxyState, mesh: &mesh_core::config::MeshState) -> ser
         .filter(|w| !w.workload.native_tunnel)
     {
         for ip in &w.workload.addresses {
-            let std::net::IpAddr::V4(v4) = ip else {
-                continue;
-            };
-            let entry = match ebpf_redirect::interface_for(*v4) {
+            let entry = match ebpf_redirect::interface_for(*ip) {
                 Ok(ifname) if Some(&ifname) == state.settings.capture_uplink.as_ref() => json!({
                     "workload": w.key(), "address": ip, "interface": ifname, "attached": false,
                     "error": "the address routes via the uplink",

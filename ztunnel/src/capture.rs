@@ -3,7 +3,7 @@
 //! veth of every local workload, follow config changes, export counters.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,16 +13,11 @@ use ebpf_redirect::{interface_for, setup_node_routing, Capture, CaptureStats};
 use crate::metrics::ResultLabels;
 use crate::state::ProxyState;
 
-/// Loads capture steering new connections to `outbound` (the 15001 listener)
-/// and keeps it in step with the config until drain.
+/// Loads capture steering new connections to `outbound` (the 15001 listener;
+/// `[::]` takes both families, an IPv4 address only IPv4: the pods' other
+/// family then fails closed) and keeps it in step with the config until drain.
 pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()> {
-    let listener = match outbound {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            SocketAddrV4::new([0, 0, 0, 0].into(), a.port())
-        }
-        other => anyhow::bail!("capture needs an IPv4 or wildcard outbound listener, not {other}"),
-    };
+    let listener = outbound;
     setup_node_routing().context("setting up capture routing")?;
     let pin_dir = state.settings.bpf_pin_dir.join(state.node());
     let mut capture = Capture::load(listener, &pin_dir).context("loading the capture program")?;
@@ -75,7 +70,7 @@ fn captured<'a>(
 fn pod_interface(
     state: &ProxyState,
     w: &mesh_core::config::WorkloadInfo,
-    ip: Ipv4Addr,
+    ip: IpAddr,
 ) -> Option<String> {
     match interface_for(ip) {
         Ok(ifname) if Some(&ifname) == state.settings.capture_uplink.as_ref() => {
@@ -107,9 +102,8 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
     let mut enrolled = BTreeSet::new();
     for w in captured(&mesh, state.node()) {
         for ip in &w.workload.addresses {
-            let IpAddr::V4(v4) = ip else { continue };
-            enrolled.insert(*v4);
-            want.extend(pod_interface(state, w, *v4));
+            enrolled.insert(*ip);
+            want.extend(pod_interface(state, w, *ip));
         }
     }
     // Local pods that are not captured themselves, waypoints (they speak
@@ -123,8 +117,7 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
         .filter(|w| w.workload.native_tunnel)
     {
         for ip in &w.workload.addresses {
-            let IpAddr::V4(v4) = ip else { continue };
-            neighbours.extend(pod_interface(state, w, *v4));
+            neighbours.extend(pod_interface(state, w, *ip));
         }
     }
     if let Some(uplink) = &state.settings.capture_uplink {
@@ -207,12 +200,11 @@ fn reconcile(state: &ProxyState, capture: &mut Capture) {
     // pod's exclusions for the same address; then drop those of pods gone.
     for w in captured(&mesh, state.node()) {
         for ip in &w.workload.addresses {
-            let IpAddr::V4(v4) = ip else { continue };
             let (out, inb) = (
                 &w.workload.excluded_outbound_ports,
                 &w.workload.excluded_inbound_ports,
             );
-            if let Err(e) = capture.set_exclusions(*v4, out, inb) {
+            if let Err(e) = capture.set_exclusions(*ip, out, inb) {
                 tracing::error!(workload = %w.key(), "setting port exclusions failed: {e}");
                 state.metrics.failure("capture", "exclusions_failed");
             }

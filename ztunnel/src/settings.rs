@@ -208,15 +208,22 @@ impl Settings {
     }
 
     pub fn outbound(&self) -> Listen {
-        self.resolve(self.outbound_addr, IpAddr::from([0, 0, 0, 0]), 15001)
+        self.resolve(self.outbound_addr, self.capture_ip(), 15001)
     }
 
     pub fn inbound_plaintext(&self) -> Listen {
-        self.resolve(
-            self.inbound_plaintext_addr,
-            IpAddr::from([0, 0, 0, 0]),
-            15006,
-        )
+        self.resolve(self.inbound_plaintext_addr, self.capture_ip(), 15006)
+    }
+
+    /// Default address of the listeners capture steers to: under eBPF
+    /// capture a dual-stack `[::]`, so pods' IPv6 connections have a
+    /// listener too (IPv4 ones arrive IPv4-mapped); else `0.0.0.0`.
+    fn capture_ip(&self) -> IpAddr {
+        if self.capture {
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        }
     }
 
     /// SOCKS5 grants a workload's identity on the strength of the source IP
@@ -294,5 +301,24 @@ mod tests {
             "mesh-root",
         ]);
         assert_eq!(s.control_plane.root_namespace, "mesh-root");
+    }
+
+    #[test]
+    fn capture_listeners_default_to_dual_stack() {
+        let base = ["ztunnel", "--config", "c", "--node", "n", "--certs", "d"];
+        let s = Settings::parse_from(base);
+        assert_eq!(s.outbound(), Listen::At("0.0.0.0:15001".parse().unwrap()));
+        let s = Settings::parse_from(base.iter().chain(&["--capture"]));
+        assert_eq!(s.outbound(), Listen::At("[::]:15001".parse().unwrap()));
+        assert_eq!(
+            s.inbound_plaintext(),
+            Listen::At("[::]:15006".parse().unwrap())
+        );
+        let s = Settings::parse_from(base.iter().chain(&[
+            "--capture",
+            "--outbound-addr",
+            "0.0.0.0:15001",
+        ]));
+        assert_eq!(s.outbound(), Listen::At("0.0.0.0:15001".parse().unwrap()));
     }
 }
