@@ -39,16 +39,20 @@ fn chart_capabilities() -> Vec<String> {
     panic!("no DaemonSet in the chart");
 }
 
-/// A `ztunnel` in `dir` that execs the real one with only `caps`.
-fn confined_ztunnel(dir: &Path, caps: &[String]) {
-    let real = bin_path("ztunnel").unwrap();
+/// A `ztunnel` in `dir` that execs the real one with only `caps`, and with
+/// `/proc/sys` read-only, as a container runtime mounts it in every
+/// unprivileged container.
+fn confined_ztunnel(dir: &Path, real: &Path, caps: &[String]) {
     let bounding: Vec<String> = caps
         .iter()
         .map(|c| format!("+{}", c.to_lowercase()))
         .collect();
+    // A mount namespace of its own, so the read-only /proc/sys stays there.
     let script = format!(
-        "#!/bin/sh\nexec setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all \
-         --bounding-set=-all{}{} -- {} \"$@\"\n",
+        "#!/bin/sh\nexec unshare --mount sh -c 'mount --bind /proc/sys /proc/sys && \
+         mount -o remount,bind,ro /proc/sys && \
+         exec setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all \
+         --bounding-set=-all{}{} -- {} \"$@\"' ztunnel \"$@\"\n",
         if bounding.is_empty() { "" } else { "," },
         bounding.join(","),
         real.display()
@@ -103,10 +107,12 @@ fn chart_capabilities_suffice_for_capture_and_perfmon_is_needed() {
     }
     let caps = chart_capabilities();
     assert_eq!(caps, ["BPF", "NET_ADMIN", "PERFMON"]);
+    // Before `captures` points AMBIT_BIN_DIR at a wrapper.
+    let real = bin_path("ztunnel").unwrap();
     let cluster = Cluster::build(2, 1).unwrap();
 
     let with_chart = TempDir::new("ambit-caps-chart").unwrap();
-    confined_ztunnel(with_chart.path(), &caps);
+    confined_ztunnel(with_chart.path(), &real, &caps);
     match captures(&cluster, with_chart.path()) {
         Ok(true) => {}
         Ok(false) => panic!("with {caps:?} the connection was not captured"),
@@ -115,7 +121,7 @@ fn chart_capabilities_suffice_for_capture_and_perfmon_is_needed() {
 
     let fewer: Vec<String> = caps.iter().filter(|c| *c != "PERFMON").cloned().collect();
     let without = TempDir::new("ambit-caps-fewer").unwrap();
-    confined_ztunnel(without.path(), &fewer);
+    confined_ztunnel(without.path(), &real, &fewer);
     match captures(&cluster, without.path()) {
         Ok(captured) => panic!(
             "with {fewer:?} ztunnel started capture (captured: {captured}): CAP_PERFMON may not \
