@@ -493,45 +493,22 @@ impl Capture {
         };
         match pod {
             IpAddr::V4(v4) => {
-                let want: std::collections::HashSet<ExclusionKey> = ports()
+                let want = ports()
                     .map(|(p, d)| ExclusionKey::new(Some(v4), p, d))
                     .collect();
                 let pod_key = u32::from_ne_bytes(v4.octets());
-                let mut map = self.exclusions()?;
-                let stale: Vec<ExclusionKey> = map
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| k.pod_ip == pod_key && !want.contains(k))
-                    .collect();
-                for k in stale {
-                    let _ = map.remove(&k);
-                }
-                for k in want {
-                    map.insert(k, 1, 0)
-                        .map_err(|e| CaptureError::Map("excluded_ports", e.to_string()))?;
-                }
+                let map = self.exclusions()?;
+                replace_keys(map, want, |k| k.pod_ip == pod_key, "excluded_ports")
             }
             IpAddr::V6(v6) => {
-                let want: std::collections::HashSet<ExclusionKey6> = ports()
+                let want = ports()
                     .map(|(p, d)| ExclusionKey6::new(Some(v6), p, d))
                     .collect();
                 let pod_key = v6.octets();
-                let mut map = self.exclusions6()?;
-                let stale: Vec<ExclusionKey6> = map
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| k.pod_ip == pod_key && !want.contains(k))
-                    .collect();
-                for k in stale {
-                    let _ = map.remove(&k);
-                }
-                for k in want {
-                    map.insert(k, 1, 0)
-                        .map_err(|e| CaptureError::Map("excluded_ports6", e.to_string()))?;
-                }
+                let map = self.exclusions6()?;
+                replace_keys(map, want, |k| k.pod_ip == pod_key, "excluded_ports6")
             }
         }
-        Ok(())
     }
 
     fn exclusions(
@@ -789,6 +766,31 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+}
+
+/// Makes the keys of `map` that `mine` selects exactly `want` (each set to 1).
+fn replace_keys<K>(
+    mut map: BpfHashMap<&mut aya::maps::MapData, K, u8>,
+    want: std::collections::HashSet<K>,
+    mine: impl Fn(&K) -> bool,
+    name: &'static str,
+) -> Result<(), CaptureError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+{
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| mine(k) && !want.contains(k))
+        .collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    for k in want {
+        map.insert(k, 1, 0)
+            .map_err(|e| CaptureError::Map(name, e.to_string()))?;
+    }
+    Ok(())
 }
 
 fn map_name(name: &str) -> &'static str {
