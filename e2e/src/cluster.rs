@@ -195,6 +195,19 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
 }
 
+impl PodSpec {
+    /// Specs from `(name, node, address)` rows.
+    pub fn list(rows: &[(&str, u8, Ipv4Addr)]) -> Vec<PodSpec> {
+        rows.iter()
+            .map(|&(name, node, ip)| PodSpec {
+                name: name.into(),
+                node,
+                ip,
+            })
+            .collect()
+    }
+}
+
 impl Cluster {
     /// Builds `nodes` nodes (1-based) with `pods` pods each.
     pub fn build(nodes: u8, pods: u8) -> anyhow::Result<Self> {

@@ -205,18 +205,13 @@ fn ambitctl_against_the_namespace_cluster() -> anyhow::Result<()> {
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests)?;
     std::fs::write(manifests.join("mesh.yaml"), manifests_yaml())?;
-    let specs = [
+    let specs = PodSpec::list(&[
         ("demo/waypoint-0", 1, WAYPOINT),
         ("demo/client", 1, CLIENT),
         ("legacy/outsider", 1, OUTSIDER),
         ("demo/web-0", 2, WEB),
         ("shop/cart", 2, CART),
-    ]
-    .map(|(name, node, ip)| PodSpec {
-        name: name.into(),
-        node,
-        ip,
-    });
+    ]);
     // Dropped in reverse: processes first, then pins, then the namespaces
     // (the work dir last of all).
     let ServedCluster {

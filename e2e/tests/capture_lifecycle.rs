@@ -193,15 +193,10 @@ fn restart_while_control_plane_is_away_keeps_pods_captured() -> anyhow::Result<(
             pod("server", 2, "198.19.2.10")
         ),
     )?;
-    let specs = [
-        ("demo/client", 1, [198, 19, 1, 10]),
-        ("demo/server", 2, [198, 19, 2, 10]),
-    ]
-    .map(|(name, node, ip)| PodSpec {
-        name: name.into(),
-        node,
-        ip: ip.into(),
-    });
+    let specs = PodSpec::list(&[
+        ("demo/client", 1, [198, 19, 1, 10].into()),
+        ("demo/server", 2, [198, 19, 2, 10].into()),
+    ]);
     let cluster = Cluster::build_with(2, &specs)?;
     let mut istiod = Istiod::spawn_in(
         Some(cluster.fabric_name()),

@@ -251,18 +251,13 @@ fn curl_through_ztunnel_waypoint_ztunnel_and_past_an_auto_waypoint() -> anyhow::
     }
     let dir = TempDir::new("ambit-cluster-waypoint")?;
     let manifests = write_manifests(dir.path())?;
-    let specs = [
+    let specs = PodSpec::list(&[
         ("demo/waypoint-0", 1, WAYPOINT),
         ("demo/client", 1, CLIENT),
         ("demo/web-0", 2, WEB),
         ("demo/web-canary-0", 2, CANARY),
         ("demo/plain-0", 2, PLAIN),
-    ]
-    .map(|(name, node, ip)| PodSpec {
-        name: name.into(),
-        node,
-        ip,
-    });
+    ]);
     // Dropped in reverse: processes first, then pins, then the namespaces
     // (the work dir last of all).
     let ServedCluster {
