@@ -2,6 +2,10 @@
 //! direct pod-to-pod, the mesh with eBPF capture, and the same mesh with
 //! iptables TPROXY capture (the sidecar-era mechanism). Prints throughput,
 //! connections/s, 1 KiB echo latency and machine CPU per GB with ratios.
+//!
+//! A second section, steering only, takes ztunnel out: the bench's own
+//! transparent splice proxy on the client's node, fed by eBPF or by iptables
+//! TPROXY, so the capture mechanism is most of what differs from direct.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -35,6 +39,16 @@ struct Args {
     /// Rounds of (direct, eBPF, iptables); medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Which sections run: the full mesh, steering only, or both.
+    #[arg(long, value_enum, default_value_t = Section::All)]
+    section: Section,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Mesh,
+    Steering,
+    All,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -219,10 +233,12 @@ fn iptables(node: &e2e::cluster::Node, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TPROXY capture equivalent to the eBPF programs, for the node's pods.
+/// TPROXY capture equivalent to the eBPF programs, for the node's pods;
+/// `inbound` false leaves the uplink alone (the steering section's proxy
+/// dials the server itself, so only the pods' outbound needs capture).
 /// (`-m socket` without `--transparent`: with it, replies to ztunnel's
 /// source-preserving upstream sockets were not matched and connects timed out.)
-fn install_tproxy(node: &e2e::cluster::Node) -> anyhow::Result<()> {
+fn install_tproxy(node: &e2e::cluster::Node, inbound: bool) -> anyhow::Result<()> {
     node.ns.run(|| Ok(ebpf_redirect::setup_node_routing()?))?;
     let mark = "0x539";
     let up = node.uplink.as_str();
@@ -244,6 +260,7 @@ fn install_tproxy(node: &e2e::cluster::Node) -> anyhow::Result<()> {
                 to(15006)
             ),
         ];
+        let rules = if inbound { &rules[..] } else { &rules[..2] };
         for rule in rules {
             let full = format!("-t mangle -A PREROUTING {rule}");
             iptables(node, &full.split_whitespace().collect::<Vec<_>>())?;
@@ -279,17 +296,173 @@ fn start_mesh(
     Ok(zs)
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    if !is_root() {
-        bail!("ambit-capture-bench needs root (network namespaces, eBPF, iptables)");
+/// The steering section's proxy: a transparent listener on 15001 in the
+/// client's node that splices each captured connection to its original
+/// destination (the accepted socket's local address) over plain TCP. The
+/// same code serves both capture modes, so only the steering differs. One
+/// thread, async: a thread per connection cost more than ztunnel itself and
+/// would have hidden the steering in the connection rate.
+struct SpliceProxy {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl SpliceProxy {
+    const ADDR: &'static str = "0.0.0.0:15001";
+
+    fn start(node: &e2e::cluster::Node) -> anyhow::Result<Self> {
+        // IPv4 only: TPROXY's `--on-ip 0.0.0.0` looks up an IPv4 listener,
+        // and the eBPF side is given the same address.
+        let listener = node.ns.run(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.set_ip_transparent_v4(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&Self::ADDR.parse::<SocketAddr>()?.into())?;
+            s.listen(1024)?;
+            Ok(TcpListener::from(s))
+        })?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        // The upstream sockets are made on this thread, in the node's namespace.
+        let thread = node.ns.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return Ok(()),
+                        accepted = listener.accept() => {
+                            let (down, _) = accepted?;
+                            tokio::spawn(splice(down));
+                        }
+                    }
+                }
+            })
+        });
+        Ok(SpliceProxy {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
-    let dir = TempDir::new("ambit-capture-bench")?;
-    let pki = Pki::new()?;
-    println!(
-        "ambit-capture-bench: 2 nodes in namespaces, {} s per case, median of {} rounds",
-        args.seconds, args.rounds
-    );
+}
+
+impl Drop for SpliceProxy {
+    fn drop(&mut self) {
+        // Dropping the runtime closes the listener and any connection left.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn splice(mut down: tokio::net::TcpStream) -> std::io::Result<()> {
+    let to = down.local_addr()?;
+    let mut up = tokio::net::TcpStream::connect(to).await?;
+    for s in [&down, &up] {
+        s.set_nodelay(true)?;
+    }
+    // Passes each half-close on, which the sink's reply needs.
+    tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 * 1024, 64 * 1024).await?;
+    Ok(())
+}
+
+/// One run of `mode` (0 direct, 1 eBPF, 2 iptables) on a fresh cluster: no
+/// state (conntrack, routes, pins) carries over between runs.
+fn run_mode(
+    mode: usize,
+    steering: bool,
+    args: &Args,
+    dir: &TempDir,
+    pki: &Pki,
+) -> anyhow::Result<Figures> {
+    let cluster = Cluster::build(2, 1)?;
+    let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
+    let stop = Arc::new(AtomicBool::new(false));
+    start_servers(server, stop.clone())?;
+    let figures = match (mode, steering) {
+        (0, _) => measure(client, server, args),
+        (1, true) => {
+            let node = cluster.node(1);
+            let proxy = SpliceProxy::start(node)?;
+            let pins = PinDir::new()?;
+            let pin_dir = pins.path().to_path_buf();
+            let (ip, veth) = (client.ip, client.host_if.clone());
+            let mut capture = node.ns.run(move || {
+                ebpf_redirect::setup_node_routing()?;
+                let mut c = ebpf_redirect::Capture::load(SpliceProxy::ADDR.parse()?, &pin_dir)?;
+                c.enroll(ip.into())?;
+                c.attach(&veth)?;
+                Ok(c)
+            })?;
+            let f = measure(client, server, args);
+            // Links and maps are pinned: only remove_all takes them away.
+            let removed = node.ns.run(move || Ok(capture.remove_all()?));
+            drop(proxy);
+            removed?;
+            f
+        }
+        (_, true) => {
+            install_tproxy(cluster.node(1), false)?;
+            let proxy = SpliceProxy::start(cluster.node(1))?;
+            let f = measure(client, server, args);
+            drop(proxy);
+            f
+        }
+        (1, false) => {
+            let pins = PinDir::new()?;
+            let pin = pins.path().display().to_string();
+            let extra = |n: u8| {
+                let up = cluster.node(n).uplink.clone();
+                vec![
+                    "--capture".into(),
+                    "--capture-uplink".into(),
+                    up,
+                    "--bpf-pin-dir".into(),
+                    pin.clone(),
+                ]
+            };
+            let config = mesh_config(dir, client, server)?;
+            let zs = start_mesh(&cluster, dir, &config, pki, &extra)?;
+            for z in &zs {
+                z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
+            }
+            measure(client, server, args)
+        }
+        (_, false) => {
+            for n in 1..=2 {
+                install_tproxy(cluster.node(n), true)?;
+            }
+            let extra = |_: u8| vec!["--transparent".to_string()];
+            let config = mesh_config(dir, client, server)?;
+            let _zs = start_mesh(&cluster, dir, &config, pki, &extra)?;
+            measure(client, server, args)
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    figures
+}
+
+fn mesh_config(dir: &TempDir, client: &Pod, server: &Pod) -> anyhow::Result<std::path::PathBuf> {
+    let config = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "workloads:\n\
+             - {{name: client, namespace: bench, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
+             - {{name: server, namespace: bench, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
+            client.ip, server.ip
+        ),
+    )?;
+    Ok(config)
+}
+
+/// Rounds alternating the three modes; medians per mode.
+fn section(steering: bool, args: &Args, dir: &TempDir, pki: &Pki) -> anyhow::Result<[Figures; 3]> {
     let mut runs: [Vec<Figures>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for round in 0..args.rounds.max(1) {
         eprint!("round {}:", round + 1);
@@ -297,58 +470,13 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .enumerate()
         {
-            eprint!(" {name}...");
-            // A fresh cluster per run: no state (conntrack, routes, pins) carries over.
-            let cluster = Cluster::build(2, 1)?;
-            let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
-            let stop = Arc::new(AtomicBool::new(false));
-            start_servers(server, stop.clone())?;
-            let config = dir.path().join("mesh.yaml");
-            std::fs::write(
-                &config,
-                format!(
-                    "workloads:\n\
-                     - {{name: client, namespace: bench, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
-                     - {{name: server, namespace: bench, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
-                    client.ip, server.ip
-                ),
-            )?;
-            let figures = match mode {
-                0 => measure(client, server, &args)?,
-                1 => {
-                    let pins = PinDir::new()?;
-                    let pin = pins.path().display().to_string();
-                    let extra = |n: u8| {
-                        let up = cluster.node(n).uplink.clone();
-                        vec![
-                            "--capture".into(),
-                            "--capture-uplink".into(),
-                            up,
-                            "--bpf-pin-dir".into(),
-                            pin.clone(),
-                        ]
-                    };
-                    let zs = start_mesh(&cluster, &dir, &config, &pki, &extra)?;
-                    for z in &zs {
-                        z.wait_log("capturing inbound traffic", Duration::from_secs(10))?;
-                    }
-                    let f = measure(client, server, &args)?;
-                    drop(zs);
-                    f
-                }
-                _ => {
-                    for n in 1..=2 {
-                        install_tproxy(cluster.node(n))?;
-                    }
-                    let extra = |_: u8| vec!["--transparent".to_string()];
-                    let zs = start_mesh(&cluster, &dir, &config, &pki, &extra)?;
-                    let f = measure(client, server, &args)?;
-                    drop(zs);
-                    f
-                }
-            };
-            stop.store(true, Ordering::Relaxed);
-            runs[mode].push(figures);
+            let f = run_mode(mode, steering, args, dir, pki)?;
+            // Each run's figures, so the spread behind a median can be judged.
+            eprint!(
+                " {name} {:.0} MB/s {:.0} conn/s p50 {:.1} p99 {:.1} us {:.2} s/GB;",
+                f.mb_s, f.conns_s, f.p50_us, f.p99_us, f.cpu_s_per_gb
+            );
+            runs[mode].push(f);
         }
         eprintln!();
     }
@@ -364,10 +492,13 @@ fn main() -> anyhow::Result<()> {
         p99_us: median(v, |f| f.p99_us),
         cpu_s_per_gb: median(v, |f| f.cpu_s_per_gb),
     };
-    let (direct, ebpf, tproxy) = (pick(&runs[0]), pick(&runs[1]), pick(&runs[2]));
+    Ok([pick(&runs[0]), pick(&runs[1]), pick(&runs[2])])
+}
 
+fn print_table(title: &str, [direct, ebpf, tproxy]: [Figures; 3]) {
+    println!("\n{title}");
     println!(
-        "\n{:<28} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}",
+        "{:<28} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}",
         "figure", "direct", "eBPF", "iptables", "eBPF/d", "ipt/d", "eBPF/ipt"
     );
     println!("{}", "-".repeat(90));
@@ -404,6 +535,29 @@ fn main() -> anyhow::Result<()> {
         ebpf.cpu_s_per_gb,
         tproxy.cpu_s_per_gb,
     );
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !is_root() {
+        bail!("ambit-capture-bench needs root (network namespaces, eBPF, iptables)");
+    }
+    let dir = TempDir::new("ambit-capture-bench")?;
+    let pki = Pki::new()?;
+    println!(
+        "ambit-capture-bench: 2 nodes in namespaces, {} s per case, median of {} rounds",
+        args.seconds, args.rounds
+    );
+    if args.section != Section::Steering {
+        eprintln!("mesh (ztunnel):");
+        let figures = section(false, &args, &dir, &pki)?;
+        print_table("Mesh: ztunnel with each capture", figures);
+    }
+    if args.section != Section::Mesh {
+        eprintln!("steering only (splice proxy on the client's node):");
+        let figures = section(true, &args, &dir, &pki)?;
+        print_table("Steering only: splice proxy, no ztunnel", figures);
+    }
     println!("\nHigher is better for MB/s and connections/s, lower for latency and CPU.");
     Ok(())
 }
