@@ -106,3 +106,77 @@ fn pod_to_pod_across_nodes_is_mtls_and_keeps_the_client_ip() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// A client that reuses its source port right after a connection the mesh
+/// closed first (node1's ztunnel holds that tuple in TIME_WAIT) connects at
+/// once. The SYN meets the TIME_WAIT socket and goes to it, and the kernel
+/// reopens the connection; steering such a SYN to the capture listener
+/// instead (tried: it looked like a way to avoid a stall) broke the
+/// handshake, and this test caught it.
+#[test]
+fn a_reused_source_port_connects_at_once() -> anyhow::Result<()> {
+    if !root_or_skip("a_reused_source_port_connects_at_once") {
+        return Ok(());
+    }
+    let cluster = Cluster::build(2, 1)?;
+    let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
+    let dir = TempDir::new("ambit-capture-tw")?;
+    let config = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "workloads:\n\
+             - {{name: client, namespace: demo, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
+             - {{name: server, namespace: demo, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
+            client.ip, server.ip
+        ),
+    )?;
+    let pki = Pki::new()?;
+    let pins = e2e::netns::PinDir::new()?;
+    let mut ztunnels = Vec::new();
+    for (n, sa) in [(1u8, "client"), (2u8, "server")] {
+        let certs = dir.path().join(format!("certs{n}"));
+        pki.write_root(&certs)?;
+        pki.write_cert(&certs, &Pki::identity("demo", sa))?;
+        let z =
+            Ztunnel::spawn_capturing(cluster.node(n), dir.path(), &config, &certs, pins.path())?;
+        ztunnels.push(z);
+    }
+    const ROUNDS: usize = 4;
+    let addr = SocketAddr::new(server.ip.into(), 8080);
+    let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
+    // The server speaks and closes first, so the close reaches the client
+    // through the mesh: node1's ztunnel ends its side first.
+    std::thread::spawn(move || {
+        for _ in 0..ROUNDS {
+            if let Ok((mut s, _)) = listener.accept() {
+                let _ = s.write_all(b"bye");
+            }
+        }
+    });
+    let from = SocketAddr::new(client.ip.into(), 41000);
+    let connects = client.ns.run(move || {
+        let mut took = Vec::new();
+        for _ in 0..ROUNDS {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&from.into())?;
+            let start = std::time::Instant::now();
+            socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+            took.push(start.elapsed());
+            let mut s: TcpStream = socket.into();
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut got = Vec::new();
+            s.read_to_end(&mut got)?;
+            anyhow::ensure!(got == b"bye", "got {got:?}");
+        }
+        Ok(took)
+    })?;
+    // The first connect has no TIME_WAIT to meet; every later one does.
+    assert!(
+        connects.iter().all(|t| *t < Duration::from_millis(500)),
+        "connects from the same source port took {connects:?}\n{}",
+        ztunnels[0].log()
+    );
+    Ok(())
+}
