@@ -16,35 +16,68 @@ use e2e::Pki;
 
 const MARKER: &[u8] = b"AMBIT-CLEARTEXT-MARKER-7f3a";
 
+/// Two nodes with a pod each (client on node1, server on node2), both
+/// enrolled, each node's ztunnel capturing. Destructure it in field order so
+/// the parts drop in reverse: processes, pins, files, namespaces.
+struct Mesh {
+    cluster: Cluster,
+    _dir: TempDir,
+    _pins: e2e::netns::PinDir,
+    ztunnels: Vec<Ztunnel>,
+}
+
+impl Mesh {
+    fn start(name: &str) -> anyhow::Result<Self> {
+        let cluster = Cluster::build(2, 1)?;
+        let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
+        let dir = TempDir::new(name)?;
+        let config = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "workloads:\n\
+                 - {{name: client, namespace: demo, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
+                 - {{name: server, namespace: demo, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
+                client.ip, server.ip
+            ),
+        )?;
+        let pki = Pki::new()?;
+        let pins = e2e::netns::PinDir::new()?;
+        let mut ztunnels = Vec::new();
+        for (n, sa) in [(1u8, "client"), (2u8, "server")] {
+            let certs = dir.path().join(format!("certs{n}"));
+            pki.write_root(&certs)?;
+            pki.write_cert(&certs, &Pki::identity("demo", sa))?;
+            let node = cluster.node(n);
+            ztunnels.push(Ztunnel::spawn_capturing(
+                node,
+                dir.path(),
+                &config,
+                &certs,
+                pins.path(),
+            )?);
+        }
+        Ok(Mesh {
+            cluster,
+            _dir: dir,
+            _pins: pins,
+            ztunnels,
+        })
+    }
+}
+
 #[test]
 fn pod_to_pod_across_nodes_is_mtls_and_keeps_the_client_ip() -> anyhow::Result<()> {
     if !root_or_skip("pod_to_pod_across_nodes_is_mtls_and_keeps_the_client_ip") {
         return Ok(());
     }
-    let cluster = Cluster::build(2, 1)?;
+    let Mesh {
+        cluster,
+        _dir,
+        _pins,
+        ztunnels,
+    } = Mesh::start("ambit-capture-mesh")?;
     let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
-    let dir = TempDir::new("ambit-capture-mesh")?;
-    let config = dir.path().join("mesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "workloads:\n\
-             - {{name: client, namespace: demo, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
-             - {{name: server, namespace: demo, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
-            client.ip, server.ip
-        ),
-    )?;
-    let pki = Pki::new()?;
-    let pins = e2e::netns::PinDir::new()?;
-    let mut ztunnels = Vec::new();
-    for (n, sa) in [(1u8, "client"), (2u8, "server")] {
-        let certs = dir.path().join(format!("certs{n}"));
-        pki.write_root(&certs)?;
-        pki.write_cert(&certs, &Pki::identity("demo", sa))?;
-        let node = cluster.node(n);
-        let z = Ztunnel::spawn_capturing(node, dir.path(), &config, &certs, pins.path())?;
-        ztunnels.push(z);
-    }
 
     let addr = SocketAddr::new(server.ip.into(), 8080);
     let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
@@ -118,30 +151,13 @@ fn a_reused_source_port_connects_at_once() -> anyhow::Result<()> {
     if !root_or_skip("a_reused_source_port_connects_at_once") {
         return Ok(());
     }
-    let cluster = Cluster::build(2, 1)?;
+    let Mesh {
+        cluster,
+        _dir,
+        _pins,
+        ztunnels,
+    } = Mesh::start("ambit-capture-tw")?;
     let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
-    let dir = TempDir::new("ambit-capture-tw")?;
-    let config = dir.path().join("mesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "workloads:\n\
-             - {{name: client, namespace: demo, serviceAccount: client, node: node1, addresses: [\"{}\"]}}\n\
-             - {{name: server, namespace: demo, serviceAccount: server, node: node2, addresses: [\"{}\"]}}\n",
-            client.ip, server.ip
-        ),
-    )?;
-    let pki = Pki::new()?;
-    let pins = e2e::netns::PinDir::new()?;
-    let mut ztunnels = Vec::new();
-    for (n, sa) in [(1u8, "client"), (2u8, "server")] {
-        let certs = dir.path().join(format!("certs{n}"));
-        pki.write_root(&certs)?;
-        pki.write_cert(&certs, &Pki::identity("demo", sa))?;
-        let z =
-            Ztunnel::spawn_capturing(cluster.node(n), dir.path(), &config, &certs, pins.path())?;
-        ztunnels.push(z);
-    }
     const ROUNDS: usize = 4;
     let addr = SocketAddr::new(server.ip.into(), 8080);
     let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
