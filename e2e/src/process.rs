@@ -106,6 +106,18 @@ impl Proxy {
         ip: IpAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::in_netns(netns, dir, source, node, ip, extra, true)
+    }
+
+    fn in_netns(
+        netns: &str,
+        dir: &Path,
+        source: &Source,
+        node: &str,
+        ip: IpAddr,
+        extra: &[&str],
+        wait: bool,
+    ) -> anyhow::Result<Self> {
         let admin = format!("{ip}:15000");
         let mut args = vec![
             "--admin-addr",
@@ -115,7 +127,7 @@ impl Proxy {
         ];
         args.extend_from_slice(&["--readiness-addr", "0.0.0.0:15021"]);
         args.extend_from_slice(extra);
-        Self::launch(Some(netns), dir, source, node, ip, &args)
+        Self::launch_ztunnel(Some(netns), dir, source, node, ip, &args, wait)
     }
 
     /// A ztunnel capturing with eBPF on `node` of a namespace cluster, inbound
@@ -153,6 +165,16 @@ impl Proxy {
         source: &Source,
         pin_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::capturing(node, dir, source, pin_dir, true)
+    }
+
+    fn capturing(
+        node: &crate::cluster::Node,
+        dir: &Path,
+        source: &Source,
+        pin_dir: &Path,
+        wait: bool,
+    ) -> anyhow::Result<Self> {
         let pin = pin_dir.display().to_string();
         let args = [
             "--capture",
@@ -162,7 +184,8 @@ impl Proxy {
             pin.as_str(),
         ];
         let name = format!("node{}", node.index);
-        Self::spawn_in_netns(node.ns.name(), dir, source, &name, node.ip.into(), &args)
+        let ip = node.ip.into();
+        Self::in_netns(node.ns.name(), dir, source, &name, ip, &args, wait)
     }
 
     /// As [`Ztunnel::spawn_capturing_idle`], without waiting for readiness:
@@ -173,27 +196,7 @@ impl Proxy {
         source: &Source,
         pin_dir: &Path,
     ) -> anyhow::Result<Self> {
-        let (pin, admin) = (pin_dir.display().to_string(), format!("{}:15000", node.ip));
-        let name = format!("node{}", node.index);
-        let args = [
-            "--node",
-            name.as_str(),
-            "--reload-interval",
-            "200ms",
-            "--admin-addr",
-            admin.as_str(),
-            "--metrics-addr",
-            "0.0.0.0:15020",
-            "--readiness-addr",
-            "0.0.0.0:15021",
-            "--capture",
-            "--capture-uplink",
-            node.uplink.as_str(),
-            "--bpf-pin-dir",
-            pin.as_str(),
-        ];
-        let ns = Some(node.ns.name());
-        Self::start_bin("ztunnel", ns, dir, source, &name, node.ip.into(), &args)
+        Self::capturing(node, dir, source, pin_dir, false)
     }
 
     /// Waits for `/healthz/ready` (e.g. after [`Ztunnel::start_capturing_unready`]).
@@ -243,9 +246,26 @@ impl Proxy {
         ip: IpAddr,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::launch_ztunnel(netns, dir, source, node, ip, args, true)
+    }
+
+    /// A ztunnel for `node`; `wait`: return once it is ready.
+    fn launch_ztunnel(
+        netns: Option<&str>,
+        dir: &Path,
+        source: &Source,
+        node: &str,
+        ip: IpAddr,
+        args: &[&str],
+        wait: bool,
+    ) -> anyhow::Result<Self> {
         let mut common = vec!["--node", node, "--reload-interval", "200ms"];
         common.extend_from_slice(args);
-        Self::launch_bin("ztunnel", netns, dir, source, node, ip, &common)
+        let mut z = Self::start_bin("ztunnel", netns, dir, source, node, ip, &common)?;
+        if wait {
+            z.wait_ready(Duration::from_secs(20))?;
+        }
+        Ok(z)
     }
 
     /// Starts the waypoint of Gateway `gateway` (`namespace/name`), its pod
