@@ -208,36 +208,30 @@ impl PodSpec {
     }
 }
 
+/// `pods` pods on each of `nodes` nodes, named `n<N>p<M>`.
+fn numbered_pods(nodes: u8, pods: u8) -> anyhow::Result<Vec<PodSpec>> {
+    anyhow::ensure!(pods <= 200, "unsupported size");
+    Ok((1..=nodes)
+        .flat_map(|n| {
+            (0..pods).map(move |m| PodSpec {
+                name: format!("n{n}p{m}"),
+                node: n,
+                ip: pod_ip(n, m),
+            })
+        })
+        .collect())
+}
+
 impl Cluster {
     /// Builds `nodes` nodes (1-based) with `pods` pods each.
     pub fn build(nodes: u8, pods: u8) -> anyhow::Result<Self> {
-        anyhow::ensure!(pods <= 200, "unsupported size");
-        let specs = (1..=nodes)
-            .flat_map(|n| {
-                (0..pods).map(move |m| PodSpec {
-                    name: format!("n{n}p{m}"),
-                    node: n,
-                    ip: pod_ip(n, m),
-                })
-            })
-            .collect::<Vec<_>>();
-        Self::build_inner(nodes, &specs, false)
+        Self::build_inner(nodes, &numbered_pods(nodes, pods)?, false)
     }
 
     /// As [`Cluster::build`], with IPv6 addresses and routes besides the
     /// IPv4 ones (see the module docs).
     pub fn build_dual_stack(nodes: u8, pods: u8) -> anyhow::Result<Self> {
-        anyhow::ensure!(pods <= 200, "unsupported size");
-        let specs = (1..=nodes)
-            .flat_map(|n| {
-                (0..pods).map(move |m| PodSpec {
-                    name: format!("n{n}p{m}"),
-                    node: n,
-                    ip: pod_ip(n, m),
-                })
-            })
-            .collect::<Vec<_>>();
-        Self::build_inner(nodes, &specs, true)
+        Self::build_inner(nodes, &numbered_pods(nodes, pods)?, true)
     }
 
     /// Builds `nodes` nodes and exactly the pods given.

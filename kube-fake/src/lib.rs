@@ -293,8 +293,6 @@ impl FakeApiServer {
         };
         let rv = {
             let mut inner = self.lock();
-            inner.rv += 1;
-            let rv = inner.rv;
             let previous = inner
                 .objects
                 .get(&resource)
@@ -334,19 +332,7 @@ impl FakeApiServer {
                 "ADDED"
             };
             obj["metadata"]["uid"] = uid;
-            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            inner
-                .objects
-                .entry(resource)
-                .or_default()
-                .insert((ns, name), obj.clone());
-            inner.history.push(Change {
-                rv,
-                resource,
-                kind: event,
-                object: obj,
-            });
-            rv
+            store_object(&mut inner, resource, &(ns, name), &mut obj, event)
         };
         self.shared.changed.send_replace(rv);
         rv
@@ -508,6 +494,31 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 
 fn count(inner: &mut Inner, what: String) {
     *inner.requests.entry(what).or_default() += 1;
+}
+
+/// Stores `obj` under a new resourceVersion and records the change.
+pub(crate) fn store_object(
+    inner: &mut Inner,
+    resource: Resource,
+    key: &(String, String),
+    obj: &mut Value,
+    event: &'static str,
+) -> u64 {
+    inner.rv += 1;
+    let rv = inner.rv;
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    inner
+        .objects
+        .entry(resource)
+        .or_default()
+        .insert(key.clone(), obj.clone());
+    inner.history.push(Change {
+        rv,
+        resource,
+        kind: event,
+        object: obj.clone(),
+    });
+    rv
 }
 
 /// The body of a JSON merge patch request, or the answer refusing it.

@@ -62,20 +62,7 @@ pub(super) async fn patch_status(shared: &Shared, req: Request<Incoming>) -> Res
             merge_patch(&mut merged, s);
             obj["status"] = merged;
         }
-        inner.rv += 1;
-        let rv = inner.rv;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        inner
-            .objects
-            .entry(resource)
-            .or_default()
-            .insert((ns, name), obj.clone());
-        inner.history.push(Change {
-            rv,
-            resource,
-            kind: "MODIFIED",
-            object: obj.clone(),
-        });
+        let rv = store_object(&mut inner, resource, &(ns, name), &mut obj, "MODIFIED");
         count(&mut inner, format!("patch status {}", resource.path));
         (rv, obj)
     };
@@ -390,31 +377,6 @@ fn create_object(
     }
     let rv = store_object(inner, resource, key, &mut obj, "ADDED");
     (Some(rv), obj)
-}
-
-/// Stores `obj` under a new resourceVersion and records the change.
-fn store_object(
-    inner: &mut Inner,
-    resource: Resource,
-    key: &(String, String),
-    obj: &mut Value,
-    event: &'static str,
-) -> u64 {
-    inner.rv += 1;
-    let rv = inner.rv;
-    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-    inner
-        .objects
-        .entry(resource)
-        .or_default()
-        .insert(key.clone(), obj.clone());
-    inner.history.push(Change {
-        rv,
-        resource,
-        kind: event,
-        object: obj.clone(),
-    });
-    rv
 }
 
 /// Removes an object (which must exist) with a DELETED event; its version.
