@@ -10,7 +10,7 @@ use std::time::Duration;
 use e2e::cluster::Cluster;
 use e2e::mesh::TempDir;
 use e2e::netns::root_or_skip;
-use e2e::process::Ztunnel;
+use e2e::process::{metric_sum, Ztunnel};
 use e2e::sniff::Sniffer;
 use e2e::Pki;
 
@@ -170,6 +170,14 @@ fn a_reused_source_port_connects_at_once() -> anyhow::Result<()> {
             }
         }
     });
+    // A node service on node1 listening on the server's port: the kernel
+    // would give it a SYN that meets a TIME_WAIT socket, were capture not to
+    // answer that lookup with ztunnel's listener.
+    let node_service = cluster.node(1).ns.run(|| {
+        let l = TcpListener::bind("0.0.0.0:8080")?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })?;
     let from = SocketAddr::new(client.ip.into(), 41000);
     let connects = client.ns.run(move || {
         let mut took = Vec::new();
@@ -188,11 +196,54 @@ fn a_reused_source_port_connects_at_once() -> anyhow::Result<()> {
         }
         Ok(took)
     })?;
-    // The first connect has no TIME_WAIT to meet; every later one does.
+    // The first connect has no TIME_WAIT to meet; every later one does, and
+    // is handed from node1's TIME_WAIT socket to its listener: the client
+    // never has to send its SYN twice (without the hand-off each reuse is
+    // answered with an ACK, reset, and the SYN sent again ~10 ms to 1 s later).
     assert!(
         connects.iter().all(|t| *t < Duration::from_millis(500)),
         "connects from the same source port took {connects:?}\n{}",
         ztunnels[0].log()
     );
+    let retransmits = client.ns.run(|| tcp_ext("TCPSynRetrans"))?;
+    assert_eq!(
+        retransmits, 0,
+        "the client retransmitted SYNs; connects took {connects:?}"
+    );
+    let reuses = (ROUNDS - 1) as f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let handed = loop {
+        // Counters are copied from the BPF maps once a second.
+        let handed = metric_sum(
+            &ztunnels[0].metrics()?,
+            "ambit_capture_packets_total",
+            &[("result", "time_wait_handoff")],
+        );
+        if handed >= reuses || std::time::Instant::now() > deadline {
+            break handed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(handed, reuses, "TIME_WAIT hand-offs on node1");
+    assert!(
+        matches!(node_service.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "node1's own service on :8080 was given a pod's connection"
+    );
     Ok(())
+}
+
+/// A `TcpExt` counter of the calling thread's network namespace.
+fn tcp_ext(name: &str) -> anyhow::Result<u64> {
+    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        anyhow::bail!("no TcpExt in /proc/thread-self/net/netstat");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.parse::<u64>())
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("no TcpExt counter {name}"))
 }

@@ -21,6 +21,18 @@
 //  3. Everything else (non-TCP, excluded ports, connections older than the
 //     attachment) passes untouched.
 //
+// hand_over_time_wait (sk_lookup, the node's network namespace): a SYN that
+//   reuses the tuple of a connection ztunnel closed first meets ztunnel's
+//   TIME_WAIT socket. It must go to that socket (given to a listener while the
+//   TIME_WAIT socket exists, it is dropped as a duplicate), and the kernel
+//   then retires the TIME_WAIT socket only if a listener lookup on the
+//   original destination finds one; none listens there, so without this
+//   program the client gets an ACK, resets and retries its SYN later (a stall
+//   of ~10 ms to 1 s per reuse, hundreds a second under load). Step 1 records
+//   such a SYN with the listener it would have gone to; the lookup answers
+//   with that listener, and the kernel hands the SYN over as it would to a
+//   local service.
+//
 // Every assigned packet carries CAPTURE_MARK, which the node routes to `local`
 // (one rule and route per family).
 //
@@ -85,6 +97,24 @@ enum stat {
 	// An enrolled pod's IPv6 TCP behind extension headers (not captured).
 	STAT_DROPPED_IPV6 = 9,
 	STAT_MAX = 10,
+};
+
+// hand_over_time_wait's counters. A map of their own: capture_stats is pinned
+// and reused by an upgraded ztunnel as it is, so it cannot grow.
+enum handoff_stat {
+	HANDOFF_TAKEN = 0,
+	HANDOFF_NO_LISTENER = 1,
+	HANDOFF_STAT_MAX = 2,
+};
+
+// ztunnel's listeners, by the slot a recorded SYN names (filled by the
+// loader; a closed socket leaves its slot by itself). Not pinned: they are
+// this process's sockets.
+enum listener_slot {
+	SLOT_OUTBOUND = 0,
+	SLOT_HBONE = 1,
+	SLOT_PLAINTEXT = 2,
+	SLOT_MAX = 3,
 };
 
 struct {
@@ -163,11 +193,50 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } capture_stats SEC(".maps");
 
-static __always_inline void count(__u32 which)
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, HANDOFF_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} handoff_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, SLOT_MAX);
+	__type(key, __u32);
+	__type(value, __u32); // a socket descriptor, as the loader writes it
+} handoff_listeners SEC(".maps");
+
+// A connection's tuple as the listener lookup sees it: `remote` is the
+// client, `local` the original destination. IPv4 addresses in word 0.
+struct handoff_key {
+	__u32 remote[4];   // network order
+	__u32 local[4];    // network order
+	__u16 remote_port; // network order
+	__u16 local_port;  // host order
+	__u32 family;      // AF_INET or AF_INET6
+};
+
+// SYNs that met ztunnel's TIME_WAIT socket, recorded by step 1 with the slot
+// of the listener they go to; taken out by hand_over_time_wait. An entry the
+// kernel never asks for (the SYN was refused as too old) ages out.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct handoff_key);
+	__type(value, __u32);
+} time_wait_handoff SEC(".maps");
+
+static __always_inline void count_in(void *map, __u32 which)
 {
-	__u64 *v = bpf_map_lookup_elem(&capture_stats, &which);
+	__u64 *v = bpf_map_lookup_elem(map, &which);
 	if (v)
 		*v += 1;
+}
+
+static __always_inline void count(__u32 which)
+{
+	count_in(&capture_stats, which);
 }
 
 // `v6` is a constant at every call site, so after inlining each family is
@@ -251,22 +320,41 @@ static __always_inline int to_listener(struct __sk_buff *skb, struct bpf_sock_tu
 	return assign(skb, sk, stat);
 }
 
-// Whether a node service listens on the packet's destination: the listener
-// the kernel would pick when a SYN meets a TIME_WAIT socket. The probe tuple's
-// source port 0 matches no connection, so only listeners can be found.
-static __always_inline int node_listener(struct __sk_buff *skb, struct bpf_sock_tuple *t, int v6)
+#define AF_INET 2
+#define AF_INET6 10
+
+// A SYN meeting ztunnel's TIME_WAIT socket: record which listener takes it
+// over (see hand_over_time_wait) and give it to the TIME_WAIT socket.
+static __always_inline int to_time_wait(struct __sk_buff *skb, struct bpf_sock_tuple *t, int v6, __u16 port,
+					__u32 slot, __u32 stat)
 {
-	struct bpf_sock_tuple probe = *t;
-	if (v6)
-		probe.ipv6.sport = 0;
-	else
-		probe.ipv4.sport = 0;
-	struct bpf_sock *sk = lookup(skb, &probe, v6);
-	if (!sk)
-		return 0;
-	int listening = sk->state == BPF_TCP_LISTEN;
-	bpf_sk_release(sk);
-	return listening;
+	if (port == 0) {
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	struct handoff_key k = {};
+	if (v6) {
+		__builtin_memcpy(k.remote, t->ipv6.saddr, sizeof(k.remote));
+		__builtin_memcpy(k.local, t->ipv6.daddr, sizeof(k.local));
+		k.remote_port = t->ipv6.sport;
+		k.local_port = bpf_ntohs(t->ipv6.dport);
+		k.family = AF_INET6;
+	} else {
+		k.remote[0] = t->ipv4.saddr;
+		k.local[0] = t->ipv4.daddr;
+		k.remote_port = t->ipv4.sport;
+		k.local_port = bpf_ntohs(t->ipv4.dport);
+		k.family = AF_INET;
+	}
+	bpf_map_update_elem(&time_wait_handoff, &k, &slot, BPF_ANY);
+	struct bpf_sock *sk = lookup(skb, t, v6);
+	if (!sk) {
+		// Gone since step 1 (expired): the client's next SYN is new.
+		bpf_map_delete_elem(&time_wait_handoff, &k);
+		count(STAT_DROPPED_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	return assign(skb, sk, stat);
 }
 
 // An enrolled pod's TCP packet, whose tuple is `t`: steps 1-3 above.
@@ -276,14 +364,15 @@ static __always_inline int capture_tcp(struct __sk_buff *skb, struct bpf_sock_tu
 	// Pitfall: skc (not sk) lookup, so a half-open connection finds its
 	// request socket rather than the listener; TIME_WAIT sockets too.
 	struct bpf_sock *sk = lookup(skb, t, v6);
+	int time_wait = 0;
 	if (sk) {
 		if (sk->state == BPF_TCP_LISTEN) {
 			bpf_sk_release(sk);
-		} else if (syn && sk->state == BPF_TCP_TIME_WAIT && node_listener(skb, t, v6)) {
-			// A SYN on a TIME_WAIT socket is handed by the kernel to whatever
-			// listens on the original destination: a node service here, which
-			// must not receive pod traffic. Treat it as a new connection.
+		} else if (syn && sk->state == BPF_TCP_TIME_WAIT) {
+			// A new connection on an old tuple: decided like any other
+			// below, then handed over through the TIME_WAIT socket.
 			bpf_sk_release(sk);
+			time_wait = 1;
 		} else {
 			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
 		}
@@ -319,10 +408,18 @@ static __always_inline int capture_tcp(struct __sk_buff *skb, struct bpf_sock_tu
 		ip6 = cfg6->listener_ip;
 		outbound_port = cfg6->listener_port;
 	}
-	if (direction == DIR_OUTBOUND)
+	if (direction == DIR_OUTBOUND) {
+		if (time_wait)
+			return to_time_wait(skb, t, v6, outbound_port, SLOT_OUTBOUND, STAT_CAPTURED_NEW);
 		return to_listener(skb, t, v6, cfg->listener_ip, ip6, outbound_port, STAT_CAPTURED_NEW);
-	if (cfg->hbone_port && dport == cfg->hbone_port)
+	}
+	if (cfg->hbone_port && dport == cfg->hbone_port) {
+		if (time_wait)
+			return to_time_wait(skb, t, v6, cfg->hbone_port, SLOT_HBONE, STAT_INBOUND_HBONE);
 		return to_listener(skb, t, v6, 0, 0, cfg->hbone_port, STAT_INBOUND_HBONE);
+	}
+	if (time_wait)
+		return to_time_wait(skb, t, v6, cfg->plaintext_port, SLOT_PLAINTEXT, STAT_INBOUND_PLAINTEXT);
 	return to_listener(skb, t, v6, 0, 0, cfg->plaintext_port, STAT_INBOUND_PLAINTEXT);
 }
 
@@ -494,6 +591,50 @@ SEC("classifier")
 int capture_outbound(struct __sk_buff *skb)
 {
 	return capture(skb, DIR_OUTBOUND);
+}
+
+// The kernel asks for a listener on the original destination when a SYN
+// meets a TIME_WAIT socket; answer with ztunnel's for the SYNs step 1
+// recorded. Every other lookup (node services, ztunnel's own traffic) is
+// left to the kernel.
+SEC("sk_lookup")
+int hand_over_time_wait(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	struct handoff_key k = {};
+	if (ctx->family == AF_INET) {
+		k.remote[0] = ctx->remote_ip4;
+		k.local[0] = ctx->local_ip4;
+	} else if (ctx->family == AF_INET6) {
+		__builtin_memcpy(k.remote, ctx->remote_ip6, sizeof(k.remote));
+		__builtin_memcpy(k.local, ctx->local_ip6, sizeof(k.local));
+	} else {
+		return SK_PASS;
+	}
+	k.family = ctx->family;
+	k.remote_port = ctx->remote_port;
+	k.local_port = ctx->local_port;
+	__u32 *recorded = bpf_map_lookup_elem(&time_wait_handoff, &k);
+	if (!recorded)
+		return SK_PASS;
+	__u32 slot = *recorded;
+	bpf_map_delete_elem(&time_wait_handoff, &k);
+	// A captured SYN never falls through to a node service: with ztunnel's
+	// listener gone it is refused (the TIME_WAIT socket answers it).
+	struct bpf_sock *sk = bpf_map_lookup_elem(&handoff_listeners, &slot);
+	if (!sk) {
+		count_in(&handoff_stats, HANDOFF_NO_LISTENER);
+		return SK_DROP;
+	}
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count_in(&handoff_stats, HANDOFF_NO_LISTENER);
+		return SK_DROP;
+	}
+	count_in(&handoff_stats, HANDOFF_TAKEN);
+	return SK_PASS;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

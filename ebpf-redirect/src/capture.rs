@@ -5,10 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray};
+use std::os::fd::AsRawFd;
+
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::{CAPTURE_MARK, CAPTURE_ROUTE_TABLE};
@@ -18,6 +20,13 @@ static CAPTURE_OBJECT: &[u8] =
 
 const OUTBOUND: &str = "capture_outbound";
 const INBOUND: &str = "capture_inbound";
+/// The sk_lookup program handing SYNs that meet ztunnel's TIME_WAIT sockets
+/// to its listeners (see `bpf/capture.c`).
+const TIME_WAIT_HANDOFF: &str = "hand_over_time_wait";
+/// Slots of `handoff_listeners`, as `enum listener_slot` in `bpf/capture.c`.
+const SLOT_OUTBOUND: u32 = 0;
+const SLOT_HBONE: u32 = 1;
+const SLOT_PLAINTEXT: u32 = 2;
 const MAPS: [&str; 7] = [
     "capture_config",
     "capture_config6",
@@ -145,6 +154,20 @@ pub struct CaptureStats {
     /// An enrolled pod's IPv6 TCP behind extension headers (or a packet
     /// that cannot be told apart from it): not captured, so dropped.
     pub dropped_ipv6: u64,
+    /// New connections on the tuple of one ztunnel had closed first, handed
+    /// from its TIME_WAIT socket to its listener.
+    pub time_wait_handoffs: u64,
+    /// Such connections refused because the listener was gone.
+    pub dropped_handoff_no_listener: u64,
+}
+
+/// ztunnel's listening sockets, for the connections capture hands over
+/// itself (see [`Capture::set_listener_sockets`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenerSockets<'a> {
+    pub outbound: Option<std::os::fd::BorrowedFd<'a>>,
+    pub hbone: Option<std::os::fd::BorrowedFd<'a>>,
+    pub plaintext: Option<std::os::fd::BorrowedFd<'a>>,
 }
 
 /// A tc link held open and pinned at `pin`, so it outlives the process.
@@ -205,6 +228,7 @@ impl Capture {
                 .load()
                 .map_err(|e| CaptureError::Load(format!("{name}: {e:?}")))?;
         }
+        attach_time_wait_handoff(&mut ebpf)?;
         let mut capture = Capture {
             ebpf,
             config: CaptureConfig::default(),
@@ -297,6 +321,44 @@ impl Capture {
         self.config6.listener_ip = ip.octets();
         self.config6.listener_port = port.to_be();
         self.write_config()
+    }
+
+    /// The listening sockets behind [`Capture::set_listener`] and
+    /// [`Capture::set_inbound_ports`]: a new connection that reuses the tuple
+    /// of one ztunnel closed first is handed to them from the TIME_WAIT
+    /// socket (without them it is refused, and the client retries later).
+    /// The kernel drops a socket from the map when it closes.
+    pub fn set_listener_sockets(&mut self, sockets: ListenerSockets) -> Result<(), CaptureError> {
+        const NAME: &str = "handoff_listeners";
+        let map = self
+            .ebpf
+            .map_mut(NAME)
+            .ok_or_else(|| CaptureError::Map(NAME, "missing".into()))?;
+        let mut slots: SockMap<_> =
+            SockMap::try_from(map).map_err(|e| CaptureError::Map(NAME, e.to_string()))?;
+        for (slot, socket) in [
+            (SLOT_OUTBOUND, sockets.outbound),
+            (SLOT_HBONE, sockets.hbone),
+            (SLOT_PLAINTEXT, sockets.plaintext),
+        ] {
+            let result = match socket {
+                Some(fd) => slots.set(slot, &fd.as_raw_fd(), 0),
+                // An empty slot answers EINVAL (the index is in range).
+                None => match slots.clear_index(&slot) {
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if matches!(
+                            e.io_error.raw_os_error(),
+                            Some(libc::EINVAL | libc::ENOENT)
+                        ) =>
+                    {
+                        Ok(())
+                    }
+                    other => other,
+                },
+            };
+            result.map_err(|e| CaptureError::Map(NAME, format!("slot {slot}: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Inbound: connections to enrolled pods on `hbone` go to the HBONE
@@ -633,6 +695,16 @@ impl Capture {
         let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(map)
             .map_err(|e| CaptureError::Map("capture_stats", e.to_string()))?;
         let read = |i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let handoff_stats = self
+            .ebpf
+            .map("handoff_stats")
+            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok());
+        let handoff = |i: u32| -> u64 {
+            handoff_stats
+                .as_ref()
+                .and_then(|s| s.get(&i, 0).ok())
+                .map_or(0, |v| v.iter().sum())
+        };
         Ok(CaptureStats {
             captured_new: read(0),
             captured_established: read(1),
@@ -644,8 +716,34 @@ impl Capture {
             inbound_plaintext: read(7),
             dropped_malformed: read(8),
             dropped_ipv6: read(9),
+            time_wait_handoffs: handoff(0),
+            dropped_handoff_no_listener: handoff(1),
         })
     }
+}
+
+/// Loads the TIME_WAIT hand-off and attaches it to the calling thread's
+/// network namespace. The link is this process's (not pinned): it goes with
+/// the listeners it hands to.
+fn attach_time_wait_handoff(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let netns = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| CaptureError::Load(format!("opening this thread's network namespace: {e}")))?;
+    let prog: &mut SkLookup = ebpf
+        .program_mut(TIME_WAIT_HANDOFF)
+        .ok_or_else(|| CaptureError::Load(format!("no program {TIME_WAIT_HANDOFF}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| {
+            CaptureError::Load(format!("{TIME_WAIT_HANDOFF}: {e}"))
+        })?;
+    prog.load()
+        .map_err(|e| CaptureError::Load(format!("{TIME_WAIT_HANDOFF}: {e:?}")))?;
+    prog.attach(netns).map_err(|e| {
+        CaptureError::Attach(
+            "network namespace".into(),
+            format!("{TIME_WAIT_HANDOFF}: {e:?}"),
+        )
+    })?;
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, String> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ebpf_redirect::{interface_for, setup_node_routing, Capture, CaptureStats};
+use ebpf_redirect::{interface_for, setup_node_routing, Capture, CaptureStats, ListenerSockets};
 
 use crate::metrics::ResultLabels;
 use crate::state::ProxyState;
@@ -16,7 +16,13 @@ use crate::state::ProxyState;
 /// Loads capture steering new connections to `outbound` (the 15001 listener;
 /// `[::]` takes both families, an IPv4 address only IPv4: the pods' other
 /// family then fails closed) and keeps it in step with the config until drain.
-pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()> {
+/// `sockets` are the listeners themselves, for connections capture hands
+/// over from a TIME_WAIT socket.
+pub fn start(
+    state: Arc<ProxyState>,
+    outbound: SocketAddr,
+    sockets: ListenerSockets,
+) -> anyhow::Result<()> {
     let listener = outbound;
     setup_node_routing().context("setting up capture routing")?;
     let pin_dir = state.settings.bpf_pin_dir.join(state.node());
@@ -26,6 +32,7 @@ pub fn start(state: Arc<ProxyState>, outbound: SocketAddr) -> anyhow::Result<()>
         crate::settings::Listen::Off => 0,
     };
     capture.set_inbound_ports(state.settings.hbone_port, plaintext_port)?;
+    capture.set_listener_sockets(sockets)?;
     reconcile(&state, &mut capture);
     tracing::info!(%listener, "capture loaded");
     let mut mesh = state.watch_mesh();
@@ -286,6 +293,16 @@ fn export(state: &ProxyState, capture: &Capture, last: CaptureStats) -> CaptureS
             last.dropped_malformed,
         ),
         ("dropped_ipv6", now.dropped_ipv6, last.dropped_ipv6),
+        (
+            "time_wait_handoff",
+            now.time_wait_handoffs,
+            last.time_wait_handoffs,
+        ),
+        (
+            "dropped_handoff_no_listener",
+            now.dropped_handoff_no_listener,
+            last.dropped_handoff_no_listener,
+        ),
     ];
     for (result, n, before) in pairs {
         let labels = ResultLabels {

@@ -24,7 +24,7 @@ use mesh_core::config::{MeshConfig, MeshState};
 use mesh_core::hbone::{Pool, PoolConfig};
 
 use crate::admin::{Endpoint, LogControl};
-use crate::settings::{Listen, Settings};
+use crate::settings::{HboneListen, Listen, Settings};
 use crate::state::ProxyState;
 
 /// Runs a ztunnel until SIGTERM/SIGINT, then drains.
@@ -95,6 +95,10 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
     let outbound = bind(s.outbound(), transparent, "outbound")?;
     let plaintext = bind(s.inbound_plaintext(), transparent, "inbound plaintext")?;
     let socks5 = bind(s.socks5(), false, "socks5")?;
+    let hbone = match s.hbone_addr {
+        HboneListen::At(addr) => bind(Listen::At(addr), transparent, "hbone")?,
+        HboneListen::PerWorkload => None,
+    };
 
     let admin_state = state.clone();
     std::thread::Builder::new()
@@ -141,15 +145,21 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
             tuning: state.settings.h2_tuning(),
             ..PoolConfig::default()
         }));
+        if let (Some(l), true) = (&outbound, state.settings.capture) {
+            use std::os::fd::AsFd;
+            let sockets = ebpf_redirect::ListenerSockets {
+                outbound: Some(l.as_fd()),
+                hbone: hbone.as_ref().map(|l| l.as_fd()),
+                plaintext: plaintext.as_ref().map(|l| l.as_fd()),
+            };
+            capture::start(state.clone(), socket::canonical(l.local_addr()?), sockets)?;
+        }
         if let Some(l) = outbound {
             let l = tokio::net::TcpListener::from_std(l)?;
             let listen = socket::canonical(l.local_addr()?);
             proxy::spawn_accept_loop(state.clone(), l, "outbound", move |st, tcp, peer| {
                 proxy::outbound::serve_captured(st, tcp, peer, listen)
             });
-            if state.settings.capture {
-                capture::start(state.clone(), listen)?;
-            }
         }
         if let Some(l) = plaintext {
             let l = tokio::net::TcpListener::from_std(l)?;
@@ -162,7 +172,7 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
             let l = tokio::net::TcpListener::from_std(l)?;
             proxy::spawn_accept_loop(state.clone(), l, "socks5", proxy::socks5::serve_connection);
         }
-        proxy::run_hbone(state.clone()).await?;
+        proxy::run_hbone(state.clone(), hbone)?;
         state.ready.store(true, Ordering::Release);
         tracing::info!(node = %state.node(), "ztunnel ready");
 

@@ -153,18 +153,24 @@ where
     }
 }
 
-/// Binds the HBONE listener(s). In per-workload mode, keeps one listener per
-/// local workload address, following config changes.
-pub async fn run_hbone(state: Arc<ProxyState>) -> anyhow::Result<()> {
-    match state.settings.hbone_addr {
-        HboneListen::At(addr) => {
-            let listener =
-                socket::bind(addr, state.settings.transparent || state.settings.capture)?;
+/// Serves HBONE on `listener` (bound at start for `HboneListen::At`), or, in
+/// per-workload mode, keeps one listener per local workload address,
+/// following config changes.
+pub fn run_hbone(
+    state: Arc<ProxyState>,
+    listener: Option<std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    match (&state.settings.hbone_addr, listener) {
+        (HboneListen::At(addr), Some(listener)) => {
+            let listener = TcpListener::from_std(listener)?;
             tracing::info!(%addr, "hbone listener ready");
             spawn_accept_loop(state, listener, "hbone", inbound::serve_connection);
             Ok(())
         }
-        HboneListen::PerWorkload => {
+        (HboneListen::At(addr), None) => {
+            anyhow::bail!("no HBONE listener bound for {addr}")
+        }
+        (HboneListen::PerWorkload, _) => {
             let mut listeners: HashMap<IpAddr, JoinHandle<()>> = HashMap::new();
             reconcile_per_workload(&state, &mut listeners);
             let mut mesh = state.watch_mesh();
