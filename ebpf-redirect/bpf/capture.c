@@ -33,7 +33,7 @@
 //   with that listener, and the kernel hands the SYN over as it would to a
 //   local service.
 //
-// Every assigned packet carries CAPTURE_MARK, which the node routes to `local`
+// Every captured packet carries CAPTURE_MARK, which the node routes to `local`
 // (one rule and route per family).
 //
 // Maps and links are pinned (see the loader): they outlive ztunnel, so a
@@ -274,6 +274,20 @@ static __always_inline int excluded(struct bpf_sock_tuple *t, int v6, __u16 port
 	return bpf_map_lookup_elem(&excluded_ports, &k) != 0;
 }
 
+// A packet of a connection a node socket owns: the kernel's own lookup finds
+// that socket by the packet's tuple, as ours did, so only the route needs
+// changing. No bpf_sk_assign: an unassigned packet takes the stack's early
+// demux, which for an established socket reuses the socket's cached input
+// route and skips the routing lookup the mark would otherwise cost; the same
+// path iptables' `-m socket -j MARK` takes.
+static __always_inline int to_owner(struct bpf_sock *sk, struct __sk_buff *skb, __u32 stat)
+{
+	bpf_sk_release(sk);
+	skb->mark = CAPTURE_MARK;
+	count(stat);
+	return TC_ACT_OK;
+}
+
 static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __u32 stat)
 {
 	long err = bpf_sk_assign(skb, sk, 0);
@@ -324,7 +338,7 @@ static __always_inline int to_listener(struct __sk_buff *skb, struct bpf_sock_tu
 #define AF_INET6 10
 
 // A SYN meeting ztunnel's TIME_WAIT socket: record which listener takes it
-// over (see hand_over_time_wait) and give it to the TIME_WAIT socket.
+// over (see hand_over_time_wait) and deliver it to the TIME_WAIT socket.
 static __always_inline int to_time_wait(struct __sk_buff *skb, struct bpf_sock_tuple *t, int v6, __u16 port,
 					__u32 slot, __u32 stat)
 {
@@ -347,14 +361,11 @@ static __always_inline int to_time_wait(struct __sk_buff *skb, struct bpf_sock_t
 		k.family = AF_INET;
 	}
 	bpf_map_update_elem(&time_wait_handoff, &k, &slot, BPF_ANY);
-	struct bpf_sock *sk = lookup(skb, t, v6);
-	if (!sk) {
-		// Gone since step 1 (expired): the client's next SYN is new.
-		bpf_map_delete_elem(&time_wait_handoff, &k);
-		count(STAT_DROPPED_NO_LISTENER);
-		return TC_ACT_SHOT;
-	}
-	return assign(skb, sk, stat);
+	// Delivered locally, the stack's lookup finds the TIME_WAIT socket (or,
+	// had it just expired, asks for a listener: the recorded tuple answers).
+	skb->mark = CAPTURE_MARK;
+	count(stat);
+	return TC_ACT_OK;
 }
 
 // An enrolled pod's TCP packet, whose tuple is `t`: steps 1-3 above.
@@ -374,7 +385,7 @@ static __always_inline int capture_tcp(struct __sk_buff *skb, struct bpf_sock_tu
 			bpf_sk_release(sk);
 			time_wait = 1;
 		} else {
-			return assign(skb, sk, STAT_CAPTURED_ESTABLISHED);
+			return to_owner(sk, skb, STAT_CAPTURED_ESTABLISHED);
 		}
 	}
 	if (!syn) {

@@ -472,8 +472,19 @@ fn mesh_config(dir: &TempDir, client: &Pod, server: &Pod) -> anyhow::Result<std:
     Ok(config)
 }
 
+/// A section's result: medians per mode, and every round's figures.
+struct SectionFigures {
+    medians: [Figures; 3],
+    rounds: [Vec<Figures>; 3],
+}
+
 /// Rounds alternating the three modes; medians per mode.
-fn section(steering: bool, args: &Args, dir: &TempDir, pki: &Pki) -> anyhow::Result<[Figures; 3]> {
+fn section(
+    steering: bool,
+    args: &Args,
+    dir: &TempDir,
+    pki: &Pki,
+) -> anyhow::Result<SectionFigures> {
     let mut runs: [Vec<Figures>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for round in 0..args.rounds.max(1) {
         eprint!("round {}:", round + 1);
@@ -503,48 +514,59 @@ fn section(steering: bool, args: &Args, dir: &TempDir, pki: &Pki) -> anyhow::Res
         p99_us: median(v, |f| f.p99_us),
         cpu_s_per_gb: median(v, |f| f.cpu_s_per_gb),
     };
-    Ok([pick(&runs[0]), pick(&runs[1]), pick(&runs[2])])
+    Ok(SectionFigures {
+        medians: [pick(&runs[0]), pick(&runs[1]), pick(&runs[2])],
+        rounds: runs,
+    })
 }
 
-fn print_table(title: &str, [direct, ebpf, tproxy]: [Figures; 3]) {
+/// How eBPF and iptables compare round by round (each pair ran minutes
+/// apart, so drift hits both alike): the median of the per-round ratios,
+/// and in how many rounds eBPF was at least as good.
+fn paired(ebpf: &[Figures], tproxy: &[Figures], f: fn(&Figures) -> f64, higher: bool) -> String {
+    let mut ratios: Vec<f64> = ebpf.iter().zip(tproxy).map(|(e, i)| f(e) / f(i)).collect();
+    if ratios.is_empty() {
+        return String::new();
+    }
+    let as_good = ratios
+        .iter()
+        .filter(|r| if higher { **r >= 1.0 } else { **r <= 1.0 })
+        .count();
+    ratios.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "{:>8.2} {:>8}",
+        ratios[ratios.len() / 2],
+        format!("{as_good}/{}", ratios.len())
+    )
+}
+
+fn print_table(title: &str, section: &SectionFigures) {
+    let [direct, ebpf, tproxy] = &section.medians;
+    let [_, ebpf_rounds, tproxy_rounds] = &section.rounds;
     println!("\n{title}");
     println!(
-        "{:<28} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}",
-        "figure", "direct", "eBPF", "iptables", "eBPF/d", "ipt/d", "eBPF/ipt"
+        "{:<28} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>8} {:>8}",
+        "figure", "direct", "eBPF", "iptables", "eBPF/d", "ipt/d", "eBPF/ipt", "paired", "eBPF>="
     );
-    println!("{}", "-".repeat(90));
-    let row = |name: &str, d: f64, e: f64, i: f64| {
+    println!("{}", "-".repeat(108));
+    let row = |name: &str, f: fn(&Figures) -> f64, higher: bool| {
+        let (d, e, i) = (f(direct), f(ebpf), f(tproxy));
         println!(
-            "{name:<28} {d:>10.1} {e:>10.1} {i:>10.1} {:>8.2} {:>8.2} {:>10.2}",
+            "{name:<28} {d:>10.1} {e:>10.1} {i:>10.1} {:>8.2} {:>8.2} {:>10.2} {}",
             e / d,
             i / d,
-            e / i
+            e / i,
+            paired(ebpf_rounds, tproxy_rounds, f, higher)
         );
     };
-    row("bulk, 1 stream (MB/s)", direct.mb_s, ebpf.mb_s, tproxy.mb_s);
-    row(
-        "connections/s",
-        direct.conns_s,
-        ebpf.conns_s,
-        tproxy.conns_s,
-    );
-    row(
-        "1 KiB echo p50 (us)",
-        direct.p50_us,
-        ebpf.p50_us,
-        tproxy.p50_us,
-    );
-    row(
-        "1 KiB echo p99 (us)",
-        direct.p99_us,
-        ebpf.p99_us,
-        tproxy.p99_us,
-    );
-    row(
-        "CPU s per GB (machine)",
-        direct.cpu_s_per_gb,
-        ebpf.cpu_s_per_gb,
-        tproxy.cpu_s_per_gb,
+    row("bulk, 1 stream (MB/s)", |f| f.mb_s, true);
+    row("connections/s", |f| f.conns_s, true);
+    row("1 KiB echo p50 (us)", |f| f.p50_us, false);
+    row("1 KiB echo p99 (us)", |f| f.p99_us, false);
+    row("CPU s per GB (machine)", |f| f.cpu_s_per_gb, false);
+    println!(
+        "paired: median over rounds of eBPF/iptables in the same round; \
+         eBPF>=: rounds where eBPF was at least as good"
     );
 }
 
@@ -562,12 +584,12 @@ fn main() -> anyhow::Result<()> {
     if args.section != Section::Steering {
         eprintln!("mesh (ztunnel):");
         let figures = section(false, &args, &dir, &pki)?;
-        print_table("Mesh: ztunnel with each capture", figures);
+        print_table("Mesh: ztunnel with each capture", &figures);
     }
     if args.section != Section::Mesh {
         eprintln!("steering only (splice proxy on the client's node):");
         let figures = section(true, &args, &dir, &pki)?;
-        print_table("Steering only: splice proxy, no ztunnel", figures);
+        print_table("Steering only: splice proxy, no ztunnel", &figures);
     }
     println!("\nHigher is better for MB/s and connections/s, lower for latency and CPU.");
     Ok(())
