@@ -130,6 +130,34 @@ async fn thousand_concurrent_tunnels_share_pooled_connections() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_data_sent_with_the_request_is_not_lost() -> anyhow::Result<()> {
+    let mesh = TwoNodes::start("[]")?;
+    let _srv = servers::read_then_reply(mesh.server_addr(), b"bye").await?;
+    // Greeting, request and payload in one write, then EOF: the proxy reads
+    // them together and must forward the payload it read with the request.
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::new(mesh.client, 0))?;
+    let mut s = sock.connect(mesh.z1.socks5()).await?;
+    let std::net::IpAddr::V4(ip) = mesh.server else {
+        anyhow::bail!("IPv4 server expected");
+    };
+    let mut hello = vec![5, 1, 0, 5, 1, 0, 1];
+    hello.extend_from_slice(&ip.octets());
+    hello.extend_from_slice(&mesh.server_addr().port().to_be_bytes());
+    hello.extend_from_slice(b"hello world");
+    s.write_all(&hello).await?;
+    s.shutdown().await?;
+    let mut replies = [0u8; 12];
+    s.read_exact(&mut replies).await?;
+    assert_eq!(replies[..4], [5, 0, 5, 0], "method choice, then success");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await??;
+    assert_eq!(got, b"11:bye");
+    mesh.z1.wait_log("bytes_sent=11", Duration::from_secs(5))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_report_labels_and_exact_bytes() -> anyhow::Result<()> {
     let mesh = TwoNodes::start("[]")?;
     let _srv = servers::read_then_reply(mesh.server_addr(), b"0123456789").await?;

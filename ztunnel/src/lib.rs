@@ -95,6 +95,11 @@ pub fn run(settings: Settings, log: LogControl) -> anyhow::Result<()> {
     let outbound = bind(s.outbound(), transparent, "outbound")?;
     let plaintext = bind(s.inbound_plaintext(), transparent, "inbound plaintext")?;
     let socks5 = bind(s.socks5(), false, "socks5")?;
+    if let Some(l) = &socks5 {
+        // A SOCKS5 client always speaks first: its connection is handed over
+        // with the greeting already there, one wake-up instead of two.
+        socket::defer_accept(l, proxy::socks5::HANDSHAKE_TIMEOUT);
+    }
     let hbone = match s.hbone_addr {
         HboneListen::At(addr) => bind(Listen::At(addr), transparent, "hbone")?,
         HboneListen::PerWorkload => None,

@@ -32,6 +32,26 @@ pub fn bind_std(addr: SocketAddr, transparent: bool) -> io::Result<std::net::Tcp
     Ok(socket.into())
 }
 
+/// Accepted connections are handed over only once the client has sent
+/// something (`TCP_DEFER_ACCEPT`), for protocols where the client speaks
+/// first; one that stays silent for `wait` is handed over anyway.
+pub fn defer_accept(listener: &std::net::TcpListener, wait: std::time::Duration) {
+    let secs = libc::c_int::try_from(wait.as_secs()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and a pointer to a c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(listener),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Whether `dst` is the listener's own address, i.e. the connection was made to
 /// the proxy port directly rather than captured on its way elsewhere.
 pub fn is_listener_itself(dst: SocketAddr, listen: SocketAddr) -> bool {

@@ -40,6 +40,18 @@ impl Tunnel {
     pub fn into_parts(self) -> (SendStream<Bytes>, RecvStream) {
         (self.send, self.recv)
     }
+
+    /// Sends `data` ahead of the copy: bytes the client sent before the
+    /// tunnel was up (say, after a SOCKS5 request). h2 holds them until the
+    /// stream's window allows.
+    pub fn send_early(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.send
+            .send_data(Bytes::copy_from_slice(data), false)
+            .map_err(h2_io)
+    }
 }
 
 /// Copies both ways between `tcp` and `tunnel` until both directions finish.

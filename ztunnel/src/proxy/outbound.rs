@@ -334,12 +334,30 @@ async fn establish_local(
     }
 }
 
-/// Copies until both sides are done, then records the connection.
+impl Upstream {
+    /// Sends what the client sent before the upstream existed, ahead of the
+    /// copy (count it in [`relay`]'s `early`).
+    pub async fn send_early(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Upstream::Tunnel(pooled, _) => pooled.tunnel.send_early(data),
+            Upstream::Direct(tcp) | Upstream::Local(tcp, _) => {
+                tokio::io::AsyncWriteExt::write_all(tcp, data).await
+            }
+        }
+    }
+}
+
+/// Copies until both sides are done, then records the connection. `early`:
+/// bytes already sent upstream with [`Upstream::send_early`].
 pub async fn relay(
     state: &Arc<ProxyState>,
     client: TcpStream,
     record: ConnectionRecord,
     upstream: Upstream,
+    early: u64,
 ) {
     record.opened(state);
     match upstream {
@@ -367,8 +385,8 @@ pub async fn relay(
             let (up, down, err) = super::copy_plain(client, upstream, stop).await;
             let flag = super::flag_for(&err);
             let err = err.as_ref().map(|e| e as &dyn std::fmt::Display);
-            dst_record.closed(state, up, down, flag, err);
-            record.closed(state, up, down, flag, err);
+            dst_record.closed(state, early + up, down, flag, err);
+            record.closed(state, early + up, down, flag, err);
         }
         Upstream::Tunnel(pooled, _active) => {
             let outcome = copy_tcp_tunnel(client, pooled.tunnel, std::future::pending()).await;
@@ -381,7 +399,7 @@ pub async fn relay(
             let err = outcome.error.as_ref().map(|e| e as &dyn std::fmt::Display);
             record.closed(
                 state,
-                outcome.tcp_to_tunnel,
+                early + outcome.tcp_to_tunnel,
                 outcome.tunnel_to_tcp,
                 flag,
                 err,
@@ -395,7 +413,7 @@ pub async fn relay(
                 flags::NONE
             };
             let err = err.as_ref().map(|e| e as &dyn std::fmt::Display);
-            record.closed(state, up, down, flag, err);
+            record.closed(state, early + up, down, flag, err);
         }
     }
 }
@@ -461,7 +479,7 @@ pub async fn serve_captured(
         return;
     }
     match establish(&state, src, Target::Addr(dst)).await {
-        Ok((record, upstream)) => relay(&state, client, record, upstream).await,
+        Ok((record, upstream)) => relay(&state, client, record, upstream, 0).await,
         Err(refusal) => refusal.report(&state),
     }
 }
