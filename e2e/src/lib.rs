@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod netns;
 pub mod otlp;
 pub mod pki;
+pub mod port_reuse;
 pub mod process;
 pub mod served;
 pub mod servers;

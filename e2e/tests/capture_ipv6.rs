@@ -388,6 +388,18 @@ fn ipv6_pod_to_pod_across_nodes_is_mtls_and_keeps_the_client_ip() -> anyhow::Res
         assert_eq!(dropped, 0.0, "IPv6 was dropped: {metrics}");
     }
 
+    // A reused IPv6 source port after node1's ztunnel closed first: handed
+    // from its TIME_WAIT socket to its listener, no SYN sent twice.
+    let reuse = e2e::port_reuse::reuse_source_port(
+        client,
+        SocketAddr::new(client6, 41000),
+        server,
+        v6(server, 8082)?,
+        3,
+    )?;
+    assert_eq!(reuse.syn_retransmits, 0, "{reuse:?}");
+    assert_eq!(e2e::port_reuse::handoffs(&zs[0], 2.0)?, 2.0, "{reuse:?}");
+
     // Same node: through node1's ztunnel, the client's IPv6 address kept.
     let served = serve(web, v6(web, 8081)?, 1)?;
     let reply = exchange(client, v6(web, 8081)?, b"hi", 1, Duration::from_secs(5))?;

@@ -10,7 +10,8 @@ use std::time::Duration;
 use e2e::cluster::Cluster;
 use e2e::mesh::TempDir;
 use e2e::netns::root_or_skip;
-use e2e::process::{metric_sum, Ztunnel};
+use e2e::port_reuse;
+use e2e::process::Ztunnel;
 use e2e::sniff::Sniffer;
 use e2e::Pki;
 
@@ -159,17 +160,6 @@ fn a_reused_source_port_connects_at_once() -> anyhow::Result<()> {
     } = Mesh::start("ambit-capture-tw")?;
     let (client, server) = (cluster.pod(1, 0), cluster.pod(2, 0));
     const ROUNDS: usize = 4;
-    let addr = SocketAddr::new(server.ip.into(), 8080);
-    let listener = server.ns.run(move || Ok(TcpListener::bind(addr)?))?;
-    // The server speaks and closes first, so the close reaches the client
-    // through the mesh: node1's ztunnel ends its side first.
-    std::thread::spawn(move || {
-        for _ in 0..ROUNDS {
-            if let Ok((mut s, _)) = listener.accept() {
-                let _ = s.write_all(b"bye");
-            }
-        }
-    });
     // A node service on node1 listening on the server's port: the kernel
     // would give it a SYN that meets a TIME_WAIT socket, were capture not to
     // answer that lookup with ztunnel's listener.
@@ -178,72 +168,35 @@ fn a_reused_source_port_connects_at_once() -> anyhow::Result<()> {
         l.set_nonblocking(true)?;
         Ok(l)
     })?;
-    let from = SocketAddr::new(client.ip.into(), 41000);
-    let connects = client.ns.run(move || {
-        let mut took = Vec::new();
-        for _ in 0..ROUNDS {
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&from.into())?;
-            let start = std::time::Instant::now();
-            socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
-            took.push(start.elapsed());
-            let mut s: TcpStream = socket.into();
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let mut got = Vec::new();
-            s.read_to_end(&mut got)?;
-            anyhow::ensure!(got == b"bye", "got {got:?}");
-        }
-        Ok(took)
-    })?;
+    let reuse = port_reuse::reuse_source_port(
+        client,
+        SocketAddr::new(client.ip.into(), 41000),
+        server,
+        SocketAddr::new(server.ip.into(), 8080),
+        ROUNDS,
+    )?;
     // The first connect has no TIME_WAIT to meet; every later one does, and
     // is handed from node1's TIME_WAIT socket to its listener: the client
     // never has to send its SYN twice (without the hand-off each reuse is
     // answered with an ACK, reset, and the SYN sent again ~10 ms to 1 s later).
     assert!(
-        connects.iter().all(|t| *t < Duration::from_millis(500)),
-        "connects from the same source port took {connects:?}\n{}",
+        reuse
+            .connects
+            .iter()
+            .all(|t| *t < Duration::from_millis(500)),
+        "{reuse:?}\n{}",
         ztunnels[0].log()
     );
-    let retransmits = client.ns.run(|| tcp_ext("TCPSynRetrans"))?;
-    assert_eq!(
-        retransmits, 0,
-        "the client retransmitted SYNs; connects took {connects:?}"
-    );
+    assert_eq!(reuse.syn_retransmits, 0, "{reuse:?}");
     let reuses = (ROUNDS - 1) as f64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let handed = loop {
-        // Counters are copied from the BPF maps once a second.
-        let handed = metric_sum(
-            &ztunnels[0].metrics()?,
-            "ambit_capture_packets_total",
-            &[("result", "time_wait_handoff")],
-        );
-        if handed >= reuses || std::time::Instant::now() > deadline {
-            break handed;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(handed, reuses, "TIME_WAIT hand-offs on node1");
+    assert_eq!(
+        port_reuse::handoffs(&ztunnels[0], reuses)?,
+        reuses,
+        "TIME_WAIT hand-offs on node1"
+    );
     assert!(
         matches!(node_service.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "node1's own service on :8080 was given a pod's connection"
     );
     Ok(())
-}
-
-/// A `TcpExt` counter of the calling thread's network namespace.
-fn tcp_ext(name: &str) -> anyhow::Result<u64> {
-    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
-    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        anyhow::bail!("no TcpExt in /proc/thread-self/net/netstat");
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.parse::<u64>())
-        .transpose()?
-        .ok_or_else(|| anyhow::anyhow!("no TcpExt counter {name}"))
 }
