@@ -239,9 +239,18 @@ impl Pool {
         };
         let cfg = self.inner.config;
         let dialed = match tls() {
+            // Boxed: the dial (TCP, TLS and HTTP/2 handshakes) is rare, and
+            // inline it would make every tunnel's future, which moves with
+            // each await and spawn, several KiB larger.
             Ok(tls) => {
-                H2Client::connect(key.dst_addr, tls, cfg.tuning, cfg.connect_timeout, on_close)
-                    .await
+                Box::pin(H2Client::connect(
+                    key.dst_addr,
+                    tls,
+                    cfg.tuning,
+                    cfg.connect_timeout,
+                    on_close,
+                ))
+                .await
             }
             Err(e) => Err(e),
         };

@@ -38,7 +38,7 @@ where
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let Some(guard) = state.drain.guard() else { break };
-                        let _ = tcp.set_nodelay(true);
+                        // TCP_NODELAY comes from the listener (socket::bind_std).
                         let fut = handle(state.clone(), tcp, socket::canonical(peer));
                         tokio::spawn(async move {
                             fut.await;
