@@ -12,7 +12,7 @@ use e2e::mesh::TempDir;
 use e2e::netns::{root_or_skip, PinDir};
 use e2e::process::Ztunnel;
 use e2e::Pki;
-use ebpf_redirect::{ingress_programs, program_loaded};
+use ebpf_redirect::{ingress_programs, netns_lookup_programs, program_loaded};
 
 fn ping(from: &Pod, to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
     from.ns.run(move || {
@@ -121,12 +121,15 @@ fn fail_closed_restart_and_clean_unenroll() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let host_if = client.host_if.clone();
-    let reattached = cluster
+    let (reattached, handoff) = cluster
         .node(1)
         .ns
-        .run(move || Ok(ingress_programs(&host_if)?))?;
+        .run(move || Ok((ingress_programs(&host_if)?, netns_lookup_programs()?)))?;
     assert_eq!(reattached.len(), 1, "{reattached:?}");
+    // The TIME_WAIT hand-off, attached to the node's namespace.
+    assert_eq!(handoff.len(), 1, "{handoff:?}");
     ours.extend(&reattached);
+    ours.extend(&handoff);
 
     // Un-enroll everything: nothing of ours stays attached or pinned.
     std::fs::write(&config, "workloads: []\n")?;
@@ -138,12 +141,15 @@ fn fail_closed_restart_and_clean_unenroll() -> anyhow::Result<()> {
     }
     let host_if = client.host_if.clone();
     let uplink1 = cluster.node(1).uplink.clone();
-    let after = cluster
-        .node(1)
-        .ns
-        .run(move || Ok((ingress_programs(&host_if)?, ingress_programs(&uplink1)?)))?;
+    let after = cluster.node(1).ns.run(move || {
+        Ok((
+            ingress_programs(&host_if)?,
+            ingress_programs(&uplink1)?,
+            netns_lookup_programs()?,
+        ))
+    })?;
     assert!(
-        after.0.is_empty() && after.1.is_empty(),
+        after.0.is_empty() && after.1.is_empty() && after.2.is_empty(),
         "still attached: {after:?}"
     );
     let leftovers: Vec<_> = std::fs::read_dir(pins.path())?

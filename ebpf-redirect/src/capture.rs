@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 
 use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::sk_lookup::SkLookupLinkId;
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
@@ -204,6 +205,9 @@ pub struct Capture {
     /// Veths of local pods that are not captured themselves (waypoints,
     /// non-mesh pods): inbound program.
     neighbours: HashMap<String, Attached>,
+    /// The TIME_WAIT hand-off's link to the network namespace, held while
+    /// anything is attached (this process's, not pinned).
+    handoff: Option<SkLookupLinkId>,
 }
 
 impl Capture {
@@ -228,7 +232,9 @@ impl Capture {
                 .load()
                 .map_err(|e| CaptureError::Load(format!("{name}: {e:?}")))?;
         }
-        attach_time_wait_handoff(&mut ebpf)?;
+        sk_lookup(&mut ebpf)?
+            .load()
+            .map_err(|e| CaptureError::Load(format!("{TIME_WAIT_HANDOFF}: {e:?}")))?;
         let mut capture = Capture {
             ebpf,
             config: CaptureConfig::default(),
@@ -237,6 +243,7 @@ impl Capture {
             links: HashMap::new(),
             uplinks: HashMap::new(),
             neighbours: HashMap::new(),
+            handoff: None,
         };
         capture.set_listener(Some(listener))?;
         Ok(capture)
@@ -276,6 +283,11 @@ impl Capture {
         for ifname in self.pinned(NEIGHBOUR_LINK) {
             self.detach_neighbour(&ifname)?;
         }
+        if let Some(link) = self.handoff.take() {
+            sk_lookup(&mut self.ebpf)?
+                .detach(link)
+                .map_err(|e| CaptureError::Attach(TIME_WAIT_HANDOFF.into(), format!("{e:?}")))?;
+        }
         for map in MAPS {
             match std::fs::remove_file(self.pin_dir.join(map)) {
                 Ok(()) => {}
@@ -287,7 +299,25 @@ impl Capture {
         Ok(())
     }
 
-    /// Pins the maps again after [`Capture::remove_all`], before attaching anew.
+    /// Before attaching anything: the maps pinned again (after
+    /// [`Capture::remove_all`]) and the TIME_WAIT hand-off attached to the
+    /// calling thread's network namespace.
+    fn ensure_installed(&mut self) -> Result<(), CaptureError> {
+        self.ensure_maps_pinned()?;
+        if self.handoff.is_none() {
+            let netns = std::fs::File::open("/proc/thread-self/ns/net")
+                .map_err(|e| CaptureError::Attach("network namespace".into(), e.to_string()))?;
+            let link = sk_lookup(&mut self.ebpf)?.attach(netns).map_err(|e| {
+                CaptureError::Attach(
+                    "network namespace".into(),
+                    format!("{TIME_WAIT_HANDOFF}: {e:?}"),
+                )
+            })?;
+            self.handoff = Some(link);
+        }
+        Ok(())
+    }
+
     fn ensure_maps_pinned(&self) -> Result<(), CaptureError> {
         std::fs::create_dir_all(&self.pin_dir)
             .map_err(|e| CaptureError::Load(format!("creating {}: {e}", self.pin_dir.display())))?;
@@ -597,7 +627,7 @@ impl Capture {
     /// side of a pod's veth), adopting a link a previous instance pinned (the
     /// program is swapped atomically). Attaching twice is a no-op.
     pub fn attach(&mut self, interface: &str) -> Result<(), CaptureError> {
-        self.ensure_maps_pinned()?;
+        self.ensure_installed()?;
         let pin = self.pin_dir.join(format!("{OUTBOUND_LINK}{interface}"));
         attach_to(&mut self.ebpf, &mut self.links, OUTBOUND, interface, pin)
     }
@@ -610,7 +640,7 @@ impl Capture {
 
     /// Attaches the inbound program at tc ingress of the node uplink `interface`.
     pub fn attach_uplink(&mut self, interface: &str) -> Result<(), CaptureError> {
-        self.ensure_maps_pinned()?;
+        self.ensure_installed()?;
         let pin = self.pin_dir.join(format!("{INBOUND_LINK}{interface}"));
         attach_to(&mut self.ebpf, &mut self.uplinks, INBOUND, interface, pin)
     }
@@ -628,7 +658,7 @@ impl Capture {
     /// listener (port 15008) or the plaintext one (where STRICT refuses it),
     /// as from the uplink. Its other traffic passes untouched.
     pub fn attach_neighbour(&mut self, interface: &str) -> Result<(), CaptureError> {
-        self.ensure_maps_pinned()?;
+        self.ensure_installed()?;
         let pin = self.pin_dir.join(format!("{NEIGHBOUR_LINK}{interface}"));
         attach_to(
             &mut self.ebpf,
@@ -722,28 +752,13 @@ impl Capture {
     }
 }
 
-/// Loads the TIME_WAIT hand-off and attaches it to the calling thread's
-/// network namespace. The link is this process's (not pinned): it goes with
-/// the listeners it hands to.
-fn attach_time_wait_handoff(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    let netns = std::fs::File::open("/proc/thread-self/ns/net")
-        .map_err(|e| CaptureError::Load(format!("opening this thread's network namespace: {e}")))?;
-    let prog: &mut SkLookup = ebpf
-        .program_mut(TIME_WAIT_HANDOFF)
+fn sk_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, CaptureError> {
+    ebpf.program_mut(TIME_WAIT_HANDOFF)
         .ok_or_else(|| CaptureError::Load(format!("no program {TIME_WAIT_HANDOFF}")))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| {
             CaptureError::Load(format!("{TIME_WAIT_HANDOFF}: {e}"))
-        })?;
-    prog.load()
-        .map_err(|e| CaptureError::Load(format!("{TIME_WAIT_HANDOFF}: {e:?}")))?;
-    prog.attach(netns).map_err(|e| {
-        CaptureError::Attach(
-            "network namespace".into(),
-            format!("{TIME_WAIT_HANDOFF}: {e:?}"),
-        )
-    })?;
-    Ok(())
+        })
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, String> {
@@ -994,6 +1009,55 @@ pub fn ingress_programs(interface: &str) -> Result<Vec<u32>, CaptureError> {
     let (_, programs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
         .map_err(|e| CaptureError::Attach(interface.to_string(), format!("{e:?}")))?;
     Ok(programs.iter().map(|p| p.id()).collect())
+}
+
+/// The `sk_lookup` programs attached to the calling thread's network
+/// namespace (the TIME_WAIT hand-off is one), by id.
+pub fn netns_lookup_programs() -> Result<Vec<u32>, CaptureError> {
+    let err = |e: std::io::Error| CaptureError::Attach("network namespace".into(), e.to_string());
+    let netns = std::fs::File::open("/proc/thread-self/ns/net").map_err(err)?;
+    let mut ids = [0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_fd: std::os::fd::AsRawFd::as_raw_fd(&netns) as u32,
+        attach_type: BPF_SK_LOOKUP,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..ProgQueryAttr::default()
+    };
+    // SAFETY: BPF_PROG_QUERY reads `attr` (its size passed) and writes at
+    // most `prog_cnt` ids into `ids`, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut ProgQueryAttr,
+            std::mem::size_of::<ProgQueryAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(ids[..(attr.prog_cnt as usize).min(ids.len())].to_vec())
+}
+
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_SK_LOOKUP: u32 = 36;
+
+/// The `query` member of `union bpf_attr` (uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
 }
 
 /// Whether a BPF program with this id is still loaded anywhere in the kernel.

@@ -7,8 +7,8 @@
 pub mod capture;
 
 pub use capture::{
-    ingress_programs, interface_for, program_loaded, setup_node_routing, veth_interfaces, Capture,
-    CaptureError, CaptureStats, Direction, ListenerSockets,
+    ingress_programs, interface_for, netns_lookup_programs, program_loaded, setup_node_routing,
+    veth_interfaces, Capture, CaptureError, CaptureStats, Direction, ListenerSockets,
 };
 
 /// `skb->mark` set on every packet assigned to a ztunnel socket, routed by
