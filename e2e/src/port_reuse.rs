@@ -68,21 +68,12 @@ pub fn reuse_source_port(
 }
 
 /// `ambit_capture_packets_total{result="time_wait_handoff"}` of `z` once it
-/// reaches `want` (counters are copied from the BPF maps once a second), or
-/// what it is after 5 s.
+/// reaches `want` (counters are copied from the BPF maps once a second).
 pub fn handoffs(z: &Ztunnel, want: f64) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let handed = metric_sum(
-            &z.metrics()?,
-            "ambit_capture_packets_total",
-            &[("result", "time_wait_handoff")],
-        );
-        if handed >= want || Instant::now() > deadline {
-            return Ok(handed);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    const METRIC: &str = "ambit_capture_packets_total";
+    let labels = [("result", "time_wait_handoff")];
+    let text = z.wait_for_metric_blocking(METRIC, &labels, want)?;
+    Ok(metric_sum(&text, METRIC, &labels))
 }
 
 /// A `TcpExt` counter of the calling thread's network namespace.

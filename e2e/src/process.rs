@@ -479,18 +479,49 @@ impl Proxy {
     ) -> anyhow::Result<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text = self.metrics()?;
-            if metric_sum(&text, metric, labels) >= want {
+            if let Some(text) = self.metric_reached(metric, labels, want, deadline)? {
                 return Ok(text);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{metric} {labels:?} never reached {want} on {}:\n{text}",
-                    self.node
-                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// [`Self::wait_for_metric`] for tests without a runtime: blocks the thread.
+    pub fn wait_for_metric_blocking(
+        &self,
+        metric: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(text) = self.metric_reached(metric, labels, want, deadline)? {
+                return Ok(text);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One poll: the metrics text once the labelled sum reaches `want`,
+    /// `None` to poll again, an error past `deadline`.
+    fn metric_reached(
+        &self,
+        metric: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        deadline: Instant,
+    ) -> anyhow::Result<Option<String>> {
+        let text = self.metrics()?;
+        if metric_sum(&text, metric, labels) >= want {
+            return Ok(Some(text));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{metric} {labels:?} never reached {want} on {}:\n{text}",
+                self.node
+            );
+        }
+        Ok(None)
     }
 
     pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {

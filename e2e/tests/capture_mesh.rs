@@ -143,10 +143,10 @@ fn pod_to_pod_across_nodes_is_mtls_and_keeps_the_client_ip() -> anyhow::Result<(
 
 /// A client that reuses its source port right after a connection the mesh
 /// closed first (node1's ztunnel holds that tuple in TIME_WAIT) connects at
-/// once. The SYN meets the TIME_WAIT socket and goes to it, and the kernel
-/// reopens the connection; steering such a SYN to the capture listener
-/// instead (tried: it looked like a way to avoid a stall) broke the
-/// handshake, and this test caught it.
+/// once. The SYN goes to the TIME_WAIT socket, and capture's sk_lookup
+/// program answers the kernel's listener lookup with ztunnel's listener
+/// (assigning the SYN to the listener directly, tried once, broke the
+/// handshake: the TIME_WAIT socket made it a duplicate).
 #[test]
 fn a_reused_source_port_connects_at_once() -> anyhow::Result<()> {
     if !root_or_skip("a_reused_source_port_connects_at_once") {

@@ -104,23 +104,11 @@ services:
         "{log}"
     );
     // The program's counters are exported once a second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let stats = z.metrics()?;
-        let hbone = e2e::process::metric_sum(
-            &stats,
-            "ambit_capture_packets_total",
-            &[("result", "inbound_hbone")],
-        );
-        if hbone >= 1.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no inbound_hbone capture counted:\n{stats}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    z.wait_for_metric_blocking(
+        "ambit_capture_packets_total",
+        &[("result", "inbound_hbone")],
+        1.0,
+    )?;
 
     // 2. Plaintext from the waypoint pod to the server does not slip past
     // ztunnel: it is taken to 15006 and refused (the server is behind the

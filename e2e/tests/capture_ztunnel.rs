@@ -81,20 +81,11 @@ fn enrolled_pod_is_captured_and_others_are_not() -> anyhow::Result<()> {
         "the bystander must not be captured:\n{log}"
     );
     // Counters are copied from the BPF map once a second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let metrics = loop {
-        let m = z1.metrics()?;
-        if metric_sum(
-            &m,
-            "ambit_capture_packets_total",
-            &[("result", "captured_new")],
-        ) >= 1.0
-            || std::time::Instant::now() > deadline
-        {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let metrics = z1.wait_for_metric_blocking(
+        "ambit_capture_packets_total",
+        &[("result", "captured_new")],
+        1.0,
+    )?;
     assert!(
         metric_sum(
             &metrics,

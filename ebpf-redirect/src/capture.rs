@@ -305,8 +305,7 @@ impl Capture {
     fn ensure_installed(&mut self) -> Result<(), CaptureError> {
         self.ensure_maps_pinned()?;
         if self.handoff.is_none() {
-            let netns = std::fs::File::open("/proc/thread-self/ns/net")
-                .map_err(|e| CaptureError::Attach("network namespace".into(), e.to_string()))?;
+            let netns = this_netns()?;
             let link = sk_lookup(&mut self.ebpf)?.attach(netns).map_err(|e| {
                 CaptureError::Attach(
                     "network namespace".into(),
@@ -1014,8 +1013,7 @@ pub fn ingress_programs(interface: &str) -> Result<Vec<u32>, CaptureError> {
 /// The `sk_lookup` programs attached to the calling thread's network
 /// namespace (the TIME_WAIT hand-off is one), by id.
 pub fn netns_lookup_programs() -> Result<Vec<u32>, CaptureError> {
-    let err = |e: std::io::Error| CaptureError::Attach("network namespace".into(), e.to_string());
-    let netns = std::fs::File::open("/proc/thread-self/ns/net").map_err(err)?;
+    let netns = this_netns()?;
     let mut ids = [0u32; 64];
     let mut attr = ProgQueryAttr {
         target_fd: std::os::fd::AsRawFd::as_raw_fd(&netns) as u32,
@@ -1035,9 +1033,19 @@ pub fn netns_lookup_programs() -> Result<Vec<u32>, CaptureError> {
         )
     };
     if rc != 0 {
-        return Err(err(std::io::Error::last_os_error()));
+        return Err(CaptureError::Attach(
+            "network namespace".into(),
+            format!("BPF_PROG_QUERY: {}", std::io::Error::last_os_error()),
+        ));
     }
     Ok(ids[..(attr.prog_cnt as usize).min(ids.len())].to_vec())
+}
+
+/// The calling thread's network namespace (a thread may have entered
+/// another than its process's).
+fn this_netns() -> Result<std::fs::File, CaptureError> {
+    std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| CaptureError::Attach("network namespace".into(), e.to_string()))
 }
 
 const BPF_PROG_QUERY: libc::c_long = 16;
