@@ -145,7 +145,9 @@ where
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     };
-                    let task = handler(IncomingTunnel { request, respond });
+                    // Boxed where it is made: a handler's state is kilobytes,
+                    // and Tokio and the wrapping block move it by value.
+                    let task = Box::pin(handler(IncomingTunnel { request, respond }));
                     tokio::spawn(async move {
                         task.await;
                         drop(permit);

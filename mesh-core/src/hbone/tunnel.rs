@@ -5,15 +5,21 @@ use std::task::Poll;
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 
-/// Read buffer per direction. Chunks are split off and frozen, then handed to
-/// h2 without copying; once h2 has written them the allocation is reclaimed by
-/// `reserve`, so the steady state does not allocate per chunk.
-/// Kept under glibc's mmap threshold (128 KiB) so a fresh buffer, when one is
-/// needed, comes from the heap rather than an mmap + page faults + munmap.
+/// Read buffer per direction once the peer sends in bulk. Chunks are split
+/// off and frozen, then handed to h2 without copying; once h2 has written them
+/// the allocation is reclaimed by `reserve`, so the steady state does not
+/// allocate per chunk. Kept under glibc's mmap threshold (128 KiB) so a fresh
+/// buffer, when one is needed, comes from the heap rather than an mmap + page
+/// faults + munmap.
 const READ_BUFFER: usize = 64 * 1024;
-const MIN_READ: usize = 16 * 1024;
+/// The first buffer. Most connections carry a request and a response that fit
+/// in it; a 64 KiB block per connection and direction cost the allocator more
+/// than anything else on a short connection. A read that fills the buffer
+/// switches to [`READ_BUFFER`].
+const FIRST_READ_BUFFER: usize = 8 * 1024;
 
 /// One CONNECT stream: the byte pipe between two HBONE endpoints.
 pub struct Tunnel {
@@ -95,15 +101,20 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
     send: &mut SendStream<Bytes>,
     counter: &mut u64,
 ) -> io::Result<()> {
-    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut size = FIRST_READ_BUFFER;
+    let mut buf = BytesMut::with_capacity(size);
     loop {
-        if buf.capacity() < MIN_READ {
-            buf.reserve(READ_BUFFER);
+        if buf.capacity() < size / 4 {
+            buf.reserve(size);
         }
+        let room = buf.capacity();
         let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(());
+        }
+        if n == room {
+            size = READ_BUFFER;
         }
         *counter += n as u64;
         let mut chunk = buf.split().freeze();
@@ -129,9 +140,9 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
 /// Most frames gathered into one vectored write.
 const MAX_GATHER: usize = 32;
 
-async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+async fn h2_to_tcp(
     recv: &mut RecvStream,
-    w: &mut W,
+    w: &mut WriteHalf<'_>,
     counter: &mut u64,
 ) -> io::Result<()> {
     // Allocated once per tunnel; holds the frames of one write.
@@ -158,6 +169,13 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
         // and a vectored write of only empty slices would report zero bytes.
         frames.retain(|f| !f.is_empty());
         let n: usize = frames.iter().map(Bytes::len).sum();
+        if ended && n > 0 {
+            // The last data and the FIN in one segment: corked, the data waits
+            // in the send queue, and the shutdown below adds the FIN to it and
+            // pushes it. The peer wakes once instead of twice (a short
+            // request/response connection ends exactly like this).
+            let _ = socket2::SockRef::from(w.as_ref()).set_tcp_cork(true);
+        }
         write_all_vectored(w, &mut frames).await?;
         *counter += n as u64;
         recv.flow_control().release_capacity(n).map_err(h2_io)?;

@@ -19,6 +19,9 @@
 //! configured ratio.
 
 pub mod context;
+mod log_format;
+
+pub use log_format::{Escaped, ACCESS_TARGET};
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -228,6 +231,7 @@ pub fn init(config: &TracingConfig) -> anyhow::Result<(TelemetryGuard, LogLevel)
             tracing_subscriber::fmt::layer()
                 .with_writer(writer)
                 .with_ansi(false)
+                .event_format(log_format::LineFormat::default())
                 .with_filter(filter),
         )
         .with(otel)

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use mesh_core::config::{ServiceInfo, WorkloadInfo};
+use mesh_core::telemetry::Escaped;
 use mesh_core::Identity;
 use prometheus_client::metrics::counter::Counter;
 
@@ -185,34 +186,63 @@ impl ConnectionRecord {
 
     fn log(&self, to_dst: u64, to_src: u64, response_flags: &str, error: Option<&dyn Display>) {
         crate::telemetry::finish(self, to_dst, to_src, response_flags, error);
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        let result = if response_flags == flags::NONE {
+        // One preformatted message (see mesh_core::telemetry::ACCESS_TARGET):
+        // `name=value` as tracing's fields read, strings quoted.
+        tracing::info!(
+            target: mesh_core::telemetry::ACCESS_TARGET,
+            "{}",
+            AccessLine {
+                record: self,
+                to_dst,
+                to_src,
+                response_flags,
+                error,
+            }
+        );
+    }
+}
+
+/// The access-log line of a finished connection.
+struct AccessLine<'a> {
+    record: &'a ConnectionRecord,
+    to_dst: u64,
+    to_src: u64,
+    response_flags: &'a str,
+    error: Option<&'a dyn Display>,
+}
+
+impl Display for AccessLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self.record;
+        let duration_ms = r.start.elapsed().as_secs_f64() * 1000.0;
+        let result = if self.response_flags == flags::NONE {
             "ok"
         } else {
-            response_flags
+            self.response_flags
         };
-        let src_workload = self.src_workload.as_ref().map(|w| w.key());
-        let dst_workload = self.dst_workload.as_ref().map(|w| w.key());
-        let dst_service = self.dst_service.as_ref().map(|s| s.hostname.as_str());
-        tracing::info!(
-            target: "access",
-            direction = self.direction(),
-            src.addr = %self.src_addr,
-            src.workload = dash(&src_workload),
-            src.identity = dash(&self.src_identity),
-            dst.addr = %self.dst_addr,
-            dst.via = dash(&self.via),
-            dst.workload = dash(&dst_workload),
-            dst.identity = dash(&self.dst_identity),
-            dst.service = dash(&dst_service),
-            security = ?self.security,
-            bytes_sent = to_dst,
-            bytes_recv = to_src,
-            duration_ms = format_args!("{duration_ms:.2}"),
-            result,
-            error = dash(&error),
-            "connection complete"
-        );
+        let src_workload = r.src_workload.as_ref().map(|w| w.key());
+        let dst_workload = r.dst_workload.as_ref().map(|w| w.key());
+        let dst_service = r.dst_service.as_ref().map(|s| s.hostname.as_str());
+        write!(
+            f,
+            "connection complete direction=\"{}\" src.addr={} src.workload={} \
+             src.identity={} dst.addr={} dst.via={} dst.workload={} dst.identity={} \
+             dst.service={} security={:?} bytes_sent={} bytes_recv={} \
+             duration_ms={duration_ms:.2} result={result:?} error={}",
+            r.direction(),
+            r.src_addr,
+            Dash(&src_workload),
+            Dash(&r.src_identity),
+            r.dst_addr,
+            Dash(&r.via),
+            Dash(&dst_workload),
+            Dash(&r.dst_identity),
+            Dash(&dst_service),
+            r.security,
+            self.to_dst,
+            self.to_src,
+            Dash(&self.error.map(Escaped)),
+        )
     }
 }
 
@@ -226,10 +256,6 @@ impl<T: Display> Display for Dash<'_, T> {
             None => f.write_str("-"),
         }
     }
-}
-
-fn dash<T: Display>(v: &Option<T>) -> tracing::field::DisplayValue<Dash<'_, T>> {
-    tracing::field::display(Dash(v))
 }
 
 /// Counts a connection against its destination endpoint for least-connections balancing.
