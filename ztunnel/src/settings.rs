@@ -160,7 +160,8 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(65_535..=16 * 1024 * 1024))]
     pub h2_stream_window: u32,
 
-    /// Largest HTTP/2 frame we accept, bytes (16 KiB to 16 MiB).
+    /// Largest HTTP/2 frame we accept, bytes (16 KiB to 16 MiB); also the
+    /// most a tunnel queues for sending.
     #[arg(long, default_value_t = mesh_core::hbone::H2Tuning::default().max_frame_size,
           value_parser = clap::value_parser!(u32).range(16384..=16_777_215))]
     pub h2_max_frame_size: u32,
