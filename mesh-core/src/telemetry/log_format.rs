@@ -18,7 +18,8 @@ use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// The target of access-log events: one preformatted message, no other field.
+/// The target of access-log events. One whose only field is its message (the
+/// line, preformatted) is written as it is; one with fields as any event is.
 pub const ACCESS_TARGET: &str = "access";
 
 /// tracing's full format for every event, access lines written as given.
@@ -40,7 +41,11 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         // Inside a span the full format names it first; leave that to it.
-        if meta.target() != ACCESS_TARGET || ctx.event_scope().is_some() {
+        let preformatted = meta.target() == ACCESS_TARGET
+            && meta.fields().len() == 1
+            && meta.fields().field("message").is_some()
+            && ctx.event_scope().is_none();
+        if !preformatted {
             return self.full.format_event(ctx, writer, event);
         }
         // What `Full` writes ahead of the fields, without ANSI (which the
@@ -112,8 +117,9 @@ mod tests {
         assert_eq!(Escaped("é\tü").to_string(), "é\\tü");
     }
 
-    /// An access line reads exactly as tracing's own format would print the
-    /// same event, and other events are tracing's own format.
+    /// A preformatted access line reads exactly as tracing's own format
+    /// would print the same event; an access event with fields (the
+    /// waypoint's) and any other event are tracing's own format.
     #[test]
     fn access_lines_match_the_full_format() {
         use std::sync::{Arc, Mutex};
@@ -141,6 +147,7 @@ mod tests {
                 .with_ansi(false);
             let emit = || {
                 tracing::info!(target: "access", "{}", "connection complete a=\"b\" c=d");
+                tracing::info!(target: "access", status = 200, path = "/a b", "request");
                 tracing::warn!(target: "other", reason = "x", "refused: {}", 7);
             };
             match format {
@@ -166,6 +173,7 @@ mod tests {
             ours,
             [
                 " INFO access: connection complete a=\"b\" c=d",
+                " INFO access: request status=200 path=\"/a b\"",
                 " WARN other: refused: 7 reason=\"x\"",
             ]
         );
