@@ -68,6 +68,23 @@ async fn without_routes_requests_reach_the_service_over_http1_and_http2() -> any
         metrics.contains("istio_request_duration_milliseconds_bucket"),
         "{metrics}"
     );
+    // One access line per request, with its fields (the log format writes
+    // only ztunnel's preformatted lines as they are).
+    let log = mesh
+        .waypoint
+        .wait_log("path=\"/h1/5\"", Duration::from_secs(5))?;
+    let line = log
+        .lines()
+        .find(|l| l.contains(" INFO access: request ") && l.contains("path=\"/h1/5\""))
+        .ok_or_else(|| anyhow::anyhow!("no access line for /h1/5:\n{log}"))?;
+    for field in [
+        "src_identity=spiffe://cluster.local/ns/demo/sa/client",
+        "method=GET",
+        "status=200",
+        "attempts=1",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
     Ok(())
 }
 
