@@ -220,9 +220,13 @@ impl Display for AccessLine<'_> {
         } else {
             self.response_flags
         };
-        let src_workload = r.src_workload.as_ref().map(|w| w.key());
-        let dst_workload = r.dst_workload.as_ref().map(|w| w.key());
-        let dst_service = r.dst_service.as_ref().map(|s| s.hostname.as_str());
+        // Names come from config and certificates, the error from a peer:
+        // all escaped, so no value can split the line (tracing used to).
+        let src_workload = r.src_workload.as_ref().map(|w| Escaped(w.key()));
+        let dst_workload = r.dst_workload.as_ref().map(|w| Escaped(w.key()));
+        let dst_service = r.dst_service.as_ref().map(|s| Escaped(&s.hostname));
+        let src_identity = r.src_identity.as_ref().map(Escaped);
+        let dst_identity = r.dst_identity.as_ref().map(Escaped);
         write!(
             f,
             "connection complete direction=\"{}\" src.addr={} src.workload={} \
@@ -232,11 +236,11 @@ impl Display for AccessLine<'_> {
             r.direction(),
             r.src_addr,
             Dash(&src_workload),
-            Dash(&r.src_identity),
+            Dash(&src_identity),
             r.dst_addr,
             Dash(&r.via),
             Dash(&dst_workload),
-            Dash(&r.dst_identity),
+            Dash(&dst_identity),
             Dash(&dst_service),
             r.security,
             self.to_dst,
