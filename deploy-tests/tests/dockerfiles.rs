@@ -132,9 +132,16 @@ fn every_binary_has_a_stage_that_runs_what_it_copied() {
         .find(|(i, a)| i == "RUN" && a.contains("cargo build"))
         .map(|(_, a)| a.clone())
         .expect("a cargo build");
+    // The image ships the `dist` profile (whole-program LTO, the one the
+    // benchmark figures are taken with), which the workspace must define.
     assert!(
-        run.contains("--locked") && run.contains("--release"),
+        run.contains("--locked") && run.contains("--profile dist"),
         "{run}"
+    );
+    let manifest = std::fs::read_to_string(workspace().join("Cargo.toml")).expect("Cargo.toml");
+    assert!(
+        manifest.contains("[profile.dist]"),
+        "the workspace defines the dist profile"
     );
     let cargo = run[run.find("cargo build").unwrap()..]
         .split("&&")
@@ -153,7 +160,7 @@ fn every_binary_has_a_stage_that_runs_what_it_copied() {
     want.sort();
     assert_eq!(sorted, want);
     for bin in BINARIES {
-        assert!(run.contains(&format!("target/release/{bin}")), "{run}");
+        assert!(run.contains(&format!("target/dist/{bin}")), "{run}");
         assert!(run.contains(&format!("/out/{bin}")), "{run}");
     }
 }
