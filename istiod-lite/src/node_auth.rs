@@ -315,13 +315,30 @@ mod tests {
     use super::*;
     use tonic::metadata::MetadataValue;
 
-    fn temp_file(name: &str, content: &str) -> PathBuf {
+    /// A tokens file in a directory of its own, removed with it.
+    struct TempFile(PathBuf);
+
+    impl AsRef<Path> for TempFile {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn temp_file(name: &str, content: &str) -> TempFile {
         let dir =
             std::env::temp_dir().join(format!("ambit-node-auth-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokens.yaml");
         std::fs::write(&path, content).unwrap();
-        path
+        TempFile(path)
     }
 
     fn bearer(token: &str) -> MetadataMap {

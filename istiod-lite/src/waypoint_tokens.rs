@@ -269,6 +269,7 @@ workloads:
         let renewed = std::fs::read_to_string(&path).unwrap();
         assert_ne!(renewed, token);
         assert!(again.pod_for_token(&renewed).is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -53,6 +53,12 @@ struct Harness {
     service: CaService,
 }
 
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Harness {
     fn new(name: &str) -> Self {
         Self::with_auth(name, |dir| {
