@@ -4,10 +4,11 @@
 //! An access line is one event per connection or request. Given as fields,
 //! tracing's formatter visits each one and escapes it character by
 //! character; at a high connection rate that was 14 % of a ztunnel's user
-//! time. Events of [`ACCESS_TARGET`] instead carry the whole line, already
-//! formatted, as their message, and are written here as they are: same text,
-//! no per-field or per-character work. Whoever formats such a line escapes
-//! what a peer could have put in it ([`Escaped`]).
+//! time. ztunnel's events of [`ACCESS_TARGET`] instead carry the whole line,
+//! already formatted, as their only field, and are written here as they are:
+//! same text, no per-field or per-character work. Whoever formats such a line
+//! escapes what a peer could have put in it ([`Escaped`]). Access events with
+//! fields (the waypoint's) get the full format like any other.
 
 use std::fmt::{self, Write as _};
 
